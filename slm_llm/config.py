@@ -106,10 +106,21 @@ class DtkrConfig:
     hnsw_threshold: int = 20000
     ood_percentile: float = 1.0  # per-task threshold: this percentile of in-task training scores
     encode_batch_size: int = 64
+    keys_per_slot: int = 1  # routing keys per slot: a task has slots_per_task * keys_per_slot keys
+    calibration: str = "none"  # none | znorm: rank slots by per-task z-scored scores (own train stats)
+    index_device: str = "cpu"  # cpu | cuda (needs a faiss GPU build)
     seed: int = 0
 
     def validate(self) -> None:
         _positive("dtkr.groups", self.groups)
+        _positive("dtkr.keys_per_slot", self.keys_per_slot)
+        _choice("dtkr.calibration", self.calibration, ("none", "znorm"))
+        _choice("dtkr.index_device", self.index_device, ("cpu", "cuda"))
+        _positive("dtkr.hnsw_threshold", self.hnsw_threshold)
+        _positive("dtkr.batch_size", self.batch_size)
+        _positive("dtkr.lr", self.lr)
+        _positive("dtkr.encode_batch_size", self.encode_batch_size)
+        _non_negative("dtkr.centrifugal", self.centrifugal)
         _choice("dtkr.key_init", self.key_init, ("random_subsets", "kmeans"))
         _choice("dtkr.query_mode", self.query_mode, ("full", "input-only"))
         _choice("dtkr.index", self.index, ("flat", "hnsw", "auto"))
@@ -301,6 +312,11 @@ def _coerce(tp: Any, value: Any, key: str, source: str) -> Any:
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "2e-4" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
     elif tp is str:
         if isinstance(value, str):
             return value

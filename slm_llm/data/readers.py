@@ -7,11 +7,14 @@ never returns part of a file. Locations in messages: ``file:line`` (JSONL,
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any, Iterable
 
 from .schema import DataError, Record, record_from_dict
+
+log = logging.getLogger(__name__)
 
 
 def read_alpaca(
@@ -19,6 +22,7 @@ def read_alpaca(
     task: str | None = None,
     labels: Iterable[str] | None = None,
     instruction: str | None = None,
+    drop_empty_output: bool = False,
 ) -> list[Record]:
     """Read Alpaca records from ``.json`` (a list of objects) or ``.jsonl`` (one object a line).
 
@@ -26,6 +30,9 @@ def read_alpaca(
     ``input``, ``answer``, ``id`` and ``task`` (falls back to ``task``).
     ``labels``, when given, constrains each record's answer (see ``record_from_dict``);
     ``instruction`` is the default for records without one. Blank JSONL lines are skipped.
+    ``drop_empty_output`` drops (with a logged warning naming each location) records
+    whose ``output`` is an empty string, for sources known to contain a few; any
+    other invalid record is still an error.
     """
     path = Path(path)
     text = _read_text(path)
@@ -39,10 +46,13 @@ def read_alpaca(
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
                 raise DataError(f"{where}: malformed JSON: {e.msg} (column {e.colno})") from None
-            records.append(record_from_dict(obj, where, task, instruction, labels))
+            if not (drop_empty_output and _empty_output(obj, where)):
+                records.append(record_from_dict(obj, where, task, instruction, labels))
     elif path.suffix == ".json":
         for i, obj in enumerate(_load_json_list(path, text)):
-            records.append(record_from_dict(obj, f"{path}[{i}]", task, instruction, labels))
+            where = f"{path}[{i}]"
+            if not (drop_empty_output and _empty_output(obj, where)):
+                records.append(record_from_dict(obj, where, task, instruction, labels))
     else:
         raise DataError(f"{path}: unsupported extension {path.suffix!r} for Alpaca data (use .json or .jsonl)")
     if not records:
@@ -56,13 +66,17 @@ def read_cl_benchmark(
     task_name: str,
     instruction: str,
     labels: list[str] | None = None,
+    skip_labels: Iterable[str] = (),
 ) -> list[Record]:
     """Read ``<task_dir>/<split>.json`` (a list of ``{"sentence", "label"}``).
 
     ``instruction`` is the task prompt written by the suite (it should list the
     answer options). ``labels`` defaults to ``<task_dir>/labels.json``; a label
-    outside it is an error. Records get ``input`` = sentence and
-    ``output`` = ``answer`` = label, and ``id`` = ``<task_name>-<split>-<index>``.
+    outside it is an error, except those in ``skip_labels`` (markers of
+    unlabelled records, e.g. MNLI's "-"), whose records are dropped with one
+    logged warning. Records get ``input`` = sentence and ``output`` =
+    ``answer`` = label, and ``id`` = ``<task_name>-<split>-<index>`` (the
+    index in the file, so ids stay stable when records are skipped).
     """
     task_dir = Path(task_dir)
     if not instruction or not instruction.strip():
@@ -73,9 +87,9 @@ def read_cl_benchmark(
         for i, label in enumerate(labels):
             if not isinstance(label, str):
                 raise DataError(f"{labels_path}[{i}]: label must be a string, got {type(label).__name__}")
-    allowed = set(labels)
+    allowed, skip = set(labels), set(skip_labels)
     path = task_dir / f"{split}.json"
-    records = []
+    records, skipped = [], []
     for i, obj in enumerate(_load_json_list(path, _read_text(path))):
         where = f"{path}[{i}]"
         if not isinstance(obj, dict):
@@ -87,10 +101,16 @@ def read_cl_benchmark(
                 raise DataError(f"{where}: field '{name}' must be a string, got {type(obj[name]).__name__}")
         if not obj["sentence"].strip():
             raise DataError(f"{where}: field 'sentence' is empty")
+        if obj["label"] in skip:
+            skipped.append(i)
+            continue
         if obj["label"] not in allowed:
             raise DataError(f"{where}: field 'label': unknown label {obj['label']!r} (labels: {list(labels)})")
         records.append(Record(instruction=instruction, input=obj["sentence"], output=obj["label"],
                               task=task_name, answer=obj["label"], id=f"{task_name}-{split}-{i}"))
+    if skipped:
+        log.warning("%s: dropped %d records labelled %s (indices %s%s)", path, len(skipped), sorted(skip),
+                    skipped[:5], ", ..." if len(skipped) > 5 else "")
     if not records:
         raise DataError(f"{path}: no records (empty list)")
     return records
@@ -107,6 +127,7 @@ def read_hf_dataset(
     field_map: dict[str, str] | None = None,
     instruction: str | None = None,
     labels: Iterable[str] | None = None,
+    drop_empty_output: bool = False,
 ) -> list[Record]:
     """Read a local file/folder (or, online, a hub dataset id) through `datasets`.
 
@@ -115,7 +136,8 @@ def read_hf_dataset(
     from a DatasetDict), a folder of data files named by split, or a hub id.
     ``field_map`` maps our field to the source column, e.g.
     ``{"input": "question", "output": "answer"}``; unmapped fields are read
-    from the column of the same name. Rows are validated as in ``read_alpaca``.
+    from the column of the same name. Rows are validated as in ``read_alpaca``
+    (``instruction``, ``labels`` and ``drop_empty_output`` mean the same there).
     """
     rows = _load_hf_rows(str(path), split)
     field_map = dict(field_map or {})
@@ -131,7 +153,8 @@ def read_hf_dataset(
         obj = {name: row[field_map.get(name, name)] for name in _FIELDS if field_map.get(name, name) in row}
         if isinstance(obj.get("id"), int) and not isinstance(obj["id"], bool):
             obj["id"] = str(obj["id"])  # integer ids are common in datasets; keep them as text
-        records.append(record_from_dict(obj, where, task, instruction, labels))
+        if not (drop_empty_output and _empty_output(obj, where)):
+            records.append(record_from_dict(obj, where, task, instruction, labels))
     if not records:
         raise DataError(f"{path}: no records (split '{split}' is empty)")
     return records
@@ -164,6 +187,14 @@ def _load_hf_rows(path: str, split: str) -> list[dict[str, Any]]:
     except Exception as e:  # datasets raises many types (ValueError, FileNotFoundError, ArrowInvalid, ...)
         raise DataError(f"{p}: cannot load with datasets (split '{split}'): {type(e).__name__}: {e}") from e
     return list(ds)
+
+
+def _empty_output(obj: Any, where: str) -> bool:
+    """True (and a warning) when ``obj`` is a mapping whose ``output`` is a blank string."""
+    if isinstance(obj, dict) and isinstance(obj.get("output"), str) and not obj["output"].strip():
+        log.warning("%s: dropped: field 'output' is empty", where)
+        return True
+    return False
 
 
 def _offline() -> bool:

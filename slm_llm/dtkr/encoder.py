@@ -77,8 +77,8 @@ class Encoder:
     in the local HF cache; HF_HUB_OFFLINE is respected).
     cache_dir: where the embedding cache lives; None -> $SLM_CACHE/embeddings or
     ~/.cache/slm_llm/embeddings. cache=False disables it.
-    model: an already-built object with ``encode`` and
-    ``get_sentence_embedding_dimension`` (tests inject a fake one); it is used under
+    model: an already-built object with ``encode`` and ``get_embedding_dimension``
+    (or the older ``get_sentence_embedding_dimension``; tests inject a fake one); it is used under
     ``name`` as its id.
 
     The model loads lazily, on the first text that is not in the cache.
@@ -120,7 +120,9 @@ class Encoder:
     @property
     def dim(self) -> int:
         if self._dim is None:
-            self._dim = int(self.model.get_sentence_embedding_dimension())
+            m = self.model
+            get = getattr(m, "get_embedding_dimension", None) or m.get_sentence_embedding_dimension
+            self._dim = int(get())
         return self._dim
 
     def encode(self, texts: list[str], progress: bool = False) -> np.ndarray:

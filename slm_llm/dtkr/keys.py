@@ -130,7 +130,7 @@ def train_keys(
             opt.zero_grad()
             loss.backward()
             opt.step()
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
         if history is not None:
             history.append(float(np.mean(losses)))
     return param.detach().clone()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import shutil
 import signal
 import time
 from dataclasses import dataclass, field
@@ -134,6 +135,10 @@ def _save(engine, ckpt_dir: Path, step: int) -> None:
         "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()},
     }
     engine.save_checkpoint(str(ckpt_dir), tag=f"step{step}", client_state=state, exclude_frozen_parameters=True)
+    if engine.global_rank == 0:  # keep only the newest resume point
+        for old in ckpt_dir.glob("step*"):
+            if old.name != f"step{step}":
+                shutil.rmtree(old, ignore_errors=True)
 
 
 def _resume(engine, ckpt_dir: Path) -> int:

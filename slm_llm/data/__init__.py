@@ -1,0 +1,14 @@
+"""Records, readers, task suites, prompt templates, tokenisation and batching."""
+from .collate import Collator
+from .readers import read_alpaca, read_cl_benchmark, read_hf_dataset
+from .schema import DataError, Record
+from .suites import Suite, TaskSpec, load_suite, load_task_split, resolve_data_root
+from .templates import TEMPLATES, end_of_turn_text, query_text, render_prompt, render_response
+from .tokenize import IGNORE_INDEX, cut_prompt, tokenize_example, tokenize_prompt
+
+__all__ = [
+    "Collator", "DataError", "IGNORE_INDEX", "Record", "Suite", "TEMPLATES", "TaskSpec",
+    "cut_prompt", "end_of_turn_text", "load_suite", "load_task_split", "query_text",
+    "read_alpaca", "read_cl_benchmark", "read_hf_dataset", "render_prompt", "render_response",
+    "resolve_data_root", "tokenize_example", "tokenize_prompt",
+]

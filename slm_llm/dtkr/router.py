@@ -1,0 +1,306 @@
+"""Router: per-query top-K slot selection over every task's DTKR keys.
+
+The router holds a SlotIndex over all tasks' keys plus a slot table. Each task owns
+P consecutive global slot ids (task i: i*P .. i*P+P-1 when every task has P slots;
+the table is stored anyway), the same numbering JareModel uses. With
+``keys_per_slot`` = m > 1 a task brings P*m keys and key j belongs to its slot j // m;
+a slot's score is the best score of its keys.
+
+Routing is per query. For each query q:
+  1. score every slot: s(q, slot) = max over the slot's keys of (1/G) Σ_g cos(q_g, key_g)
+     (the index returns the best ``n_candidates`` keys; flat search is exact);
+  2. rank slots by s, or, with ``calibration="znorm"``, by (s - μ_t) / σ_t where μ_t, σ_t
+     are the mean and std of task t's own training queries' best scores, stored when
+     task t was added (no old data is needed);
+  3. keep the top K slots, with weights w_k = max(s_k, ε) / Σ_j max(s_j, ε);
+  4. the routed task is the best slot's task; the query is out of distribution (OOD)
+     when its best raw score s is below that task's threshold.
+
+OOD calibration: a task's threshold is the ``ood_percentile``-th percentile (default
+1.0) of the best scores of its own training queries against its own keys, computed
+when the task is added. So about ood_percentile % of in-task training queries would
+be flagged; text far from every task scores well below every threshold.
+"""
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from slm_llm.dtkr.index import SlotIndex, check_groups
+from slm_llm.dtkr.keys import load_keys, save_keys
+from slm_llm.utils.io import write_json
+
+WEIGHT_EPS = 1e-4  # scores are clamped to this before w = s / Σ s, so weights stay valid
+CALIBRATIONS = ("none", "znorm")
+
+
+class RouterError(ValueError):
+    """The router cannot answer: empty, unknown task, wrong shapes or a mismatched encoder."""
+
+
+@dataclass
+class RouteDecision:
+    slots: list[int]  # global slot ids, best first (K of them)
+    weights: list[float]  # w_k = s_k / Σ s_j over the chosen slots (sums to 1)
+    task: str  # task of the best slot: the adapter a single-adapter backend serves
+    score: float  # best slot's raw mean group cosine
+    ood: bool  # score < the routed task's calibrated threshold
+    scores: list[float]  # raw scores of ``slots``
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class Router:
+    def __init__(
+        self,
+        dim: int,
+        groups: int,
+        top_k: int = 2,
+        *,
+        encoder_id: str = "",
+        keys_per_slot: int = 1,
+        ood_percentile: float = 1.0,
+        calibration: str = "none",
+        index: str = "auto",
+        hnsw_threshold: int = 20000,
+        n_candidates: int = 64,
+        device: str = "cpu",
+    ):
+        check_groups(dim, groups)
+        if top_k <= 0 or keys_per_slot <= 0 or n_candidates <= 0:
+            raise ValueError("top_k, keys_per_slot and n_candidates must be > 0")
+        if calibration not in CALIBRATIONS:
+            raise ValueError(f"calibration {calibration!r} is not one of {', '.join(CALIBRATIONS)}")
+        self.dim, self.groups, self.top_k = dim, groups, top_k
+        self.encoder_id = encoder_id
+        self.keys_per_slot = keys_per_slot
+        self.ood_percentile = ood_percentile
+        self.calibration = calibration
+        self.n_candidates = n_candidates
+        self.index = SlotIndex(dim, groups, index, hnsw_threshold, device=device)
+        self.tasks: list[dict] = []  # name, first_slot, n_slots, first_row, n_rows, threshold, mean, std
+        self._keys: list[torch.Tensor] = []  # per task, [R_t, G, D/G]
+        self._row_slot = np.zeros(0, dtype=np.int64)  # index row -> global slot id
+        self._slot_task = np.zeros(0, dtype=np.int64)  # global slot id -> task position
+        self._refresh_task_arrays()
+
+    @classmethod
+    def from_config(cls, dim: int, cfg, top_k: int, encoder_id: str = "", device: str = "cpu") -> Router:
+        """Build from a DtkrConfig (``cfg``) and K (``jare.top_k``)."""
+        return cls(dim, cfg.groups, top_k, encoder_id=encoder_id, keys_per_slot=cfg.keys_per_slot,
+                   ood_percentile=cfg.ood_percentile, calibration=cfg.calibration, index=cfg.index,
+                   hnsw_threshold=cfg.hnsw_threshold, device=device)
+
+    # ---- building ----------------------------------------------------------------
+    @property
+    def task_names(self) -> list[str]:
+        return [t["name"] for t in self.tasks]
+
+    @property
+    def n_slots(self) -> int:
+        return len(self._slot_task)
+
+    def task_slots(self, task: str) -> range:
+        t = self.tasks[self._task_pos(task)]
+        return range(t["first_slot"], t["first_slot"] + t["n_slots"])
+
+    def task_keys(self, task: str) -> torch.Tensor:
+        return self._keys[self._task_pos(task)]
+
+    def all_keys(self) -> torch.Tensor | None:
+        """Every task's keys concatenated, [rows, G, D/G] (the frozen keys of old tasks)."""
+        return torch.cat(self._keys) if self._keys else None
+
+    def add_task(self, task: str, keys: torch.Tensor, train_scores: np.ndarray | None = None) -> range:
+        """Add a task's keys [P*keys_per_slot, G, D/G]; return its global slot ids.
+
+        ``train_scores``: the best score of each of the task's training queries against
+        its own keys (``keys.score_matrix(emb, keys).max(1)``). They set the task's OOD
+        threshold (the ``ood_percentile`` percentile) and its z-normalisation statistics;
+        without them the task never flags OOD and is not rescaled.
+        """
+        if task in self.task_names:
+            raise RouterError(f"task {task!r} is already in the router")
+        keys = torch.as_tensor(keys).detach().cpu().float()
+        sub = self.dim // self.groups
+        if keys.dim() != 3 or keys.shape[1:] != (self.groups, sub):
+            raise RouterError(f"keys for {task!r} must be [R, {self.groups}, {sub}], got {tuple(keys.shape)}")
+        rows = keys.shape[0]
+        if rows % self.keys_per_slot:
+            raise RouterError(f"{task!r} has {rows} keys, not a multiple of keys_per_slot={self.keys_per_slot}")
+        n_slots = rows // self.keys_per_slot
+        entry = {"name": task, "first_slot": self.n_slots, "n_slots": n_slots, "first_row": self.index.ntotal,
+                 "n_rows": rows, "threshold": None, "mean": 0.0, "std": 1.0}
+        if train_scores is not None and len(train_scores):
+            s = np.asarray(train_scores, dtype=np.float64)
+            entry.update(threshold=float(np.percentile(s, self.ood_percentile)), mean=float(s.mean()),
+                         std=float(max(s.std(), 1e-3)))
+        self.index.add(keys.reshape(rows, -1).numpy())
+        self.tasks.append(entry)
+        self._keys.append(keys)
+        self._row_slot = np.concatenate([self._row_slot, entry["first_slot"] + np.arange(rows) // self.keys_per_slot])
+        self._slot_task = np.concatenate([self._slot_task, np.full(n_slots, len(self.tasks) - 1)])
+        self._refresh_task_arrays()
+        return self.task_slots(task)
+
+    def _refresh_task_arrays(self) -> None:
+        self._threshold = np.array([-np.inf if t["threshold"] is None else t["threshold"] for t in self.tasks])
+        self._mean = np.array([t["mean"] for t in self.tasks])
+        self._std = np.array([t["std"] for t in self.tasks])
+
+    def _task_pos(self, task: str) -> int:
+        for i, t in enumerate(self.tasks):
+            if t["name"] == task:
+                return i
+        raise RouterError(f"unknown task {task!r}; the router has {self.task_names}")
+
+    # ---- routing -----------------------------------------------------------------
+    def route(
+        self, embeddings, k: int | None = None, restrict_task: str | None = None, batch_vote: bool = False
+    ) -> list[RouteDecision]:
+        """Route each row of ``embeddings`` [B, D] on its own; return B decisions.
+
+        restrict_task: training-time mode, top-K among that task's slots only, scored
+        exactly (not through the index). batch_vote: NOT the default and not the
+        method; for comparison only, every row gets the batch's majority task (then
+        that task's top-K slots).
+        """
+        if not self.tasks:
+            raise RouterError("the router is empty: add a task (or build the run's router) before routing")
+        emb = embeddings.detach().cpu().numpy() if torch.is_tensor(embeddings) else np.asarray(embeddings)
+        emb = np.atleast_2d(emb).astype(np.float32, copy=False)
+        if emb.ndim != 2 or emb.shape[1] != self.dim:
+            raise RouterError(f"embeddings must be [B, {self.dim}], got shape {tuple(emb.shape)}")
+        k = self.top_k if k is None else int(k)
+        if k <= 0:
+            raise RouterError(f"k must be > 0, got {k}")
+        if batch_vote:
+            per_row = self.route(emb, k)
+            majority = Counter(d.task for d in per_row).most_common(1)[0][0]
+            return self.route(emb, k, restrict_task=majority)
+        if restrict_task is not None:
+            t = self.tasks[self._task_pos(restrict_task)]
+            rows = np.arange(t["first_row"], t["first_row"] + t["n_rows"])
+            scores = self.index.exact_scores(emb, rows)  # [B, R_t]
+            order = np.argsort(-scores, axis=1, kind="stable")
+            ids = rows[order]
+            scores = np.take_along_axis(scores, order, axis=1)
+        else:
+            n = max(self.n_candidates, k * self.keys_per_slot)
+            scores, ids = self.index.search(emb, n)  # [B, n], best first
+        return [self._decide(scores[b], ids[b], k) for b in range(emb.shape[0])]
+
+    def _decide(self, row_scores: np.ndarray, row_ids: np.ndarray, k: int) -> RouteDecision:
+        keep = row_ids >= 0  # HNSW pads with -1 when it finds fewer rows than asked
+        row_scores, row_ids = row_scores[keep], row_ids[keep]
+        slots = self._row_slot[row_ids]
+        # Rows arrive best first, so a slot's first occurrence carries its best key's score.
+        slots, first = np.unique(slots, return_index=True)
+        raw = row_scores[first]
+        task_pos = self._slot_task[slots]
+        rank = (raw - self._mean[task_pos]) / self._std[task_pos] if self.calibration == "znorm" else raw
+        top = np.argsort(-rank, kind="stable")[:k]
+        slots, raw, task_pos = slots[top], raw[top], task_pos[top]
+        clamped = np.maximum(raw, WEIGHT_EPS)
+        weights = clamped / clamped.sum()
+        best = int(task_pos[0])
+        return RouteDecision(
+            slots=[int(s) for s in slots], weights=[float(w) for w in weights], task=self.tasks[best]["name"],
+            score=float(raw[0]), ood=bool(raw[0] < self._threshold[best]), scores=[float(s) for s in raw],
+        )
+
+    def route_texts(self, texts: list[str], encoder, **kwargs) -> list[RouteDecision]:
+        """Encode ``texts`` with ``encoder`` (which must be the router's encoder) and route them."""
+        self.check_encoder(encoder.id)
+        return self.route(encoder.encode(list(texts)), **kwargs)
+
+    def check_encoder(self, encoder_id: str) -> None:
+        if self.encoder_id and encoder_id != self.encoder_id:
+            raise RouterError(
+                f"encoder mismatch: the router was built with encoder {self.encoder_id!r} "
+                f"but is being used with {encoder_id!r}; keys from one encoder are meaningless to another"
+            )
+
+    # ---- persistence -------------------------------------------------------------
+    def save(self, router_dir: str | Path) -> None:
+        """Write index/, keys.safetensors and slots.json (last, so a complete slots.json means a complete router)."""
+        router_dir = Path(router_dir)
+        router_dir.mkdir(parents=True, exist_ok=True)
+        self.index.save(router_dir / "index")
+        all_keys = self.all_keys()
+        if all_keys is not None:
+            save_keys(router_dir / "keys.safetensors", all_keys, {"encoder_id": self.encoder_id})
+        sizes = {t["n_slots"] for t in self.tasks}
+        slots = []
+        for pos, t in enumerate(self.tasks):
+            for j in range(t["n_slots"]):
+                first = t["first_row"] + j * self.keys_per_slot
+                slots.append({"slot": t["first_slot"] + j, "task": t["name"], "pos": j,
+                              "key_rows": list(range(first, first + self.keys_per_slot))})
+        write_json(router_dir / "slots.json", {
+            "format": 1, "encoder_id": self.encoder_id, "dim": self.dim, "groups": self.groups,
+            "slots_per_task": sizes.pop() if len(sizes) == 1 else None, "top_k": self.top_k,
+            "keys_per_slot": self.keys_per_slot, "ood_percentile": self.ood_percentile,
+            "calibration": self.calibration, "n_candidates": self.n_candidates,
+            "tasks": self.tasks, "slots": slots,
+        })
+
+    @classmethod
+    def load(cls, router_dir: str | Path, encoder_id: str | None = None, device: str = "cpu") -> Router:
+        """Load a saved router; with ``encoder_id``, refuse one built with another encoder."""
+        router_dir = Path(router_dir)
+        try:
+            meta = json.loads((router_dir / "slots.json").read_text())
+        except FileNotFoundError:
+            raise RouterError(f"no router at {router_dir} (slots.json is missing)") from None
+        self = cls(meta["dim"], meta["groups"], meta["top_k"], encoder_id=meta["encoder_id"],
+                   keys_per_slot=meta["keys_per_slot"], ood_percentile=meta["ood_percentile"],
+                   calibration=meta["calibration"], n_candidates=meta["n_candidates"], device=device)
+        if encoder_id is not None:
+            self.check_encoder(encoder_id)
+        if not meta["tasks"]:
+            return self
+        self.index = SlotIndex.load(router_dir / "index", device=device)
+        keys, _ = load_keys(router_dir / "keys.safetensors")
+        self.tasks = meta["tasks"]
+        self._keys = [keys[t["first_row"] : t["first_row"] + t["n_rows"]] for t in self.tasks]
+        self._row_slot = np.zeros(self.index.ntotal, dtype=np.int64)
+        self._slot_task = np.zeros(len(meta["slots"]), dtype=np.int64)
+        pos = {t["name"]: i for i, t in enumerate(self.tasks)}
+        for s in meta["slots"]:
+            self._row_slot[s["key_rows"]] = s["slot"]
+            self._slot_task[s["slot"]] = pos[s["task"]]
+        self._refresh_task_arrays()
+        return self
+
+
+def routing_tensors(decisions: list[RouteDecision], k: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decisions -> (slot_ids LongTensor [B, K], weights FloatTensor [B, K]) for JareModel.
+
+    A decision with fewer than K slots is padded with its best slot at weight 0.
+    """
+    if not decisions:
+        raise RouterError("no decisions to convert")
+    k = k or max(len(d.slots) for d in decisions)
+    ids = torch.zeros(len(decisions), k, dtype=torch.long)
+    weights = torch.zeros(len(decisions), k, dtype=torch.float32)
+    for b, d in enumerate(decisions):
+        n = min(k, len(d.slots))
+        ids[b, :n] = torch.tensor(d.slots[:n])
+        ids[b, n:] = d.slots[0]
+        weights[b, :n] = torch.tensor(d.weights[:n])
+    return ids, weights
+
+
+def format_decision(decision: RouteDecision, text: str | None = None) -> str:
+    """One human-readable line per decision, for ``slm-llm route``."""
+    slots = ", ".join(f"{s}:{w:.3f}" for s, w in zip(decision.slots, decision.weights))
+    flag = "  OOD (base model fallback)" if decision.ood else ""
+    head = f"{text[:60]!r} -> " if text is not None else ""
+    return f"{head}task={decision.task} score={decision.score:.4f} slots[w]=[{slots}]{flag}"

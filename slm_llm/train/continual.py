@@ -1,0 +1,144 @@
+"""The continual driver: for each task in order, keys -> increments -> router -> artifacts.
+
+Reads top to bottom like a recipe. A task already marked done in the manifest is
+skipped, and a task cut short resumes from its last DeepSpeed checkpoint, so
+rerunning the same command after a crash or a SLURM requeue finishes the job.
+Rank 0 writes every artifact; the other ranks wait at barriers.
+"""
+from __future__ import annotations
+
+import logging
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from slm_llm.config import Config
+from slm_llm.data import Collator, load_suite, load_task_split, query_text, tokenize_example
+from slm_llm.dtkr import Router, init_keys, load_keys, save_keys, score_matrix, train_keys
+from slm_llm.dtkr.encoder import Encoder
+from slm_llm.jare import JareModel
+from slm_llm.models import load_base_model, load_tokenizer, model_id
+from slm_llm.run import RunDir
+from slm_llm.train.distributed import barrier, init_distributed
+from slm_llm.train.engine import build_engine, load_ds_config, zero_stage
+from slm_llm.train.loop import install_stop_handlers, total_steps, train_task
+
+log = logging.getLogger("slm_llm.train")
+
+
+@dataclass
+class TaskRouting:
+    """Training-time routing of one task's samples: top-K among the task's own P slots."""
+
+    slot_ids: np.ndarray  # [N, K] global slot ids
+    weights: np.ndarray  # [N, K], rows sum to 1
+    best_scores: np.ndarray  # [N] best mean group cosine, for OOD calibration
+    mean_weights: np.ndarray  # [P] mean weight of each slot over the task's queries (for export)
+
+
+def task_routing(emb: np.ndarray, keys: torch.Tensor, first_slot: int, P: int, K: int) -> TaskRouting:
+    scores = score_matrix(emb, keys)  # [N, R]; R = P * keys_per_slot, keys of a slot contiguous
+    scores = scores.reshape(len(emb), P, -1).max(-1)  # [N, P]
+    k = min(K, P)
+    top = np.argsort(-scores, axis=1, kind="stable")[:, :k]  # [N, k]
+    s = np.clip(np.take_along_axis(scores, top, 1), 1e-6, None)
+    w = s / s.sum(1, keepdims=True)
+    dense = np.zeros_like(scores)
+    np.put_along_axis(dense, top, w, 1)
+    return TaskRouting(top + first_slot, w.astype(np.float32), scores.max(1), dense.mean(0))
+
+
+def run_continual(cfg: Config) -> RunDir:
+    rank, world, _ = init_distributed()
+    install_stop_handlers()
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="%(message)s")
+    suite = load_suite(cfg.data.suite)
+    order = suite.order_tasks(cfg.data.order, cfg.data.tasks or None)
+    encoder = Encoder(cfg.dtkr.encoder, batch_size=cfg.dtkr.encode_batch_size)
+    run = RunDir(cfg.run_dir)
+    if rank == 0:
+        run.init(cfg, model_id(cfg.model), encoder.id, order)
+    barrier()
+    ds = load_ds_config(cfg.train.deepspeed, cfg.train, world)
+    tokenizer = load_tokenizer(cfg.model)
+    collate = Collator(tokenizer.pad_token_id)
+    for t, task in enumerate(order):
+        if task in run.done_tasks():
+            log.info(f"[{t + 1}/{len(order)}] {task}: done, skipped")
+            continue
+        tdir = run.task_dir(task)
+        tdir.mkdir(parents=True, exist_ok=True)
+        records = load_task_split(suite, task, "train", cfg.data.data_root or None, cfg.data.max_train_samples, cfg.data.seed)
+
+        # 1. DTKR keys on this task's queries only (old tasks' keys are frozen; no old data).
+        emb = encoder.encode([query_text(r, cfg.dtkr.query_mode) for r in records])  # [N, D]
+        router = _open_router(run, cfg, encoder)
+        if rank == 0 and not (tdir / "keys.safetensors").exists():
+            keys = init_keys(emb, cfg.jare.slots_per_task * cfg.dtkr.keys_per_slot, cfg.dtkr.groups, cfg.dtkr.key_init, cfg.dtkr.seed + t)
+            keys = train_keys(emb, keys, cfg.dtkr, frozen_keys=router.all_keys())
+            save_keys(tdir / "keys.safetensors", keys, {"task": task, "encoder": encoder.id})
+        barrier()
+        keys, _ = load_keys(tdir / "keys.safetensors")
+        P = cfg.jare.slots_per_task
+        routing = task_routing(emb, keys, t * P, P, cfg.jare.top_k)
+
+        # 2. Increments: base + old tasks (frozen) + this task's new slots (trainable).
+        model = _jare_model(cfg, run, order[:t])
+        model.add_task(task)
+        examples = [
+            {**tokenize_example(r, tokenizer, cfg.data.template, cfg.data.max_length, cfg.data.truncation),
+             "slot_ids": routing.slot_ids[i].tolist(), "slot_weights": routing.weights[i].tolist()}
+            for i, r in enumerate(records)
+        ]
+        steps = total_steps(len(examples), cfg.train, world)
+        engine = build_engine(model, cfg.train, ds, steps)
+        result = train_task(engine, examples, collate, cfg.train, tdir / "ckpt", tdir / "train_log.jsonl",
+                            rank, world, desc=f"[{t + 1}/{len(order)}] {task}")
+        _save_increments(model, task, tdir / "increments.safetensors", ds, rank)
+        if rank == 0:  # the increments are the artifact; the resume state is no longer needed
+            shutil.rmtree(tdir / "ckpt", ignore_errors=True)
+
+        # 3. Router and manifest (rank 0), then everyone moves on.
+        if rank == 0:
+            router.add_task(task, keys, routing.best_scores)
+            router.save(run.router_dir)
+            run.mark_task_done(task, {
+                "train_samples": len(records),
+                "steps": steps,
+                "final_loss": result.losses[-1] if result.losses else None,
+                "mean_weights": routing.mean_weights.round(6).tolist(),
+            })
+            log.info(f"[{t + 1}/{len(order)}] {task}: done, loss {result.losses[-1] if result.losses else float('nan'):.4f}")
+        del engine, model
+        barrier()
+    return run
+
+
+def _open_router(run: RunDir, cfg: Config, encoder: Encoder) -> Router:
+    if (run.router_dir / "slots.json").exists():
+        return Router.load(run.router_dir, encoder_id=encoder.id)
+    return Router.from_config(encoder.dim, cfg.dtkr, cfg.jare.top_k, encoder_id=encoder.id)
+
+
+def _jare_model(cfg: Config, run: RunDir, done: list[str]) -> JareModel:
+    base, _ = load_base_model(cfg.model)
+    model = JareModel(base, cfg.jare)
+    for task in done:
+        model.load_task(task, run.task_dir(task) / "increments.safetensors")
+    return model
+
+
+def _save_increments(model: JareModel, task: str, path: Path, ds: dict, rank: int) -> None:
+    params = model.task_parameters(task)
+    if zero_stage(ds) == 3:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(params):
+            if rank == 0:
+                model.save_task(task, path)
+    elif rank == 0:
+        model.save_task(task, path)
+    barrier()

@@ -1,0 +1,317 @@
+"""DTKR: encoder cache, keys, the FAISS score trick, the router and its persistence."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from slm_llm.config import DtkrConfig
+from slm_llm.dtkr.encoder import Encoder
+from slm_llm.dtkr.index import SlotIndex, group_normalise
+from slm_llm.dtkr.keys import init_keys, load_keys, pull_loss, save_keys, score_matrix, train_keys, _grouped
+from slm_llm.dtkr.router import Router, RouterError, routing_tensors
+
+D, G, P = 48, 6, 4
+
+
+def mean_group_cosine(q: np.ndarray, k: np.ndarray, groups: int) -> np.ndarray:
+    """Brute force: [B, D] x [N, D] -> [B, N] mean over groups of cosines."""
+    qg = q.reshape(len(q), groups, -1)
+    kg = k.reshape(len(k), groups, -1)
+    cos = np.einsum("bgd,ngd->bng", qg, kg) / (
+        np.linalg.norm(qg, axis=2)[:, None, :] * np.linalg.norm(kg, axis=2)[None, :, :]
+    )
+    return cos.mean(axis=2)
+
+
+def clusters(n_tasks: int, n: int, dim: int = D, noise: float = 0.3, seed: int = 0) -> dict[str, np.ndarray]:
+    """Well separated synthetic task embeddings: one random centre per task plus noise."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(n_tasks, dim))
+    return {f"task{i}": (centres[i] + noise * rng.normal(size=(n, dim))).astype(np.float32) for i in range(n_tasks)}
+
+
+def build_router(data: dict[str, np.ndarray], **kwargs) -> Router:
+    cfg = DtkrConfig(groups=G, epochs=2)
+    router = Router(D, G, 2, encoder_id="fake", **kwargs)
+    for name, emb in data.items():
+        keys = train_keys(emb, init_keys(emb, P, G, seed=0), cfg)
+        router.add_task(name, keys, score_matrix(emb, keys).max(1))
+    return router
+
+
+# ---- index ----------------------------------------------------------------------------
+def test_faiss_score_equals_mean_group_cosine():
+    rng = np.random.default_rng(1)
+    keys, queries = rng.normal(size=(50, D)), rng.normal(size=(7, D))
+    index = SlotIndex(D, G, "flat")
+    index.add(keys)
+    scores, ids = index.search(queries, 50)
+    brute = mean_group_cosine(queries, keys, G)
+    np.testing.assert_allclose(scores, np.take_along_axis(brute, ids, axis=1), atol=1e-5)
+    np.testing.assert_array_equal(ids[:, 0], brute.argmax(1))
+    # score_matrix (used for thresholds and key training checks) agrees too
+    np.testing.assert_allclose(score_matrix(queries, torch.tensor(keys).reshape(50, G, -1)), brute, atol=1e-5)
+
+
+def test_incremental_add_keeps_ids_and_scores():
+    rng = np.random.default_rng(2)
+    a, b = rng.normal(size=(10, D)), rng.normal(size=(5, D))
+    index = SlotIndex(D, G, "flat")
+    np.testing.assert_array_equal(index.add(a), np.arange(10))
+    np.testing.assert_array_equal(index.add(b), np.arange(10, 15))
+    q = b[2:3] + 0.01 * rng.normal(size=(1, D))
+    scores, ids = index.search(q, 3)
+    assert ids[0, 0] == 12
+    np.testing.assert_allclose(scores[0], mean_group_cosine(q, np.concatenate([a, b]), G)[0, ids[0]], atol=1e-5)
+
+
+def test_hnsw_auto_switch_agrees_with_flat():
+    data = clusters(40, 30, seed=3)
+    flat = build_router(data, index="flat")
+    auto = build_router(data, index="auto", hnsw_threshold=100)  # 40 tasks x 4 = 160 slots > 100
+    assert flat.index.current_kind == "flat" and auto.index.current_kind == "hnsw"
+    assert auto.index.ntotal == 160
+    queries = np.concatenate([e[:3] for e in clusters(40, 3, seed=3).values()])
+    top_flat = [d.slots[0] for d in flat.route(queries)]
+    top_hnsw = [d.slots[0] for d in auto.route(queries)]
+    assert top_flat == top_hnsw
+
+
+def test_groups_must_divide_dim():
+    with pytest.raises(ValueError, match="not divisible by dtkr.groups=5"):
+        init_keys(np.ones((10, D), dtype=np.float32), P, 5)
+    with pytest.raises(ValueError, match="not divisible"):
+        SlotIndex(D, 7)
+    with pytest.raises(ValueError, match="not divisible"):
+        Router(D, 5)
+
+
+# ---- keys -------------------------------------------------------------------------------
+def test_key_training_reduces_loss_and_raises_in_task_score():
+    emb = clusters(1, 300, noise=0.8, seed=4)["task0"]
+    keys0 = init_keys(emb, P, G, seed=0) + 0.5 * torch.randn(P, G, D // G, generator=torch.Generator().manual_seed(0))
+    history: list[float] = []
+    keys1 = train_keys(emb, keys0, DtkrConfig(groups=G, epochs=10, lr=0.05), history=history)
+    q = _grouped(emb, G)
+    assert float(pull_loss(q, keys1, 2)) < float(pull_loss(q, keys0, 2)) - 0.05
+    assert history[-1] < history[0]
+    assert score_matrix(emb, keys1).max(1).mean() > score_matrix(emb, keys0).max(1).mean() + 0.05
+    assert not keys0.requires_grad and not keys1.requires_grad
+
+
+def test_init_methods_and_few_queries():
+    emb = clusters(1, 40, seed=5)["task0"]
+    for method in ("random_subsets", "kmeans"):
+        assert init_keys(emb, P, G, method=method).shape == (P, G, D // G)
+    assert init_keys(emb[:2], P, G).shape == (P, G, D // G)  # fewer queries than keys
+    with pytest.raises(ValueError, match="key init"):
+        init_keys(emb, P, G, method="pca")
+
+
+def test_centrifugal_pushes_new_keys_from_old(tmp_path):
+    data = clusters(2, 200, noise=1.5, seed=6)
+    old = init_keys(data["task0"], P, G)
+    new = init_keys(data["task1"], P, G)
+    plain = train_keys(data["task1"], new, DtkrConfig(groups=G, epochs=5))
+    pushed = train_keys(data["task1"], new, DtkrConfig(groups=G, epochs=5, centrifugal=1.0), frozen_keys=old)
+    old_q = data["task0"]
+    assert score_matrix(old_q, pushed).max(1).mean() < score_matrix(old_q, plain).max(1).mean()
+
+
+def test_keys_save_load_roundtrip(tmp_path):
+    keys = torch.randn(P, G, D // G)
+    save_keys(tmp_path / "keys.safetensors", keys, {"task": "t", "encoder_id": "x"})
+    loaded, meta = load_keys(tmp_path / "keys.safetensors")
+    assert torch.equal(loaded, keys) and meta == {"task": "t", "encoder_id": "x"}
+    assert [p.name for p in tmp_path.iterdir()] == ["keys.safetensors"]  # no temp file left
+
+
+# ---- router -----------------------------------------------------------------------------
+def test_mixed_batch_is_routed_per_query():
+    data = clusters(5, 100, seed=7)
+    router = build_router(data)
+    tests = clusters(5, 4, seed=7)  # same centres, fresh noise
+    names = list(tests)
+    batch = np.concatenate([tests[n][i : i + 1] for i in range(4) for n in names])  # interleaved tasks
+    decisions = router.route(batch)
+    assert [d.task for d in decisions] == names * 4
+    for d in decisions:
+        assert len(d.slots) == 2 and abs(sum(d.weights) - 1) < 1e-6
+        assert all(s in router.task_slots(d.task) for s in d.slots)
+        assert d.scores == sorted(d.scores, reverse=True) and d.score == d.scores[0]
+    ids, weights = routing_tensors(decisions)
+    assert ids.shape == weights.shape == (20, 2) and ids.dtype == torch.long
+    # a single row routes exactly as it does inside the batch: no batch-level mixing
+    assert router.route(batch[3:4])[0] == decisions[3]
+    # the non-default comparison mode gives every row the majority task
+    voted = router.route(batch[:6], batch_vote=True)
+    assert len({d.task for d in voted}) == 1
+
+
+def test_slot_ids_are_consecutive_per_task():
+    router = build_router(clusters(3, 20, seed=8))
+    assert [router.task_slots(n) for n in router.task_names] == [range(0, 4), range(4, 8), range(8, 12)]
+
+
+def test_restrict_task_mode_is_exact():
+    data = clusters(3, 50, seed=9)
+    router = build_router(data)
+    q = data["task0"][:5]
+    decisions = router.route(q, restrict_task="task2")
+    brute = score_matrix(q, router.task_keys("task2"))
+    for d, row in zip(decisions, brute):
+        assert d.task == "task2"
+        assert d.slots == [8 + int(i) for i in np.argsort(-row)[:2]]
+        np.testing.assert_allclose(d.scores, np.sort(row)[::-1][:2], atol=1e-5)
+    with pytest.raises(RouterError, match="unknown task"):
+        router.route(q, restrict_task="nope")
+
+
+def test_keys_per_slot_maps_several_keys_to_one_slot():
+    data = clusters(2, 60, seed=10)
+    router = Router(D, G, 2, keys_per_slot=3)
+    for name, emb in data.items():
+        router.add_task(name, init_keys(emb, P * 3, G))
+    assert router.n_slots == 8 and router.index.ntotal == 24
+    d = router.route(data["task1"][:1])[0]
+    assert d.task == "task1" and len(set(d.slots)) == 2 and all(4 <= s < 8 for s in d.slots)
+
+
+def test_znorm_calibration_routes_and_persists(tmp_path):
+    router = build_router(clusters(3, 50, seed=11), calibration="znorm")
+    assert router.route(clusters(3, 2, seed=11)["task1"])[0].task == "task1"
+    router.save(tmp_path / "r")
+    assert Router.load(tmp_path / "r").calibration == "znorm"
+
+
+def test_persistence_round_trip(tmp_path):
+    data = clusters(4, 40, seed=12)
+    for kind in ("flat", "hnsw"):
+        router = build_router(data, index=kind)
+        router.save(tmp_path / kind)
+        loaded = Router.load(tmp_path / kind, encoder_id="fake")
+        queries = np.concatenate(list(clusters(4, 3, seed=13).values()))
+        assert loaded.route(queries) == router.route(queries)
+        assert loaded.task_names == router.task_names and loaded.index.current_kind == kind
+        assert torch.equal(loaded.task_keys("task3"), router.task_keys("task3"))
+        # a loaded router keeps growing incrementally
+        extra = clusters(5, 30, seed=14)["task4"]
+        loaded.add_task("task4", init_keys(extra, P, G))
+        assert loaded.task_slots("task4") == range(16, 20)
+
+
+def test_errors_empty_router_and_encoder_mismatch(tmp_path):
+    with pytest.raises(RouterError, match="router is empty"):
+        Router(D, G).route(np.ones((1, D), dtype=np.float32))
+    router = build_router(clusters(2, 20, seed=15))
+    router.save(tmp_path / "r")
+    with pytest.raises(RouterError, match="'fake'.*'other-encoder'"):
+        Router.load(tmp_path / "r", encoder_id="other-encoder")
+    with pytest.raises(RouterError, match=r"embeddings must be \[B, 48\]"):
+        router.route(np.ones((2, 10), dtype=np.float32))
+    with pytest.raises(RouterError, match="no router"):
+        Router.load(tmp_path / "missing")
+    with pytest.raises(RouterError, match="already"):
+        router.add_task("task0", torch.zeros(P, G, D // G))
+
+
+def test_gpu_index_request_fails_clearly_without_gpu():
+    import faiss
+
+    if hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0:
+        pytest.skip("a GPU faiss is available here")
+    with pytest.raises(RuntimeError, match="GPU FAISS index was requested"):
+        SlotIndex(D, G, device="cuda")
+
+
+# ---- encoder ----------------------------------------------------------------------------
+class FakeModel:
+    """Deterministic text -> vector model that counts the texts it encodes."""
+
+    def __init__(self):
+        self.calls = 0
+        self.texts = 0
+
+    def get_embedding_dimension(self) -> int:
+        return D
+
+    def encode(self, texts, batch_size=64, **kwargs):
+        self.calls += 1
+        self.texts += len(texts)
+        return np.stack([np.random.default_rng(abs(hash(t)) % 2**32).normal(size=D) for t in texts]).astype(np.float32)
+
+
+def test_embedding_cache_avoids_reencoding(tmp_path):
+    model = FakeModel()
+    enc = Encoder("fake", cache_dir=tmp_path, model=model)
+    texts = [f"query {i}" for i in range(100)]
+    first = enc.encode(texts)
+    assert model.texts == 100 and first.shape == (100, D) and first.dtype == np.float32
+    again = enc.encode(texts[::-1] + ["new one", "query 3"])
+    assert model.texts == 101  # only the new text went through the model
+    np.testing.assert_array_equal(again[:100], first[::-1])
+    # a fresh Encoder over the same cache folder (another process, a retrain) hits the cache
+    model2 = FakeModel()
+    enc2 = Encoder("fake", cache_dir=tmp_path, model=model2)
+    np.testing.assert_array_equal(enc2.encode(texts), first)
+    assert model2.calls == 0
+    # another encoder id does not see these entries
+    model3 = FakeModel()
+    Encoder("fake-2", cache_dir=tmp_path, model=model3).encode(texts[:5])
+    assert model3.texts == 5
+
+
+# ---- real encoder ---------------------------------------------------------------------
+MATH = [
+    "Tom has 12 apples. Anna gives him 5 more and he eats 3. How many apples does Tom have now?",
+    "A baker makes 48 cookies and packs them into boxes of 6. How many boxes does she fill?",
+    "Maria earns $15 an hour and works 8 hours a day for 5 days. How much does she earn that week?",
+    "A train travels 60 miles per hour for 3 hours. How far does it go?",
+    "There are 24 students in a class and one third of them wear glasses. How many students wear glasses?",
+    "Joe buys 3 notebooks at $2 each and a pen for $1.50. How much does he spend in total?",
+    "A garden is 10 meters long and 4 meters wide. What is its area in square meters?",
+    "Liam reads 20 pages a day. How many days does he need to finish a 340-page book?",
+    "A shirt costs $40 and is on sale for 25% off. What is the sale price?",
+    "Sara had 50 stickers. She gave 12 to her sister and 8 to her friend. How many stickers does she have left?",
+    "A farmer has 7 cows and each cow gives 9 liters of milk a day. How much milk does he get in a week?",
+    "Ben is 3 times as old as his son, who is 11. How old will Ben be in 5 years?",
+    "A pizza is cut into 8 slices. If 3 friends each eat 2 slices, how many slices remain?",
+    "Emma saves $5 every week. How many weeks will it take her to save $120?",
+    "A tank holds 200 liters of water and loses 15 liters a day. How much water is left after 6 days?",
+    "John ran 3 miles on Monday, twice as far on Tuesday, and 4 miles on Wednesday. How many miles did he run?",
+    "A box of 12 pencils costs $3. How much do 5 boxes cost?",
+    "The school bus carries 45 children. If 17 get off at the first stop and 9 get on, how many are on the bus?",
+    "Lisa bought 4 packs of juice with 6 bottles in each pack. She drank 5 bottles. How many bottles are left?",
+    "A rectangle has a perimeter of 30 cm and a width of 5 cm. What is its length?",
+    "Mark paid $60 for 4 tickets. How much did each ticket cost?",
+    "A store sold 120 toys on Saturday and half as many on Sunday. How many toys did it sell over the weekend?",
+    "Kelly walks her dog for 25 minutes twice a day. How many minutes does she walk the dog in a week?",
+    "There are 5 red, 8 blue and 7 green marbles in a bag. What fraction of the marbles are blue?",
+]
+
+
+@pytest.fixture(scope="module")
+def real_encoder(tmp_path_factory):
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    return Encoder(cache_dir=tmp_path_factory.mktemp("emb"))
+
+
+def test_ood_flag_on_foreign_text(real_encoder):
+    emb = real_encoder.encode(MATH)
+    keys = train_keys(emb, init_keys(emb, P, 6), DtkrConfig())
+    router = Router(real_encoder.dim, 6, 2, encoder_id=real_encoder.id)
+    router.add_task("math", keys, score_matrix(emb, keys).max(1))
+    foreign = [
+        "asdf qwerty zxcv",
+        "Faites fondre le beurre, ajoutez la farine et le lait, puis remuez la sauce béchamel.",
+        "The court held that the contract was void for lack of consideration.",
+    ]
+    inside = ["Kim has 25 oranges. Her brother gives her 8 more and she eats 6. How many oranges are left?"]
+    decisions = router.route_texts(foreign + inside, real_encoder)
+    assert [d.ood for d in decisions] == [True, True, True, False]
+    assert decisions[3].score > max(d.score for d in decisions[:3]) + 0.2
+    with pytest.raises(RouterError, match="encoder mismatch"):
+        router.route_texts(inside, Encoder("some/other-model", cache=False, model=FakeModel()))
