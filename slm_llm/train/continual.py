@@ -87,6 +87,7 @@ def run_continual(cfg: Config) -> RunDir:
 
         # 2. Increments: base + old tasks (frozen) + this task's new slots (trainable).
         model = _jare_model(cfg, run, order[:t])
+        torch.manual_seed(cfg.train.seed + t)  # the same slot init on every rank and world size
         model.add_task(task)
         examples = [
             {**tokenize_example(r, tokenizer, cfg.data.template, cfg.data.max_length, cfg.data.truncation),

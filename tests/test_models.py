@@ -1,0 +1,153 @@
+"""Base models: tiny build, local folders, clear errors, checkpointing, 4-bit, and the GGUF conversion."""
+import threading
+import time
+
+import pytest
+import torch
+
+from slm_llm.config import ModelConfig
+from slm_llm.models import ModelError, convert_gguf, load_base_model, load_tokenizer, model_id, packaged_gguf
+
+TINY = ModelConfig(name="tiny-llama")
+
+
+def _tiny_lm_loss(model, tokenizer, text="The capital of France is Paris."):
+    ids = torch.tensor([tokenizer(text)["input_ids"]])
+    return model(input_ids=ids, labels=ids).loss
+
+
+def test_tiny_llama_shape_seed_and_speed(smol_tokenizer):
+    t0 = time.perf_counter()
+    model, tok = load_base_model(TINY)
+    assert time.perf_counter() - t0 < 1.0  # tokenizer already cached by the fixture
+    cfg = model.config
+    assert (cfg.hidden_size, cfg.num_hidden_layers, cfg.num_attention_heads, cfg.num_key_value_heads) == (64, 2, 4, 2)
+    assert cfg.vocab_size == len(tok) == 49152
+    assert all(not p.requires_grad for p in model.parameters())
+    same, _ = load_base_model(TINY)
+    other, _ = load_base_model(ModelConfig(name="tiny-llama", tiny_seed=1))
+    w = model.model.layers[0].self_attn.o_proj.weight
+    assert torch.equal(w, same.model.layers[0].self_attn.o_proj.weight)
+    assert not torch.equal(w, other.model.layers[0].self_attn.o_proj.weight)
+    assert torch.isfinite(_tiny_lm_loss(model, tok))
+
+
+def test_model_ids():
+    assert model_id(TINY) == "tiny-llama-h64-l2-a4-kv2-i128-s0"
+    assert model_id(ModelConfig(name="tiny-llama", tiny_seed=3)).endswith("-s3")
+    assert model_id(ModelConfig()) == "smollm2-135m-instruct"
+    assert model_id(ModelConfig(name="org/some-model")) == "org/some-model"
+
+
+def test_tokenizer_has_pad_and_right_padding(smol_tokenizer):
+    tok = load_tokenizer(TINY)
+    assert tok.pad_token_id is not None and tok.padding_side == "right"
+    tok.padding_side = "left"  # callers get their own copy
+    assert load_tokenizer(TINY).padding_side == "right"
+
+
+def test_local_folder_round_trip_and_dtype(tmp_path, smol_tokenizer):
+    model, tok = load_base_model(TINY)
+    model.save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    cfg = ModelConfig(name=str(tmp_path / "m"))
+    loaded, _ = load_base_model(cfg)
+    assert model_id(cfg) == str((tmp_path / "m").resolve())
+    ids = torch.tensor([[1, 2, 3, 4]])
+    assert torch.allclose(model(ids).logits, loaded(ids).logits)
+    half, _ = load_base_model(ModelConfig(name=str(tmp_path / "m"), dtype="bfloat16"))
+    assert next(half.parameters()).dtype == torch.bfloat16
+
+
+def test_folder_without_config_json_is_a_clear_error(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelError, match=r"has no config\.json"):
+        load_base_model(ModelConfig(name=str(tmp_path / "empty")))
+
+
+def test_unknown_name_offline_says_what_was_tried():
+    with pytest.raises(ModelError) as err:
+        load_base_model(ModelConfig(name="no-such-model-xyz"))
+    msg = str(err.value)
+    assert "smollm2-135m-instruct" in msg and "tiny-llama" in msg
+    assert "no-such-model-xyz does not exist" in msg and "HF_HUB_OFFLINE" in msg
+
+
+def test_gradient_checkpointing_trains_an_added_parameter(smol_tokenizer):
+    model, tok = load_base_model(ModelConfig(name="tiny-llama", gradient_checkpointing=True))
+    assert model.is_gradient_checkpointing
+    model.train()
+    delta = _attach_low_rank(model)
+    _tiny_lm_loss(model, tok).backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in delta)
+    assert all(p.grad is None for p in model.parameters())
+
+
+def _attach_low_rank(model, rank=4):
+    """A LoRA-like trainable increment on layer 0's o_proj, through a forward hook."""
+    lin = model.model.layers[0].self_attn.o_proj
+    gen = torch.Generator().manual_seed(0)
+    a = torch.nn.Parameter(torch.randn(lin.in_features, rank, generator=gen) * 0.1)
+    b = torch.nn.Parameter(torch.randn(rank, lin.out_features, generator=gen) * 0.1)
+    lin.register_forward_hook(lambda mod, inp, out: out + (inp[0].float() @ a @ b).to(out.dtype))
+    return a, b
+
+
+def test_load_in_4bit_forward_and_backward(tmp_path, smol_tokenizer):
+    import bitsandbytes as bnb
+
+    model, tok = load_base_model(TINY)
+    model.save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    q, _ = load_base_model(ModelConfig(name=str(tmp_path / "m"), load_in_4bit=True))
+    assert isinstance(q.model.layers[0].self_attn.o_proj, bnb.nn.Linear4bit)
+    assert q.model.layers[0].self_attn.o_proj.weight.quant_state.quant_type == "nf4"
+    ids = torch.tensor([[1, 2, 3, 4, 5]])  # the quantised model stays close to its fp32 source
+    cos = torch.nn.functional.cosine_similarity(model(ids).logits.flatten(), q(ids).logits.flatten(), dim=0)
+    assert 0.95 < cos < 1.0
+    delta = _attach_low_rank(q)
+    loss = _tiny_lm_loss(q, tok)
+    assert torch.isfinite(loss)
+    loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in delta)
+    tiny_q, _ = load_base_model(ModelConfig(name="tiny-llama", load_in_4bit=True))
+    assert isinstance(tiny_q.model.layers[1].mlp.down_proj, bnb.nn.Linear4bit)
+
+
+@pytest.mark.slow
+def test_converted_smollm2_matches_the_gguf_greedy_tokens():
+    from transformers import AutoModelForCausalLM
+
+    model, tok = load_base_model(ModelConfig())  # converts on first use
+    folder = packaged_gguf("smollm2-135m-instruct")
+    gguf_model = AutoModelForCausalLM.from_pretrained(str(folder.parent), gguf_file=folder.name, dtype="float32")
+    assert "quantization_config" not in model.config.to_dict()
+    prompts = ["The capital of France is", "def square(x):", "Water boils at a temperature of"]
+    for prompt in prompts:
+        ids = tok(prompt, return_tensors="pt")
+        kw = dict(max_new_tokens=12, do_sample=False, pad_token_id=tok.pad_token_id)
+        ours = model.generate(**ids, **kw)
+        ref = gguf_model.generate(**ids, **kw)
+        assert ours.shape[1] > ids["input_ids"].shape[1]
+        assert ours.tolist() == ref.tolist(), prompt
+
+
+@pytest.mark.slow
+def test_concurrent_conversions_convert_once_and_leave_no_temp(tmp_path):
+    out = tmp_path / "tok"
+    results, errors = [], []
+
+    def run():
+        try:
+            results.append(convert_gguf(packaged_gguf("smollm2-135m-instruct"), out, tokenizer_only=True))
+        except Exception as e:  # surfaced below
+            errors.append(e)
+
+    threads = [threading.Thread(target=run) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and results == [out, out]
+    assert (out / "tokenizer.json").is_file() and (out / "slm_convert.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".tok.lock", "tok"]

