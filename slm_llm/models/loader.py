@@ -119,9 +119,26 @@ def _from_pretrained(source: str, cfg: ModelConfig, dtype: torch.dtype) -> torch
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)
         kwargs["device_map"] = {"": torch.cuda.current_device()} if torch.cuda.is_available() else "cpu"
     try:
-        return AutoModelForCausalLM.from_pretrained(source, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     except (OSError, ValueError) as e:
         raise ModelError(f"cannot load model from {source!r}: {e}") from e
+    if cfg.load_in_4bit:
+        _keep_4bit_differentiable(model)
+    return model
+
+
+def _keep_4bit_differentiable(model: torch.nn.Module) -> None:
+    """Stop bitsandbytes repacking 4-bit weights for CPU inference.
+
+    On a CPU with AVX512-BF16, the first eval-mode, no-grad forward of a
+    ``Linear4bit`` repacks its weight in place for a faster kernel
+    (``gemv_4bit``) that has no autograd: after that, gradients no longer flow
+    through the layer to its input, silently (bitsandbytes 0.50). Evaluating
+    between continual tasks would then break the next task's training.
+    """
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
 
 
 def _resolve_source(name: str) -> str:

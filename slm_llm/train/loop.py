@@ -95,12 +95,12 @@ def train_task(
         micro = global_micro_batches(len(examples), cfg, world, rank, epoch)
         step_loss, step_tokens = 0.0, 0
         for ids in micro[in_epoch * cfg.grad_accum : (in_epoch + 1) * cfg.grad_accum]:
-            batch = collate([examples[i] for i in ids])
+            batch = {k: v.to(engine.device) for k, v in collate([examples[i] for i in ids]).items()}
             loss = engine(**batch)
             engine.backward(loss)
             engine.step()
             step_loss += loss.item() / cfg.grad_accum
-            step_tokens += int(batch["attention_mask"].sum())
+            step_tokens += int(batch["attention_mask"].sum().item())
         step += 1
         loss_mean = all_mean(step_loss)
         tokens = int(round(all_mean(step_tokens) * world))
