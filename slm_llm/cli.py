@@ -2,8 +2,11 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
+
+COMMAND_MODULES = ("slm_llm.dtkr.commands", "slm_llm.serve.commands", "slm_llm.eval.commands")
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -58,6 +61,8 @@ def _repo_file(rel: str) -> str:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="slm-llm", description="Continual LLM fine-tuning with JARe + DTKR (SLM).")
     sub = parser.add_subparsers(dest="command", required=True)
+    for module in COMMAND_MODULES:  # each package registers its own subcommands
+        importlib.import_module(module).register(sub, _add_config_args)
     for name, fn, help_ in [
         ("train", cmd_train, "continual training over a suite (one process; use `deepspeed launch/train.py` for more)"),
         ("quickstart", cmd_quickstart, "the embedded default job: SmolLM2-135M on CPU, offline"),

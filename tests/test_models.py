@@ -124,21 +124,31 @@ def test_load_in_4bit_forward_and_backward(tmp_path, smol_tokenizer):
 
 
 @pytest.mark.slow
-def test_converted_smollm2_matches_the_gguf_greedy_tokens():
+def test_gguf_conversion_matches_the_gguf_greedy_tokens(tmp_path):
+    import shutil
+
     from transformers import AutoModelForCausalLM
 
-    model, tok = load_base_model(ModelConfig())  # converts on first use
-    folder = packaged_gguf("smollm2-135m-instruct")
-    gguf_model = AutoModelForCausalLM.from_pretrained(str(folder.parent), gguf_file=folder.name, dtype="float32")
-    assert "quantization_config" not in model.config.to_dict()
-    prompts = ["The capital of France is", "def square(x):", "Water boils at a temperature of"]
-    for prompt in prompts:
-        ids = tok(prompt, return_tensors="pt")
-        kw = dict(max_new_tokens=12, do_sample=False, pad_token_id=tok.pad_token_id)
-        ours = model.generate(**ids, **kw)
-        ref = gguf_model.generate(**ids, **kw)
-        assert ours.shape[1] > ids["input_ids"].shape[1]
-        assert ours.tolist() == ref.tolist(), prompt
+    gguf = packaged_gguf("smollm2-135m-instruct")
+    out = convert_gguf(gguf, tmp_path / "smol")  # a fresh conversion, not the cached one
+    try:
+        files = {p.name for p in out.iterdir()}
+        assert {"config.json", "model.safetensors", "tokenizer.json", "slm_convert.json"} <= files
+        model, tok = load_base_model(ModelConfig(name=str(out)))
+        assert "quantization_config" not in model.config.to_dict()
+        assert sum(p.numel() for p in model.parameters()) == 134_515_008
+        cached, _ = load_base_model(ModelConfig())  # the default name loads the cached conversion
+        assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), cached.state_dict().values()))
+        del cached
+        reference = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype="float32")
+        for prompt in ["The capital of France is", "def square(x):", "Water boils at a temperature of"]:
+            ids = tok(prompt, return_tensors="pt")
+            kw = dict(max_new_tokens=12, do_sample=False, pad_token_id=tok.pad_token_id)
+            ours, ref = model.generate(**ids, **kw), reference.generate(**ids, **kw)
+            assert ours.shape[1] == ids["input_ids"].shape[1] + 12 or ours[0, -1] == tok.eos_token_id
+            assert ours.tolist() == ref.tolist(), prompt
+    finally:
+        shutil.rmtree(out, ignore_errors=True)  # 0.5 GB
 
 
 @pytest.mark.slow

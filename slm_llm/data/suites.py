@@ -106,7 +106,7 @@ def resolve_data_root(explicit: str | os.PathLike | None = None) -> Path:
 def load_suite(name_or_path: str | os.PathLike) -> Suite:
     """Load and validate a suite: a name from ``configs/suites/`` or a path to a YAML file."""
     text_name = str(name_or_path)
-    path = Path(text_name)
+    path = Path(text_name).expanduser()
     if not (text_name.endswith((".yaml", ".yml")) or os.sep in text_name or path.exists()):
         path = SUITES_DIR / f"{text_name}.yaml"
         if not path.exists():

@@ -1,0 +1,148 @@
+"""A trained run loaded for inference: base model + every task's increments, router, encoder.
+
+Shared by the serving backends and the evaluation harness, so both answer a query
+the same way: encode the raw query, route it (per query), and generate with that
+query's own slots and weights in a batched, KV-cached ``generate``.
+
+Routing modes for a batch of records:
+    "slm"      DTKR routing (top-K over all slots); OOD rows fall back to the base
+    "oracle"   the true task's own top-K slots (needs ``record.task``)
+    "base"     no increments (weights 0)
+    <task>     force that task's slots
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from slm_llm.config import Config, load_config
+from slm_llm.data import Record, query_text, render_prompt
+from slm_llm.data.templates import end_of_turn_text
+from slm_llm.dtkr import RouteDecision, Router
+from slm_llm.dtkr.encoder import Encoder
+from slm_llm.jare import JareModel
+from slm_llm.models import load_base_model, model_id
+from slm_llm.run import RunDir, RunError
+
+
+@dataclass
+class Generation:
+    text: str
+    route: RouteDecision | None  # None: answered by the base model
+    new_tokens: int
+
+
+class RunPipeline:
+    def __init__(self, cfg: Config, run: RunDir, model: JareModel, tokenizer, router: Router, encoder: Encoder):
+        self.cfg, self.run, self.model, self.tokenizer = cfg, run, model, tokenizer
+        self.router, self.encoder = router, encoder
+        self.stop_ids = _stop_ids(tokenizer)
+
+    @classmethod
+    def load(cls, run_dir: str | Path, overrides: list[str] | None = None) -> RunPipeline:
+        """Load ``run_dir``; refuses a run whose manifest names another base model."""
+        run = RunDir(run_dir)
+        manifest = run.manifest()
+        cfg = load_config(run.root / "run.yaml", overrides)
+        run.check_base(model_id(cfg.model))
+        done = run.done_tasks()
+        if not done:
+            raise RunError(f"{run.root}: no finished task to serve (manifest status {manifest['status']!r})")
+        base, tokenizer = load_base_model(cfg.model)
+        model = JareModel(base, cfg.jare)
+        for task in done:
+            model.load_task(task, run.task_dir(task) / "increments.safetensors")
+        model.eval()
+        encoder = Encoder(cfg.dtkr.encoder, batch_size=cfg.dtkr.encode_batch_size)
+        router = Router.load(run.router_dir, encoder_id=encoder.id)
+        if router.task_names != done:
+            raise RunError(f"{run.router_dir}: router tasks {router.task_names} != finished tasks {done}")
+        return cls(cfg, run, model, tokenizer, router, encoder)
+
+    @property
+    def tasks(self) -> list[str]:
+        return list(self.model.tasks)
+
+    def add_task(self, task: str) -> None:
+        """Hot-add a task that a training run finished after this pipeline was loaded."""
+        if task in self.model.tasks:
+            raise RunError(f"task {task!r} is already loaded")
+        if task not in self.run.done_tasks():
+            raise RunError(f"{self.run.manifest_path}: task {task!r} is not finished")
+        self.model.load_task(task, self.run.task_dir(task) / "increments.safetensors")
+        self.router = Router.load(self.run.router_dir, encoder_id=self.encoder.id)
+
+    # ---- routing ---------------------------------------------------------------------
+    def queries(self, records: list[Record]) -> list[str]:
+        return [query_text(r, self.cfg.dtkr.query_mode) for r in records]
+
+    def route(self, records: list[Record], mode: str = "slm") -> list[RouteDecision | None]:
+        """One decision per record (None = base model)."""
+        if mode == "base":
+            return [None] * len(records)
+        emb = self.encoder.encode(self.queries(records))
+        if mode == "slm":
+            decisions = self.router.route(emb)
+            return [None if (d.ood and self.cfg.serve.ood_fallback) else d for d in decisions]
+        if mode == "oracle":
+            return [self.router.route(emb[i : i + 1], restrict_task=r.task)[0] for i, r in enumerate(records)]
+        if mode in self.router.task_names:
+            return self.router.route(emb, restrict_task=mode)
+        raise RunError(f"unknown model/adapter {mode!r}; known: slm, base, oracle, {', '.join(self.router.task_names)}")
+
+    # ---- generation ------------------------------------------------------------------
+    def prompts(self, records: list[Record]) -> list[str]:
+        return [render_prompt(r, self.cfg.data.template, self.tokenizer) for r in records]
+
+    @torch.no_grad()
+    def generate(self, prompts: list[str], decisions: list[RouteDecision | None], max_new_tokens: int,
+                 batch_size: int | None = None) -> list[Generation]:
+        """Greedy generation, batched; each row uses its own slots for every decode step."""
+        out: list[Generation] = []
+        bs = batch_size or self.cfg.eval.batch_size
+        for start in range(0, len(prompts), bs):
+            out += self._generate_batch(prompts[start : start + bs], decisions[start : start + bs], max_new_tokens)
+        return out
+
+    def _generate_batch(self, prompts, decisions, max_new_tokens) -> list[Generation]:
+        tok = self.tokenizer
+        rows = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
+        width = max(len(r) for r in rows)
+        pad = tok.pad_token_id
+        ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows])
+        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+        slot_ids, slot_weights = self.routing_tensors(decisions)
+        gen = self.model.generate(ids, attention_mask=mask, slot_ids=slot_ids, slot_weights=slot_weights,
+                                  max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad,
+                                  eos_token_id=self.stop_ids)
+        new = gen[:, width:]
+        results = []
+        for row, d in zip(new, decisions):
+            n = len(row)
+            for i, t in enumerate(row.tolist()):
+                if t in self.stop_ids:
+                    n = i
+                    break
+            results.append(Generation(tok.decode(row[:n], skip_special_tokens=True).strip(), d, n))
+        return results
+
+    def routing_tensors(self, decisions: list[RouteDecision | None]) -> tuple[torch.Tensor, torch.Tensor]:
+        """[B, K] slot ids and weights; base rows get weight 0 (no increment)."""
+        k = max([len(d.slots) for d in decisions if d is not None] or [1])
+        ids = torch.zeros(len(decisions), k, dtype=torch.long)
+        weights = torch.zeros(len(decisions), k)
+        for b, d in enumerate(decisions):
+            if d is not None:
+                ids[b, : len(d.slots)] = torch.tensor(d.slots)
+                weights[b, : len(d.weights)] = torch.tensor(d.weights)
+        return ids, weights
+
+
+def _stop_ids(tokenizer) -> list[int]:
+    ids = {tokenizer.eos_token_id}
+    eot = tokenizer(end_of_turn_text(tokenizer), add_special_tokens=False)["input_ids"]
+    if len(eot) == 1:
+        ids.add(eot[0])
+    return sorted(i for i in ids if i is not None)
