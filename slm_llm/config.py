@@ -19,6 +19,9 @@ from typing import Any
 import yaml
 
 
+METHODS = ("slm", "seq_lora", "multitask")
+
+
 class ConfigError(ValueError):
     """A config file, override or value is invalid; the message names the key."""
 
@@ -134,7 +137,10 @@ class DtkrConfig:
 
 @dataclass
 class TrainConfig:
-    method: str = "slm"  # slm | seq_lora | multitask | oracle | base
+    # slm: JARe + DTKR (oracle and base are inference modes of an slm run);
+    # seq_lora: one LoRA of the same trainable size (rank P*r) trained through the tasks in order;
+    # multitask: that LoRA trained once on all tasks together (the upper bound).
+    method: str = "slm"
     deepspeed: str = "ds_configs/zero2.json"  # a ds_configs JSON; "" -> plain torch loop, one process
     precision: str = "fp32"  # fp32 | bf16
     micro_batch_size: int = 4
@@ -152,7 +158,7 @@ class TrainConfig:
     seed: int = 42
 
     def validate(self) -> None:
-        _choice("train.method", self.method, ("slm", "seq_lora", "multitask", "oracle", "base"))
+        _choice("train.method", self.method, METHODS)
         _choice("train.precision", self.precision, ("fp32", "bf16"))
         _positive("train.micro_batch_size", self.micro_batch_size)
         _positive("train.grad_accum", self.grad_accum)
@@ -200,6 +206,15 @@ class EvalConfig:
         _non_negative("eval.max_samples", self.max_samples)
         _positive("eval.max_new_tokens", self.max_new_tokens)
         _positive("eval.batch_size", self.batch_size)
+
+
+SHARED_ADAPTER = "lora"  # the baselines' one adapter, held as a single one-slot JARe task
+
+
+def shared_adapter_config(jare: JareConfig) -> JareConfig:
+    """The baselines' single LoRA as a one-slot JARe task: rank P*r, the same trainable size."""
+    return JareConfig(targets=list(jare.targets), rank=jare.rank * jare.slots_per_task, slots_per_task=1,
+                      top_k=1, alpha=jare.alpha * jare.slots_per_task)
 
 
 @dataclass

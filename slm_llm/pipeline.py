@@ -9,6 +9,9 @@ Routing modes for a batch of records:
     "oracle"   the true task's own top-K slots (needs ``record.task``)
     "base"     no increments (weights 0)
     <task>     force that task's slots
+
+A seq_lora or multitask run holds one shared adapter (a one-slot JARe task); every
+mode but "base" uses it.
 """
 from __future__ import annotations
 
@@ -17,7 +20,8 @@ from pathlib import Path
 
 import torch
 
-from slm_llm.config import Config, load_config
+from slm_llm.config import SHARED_ADAPTER as SHARED
+from slm_llm.config import Config, load_config, shared_adapter_config
 from slm_llm.data import Record, query_text, render_prompt
 from slm_llm.data.templates import end_of_turn_text
 from slm_llm.dtkr import RouteDecision, Router
@@ -35,14 +39,14 @@ class Generation:
 
 
 class RunPipeline:
-    def __init__(self, cfg: Config, run: RunDir, model: JareModel, tokenizer, router: Router, encoder: Encoder):
+    def __init__(self, cfg: Config, run: RunDir, model: JareModel, tokenizer, router: Router | None, encoder: Encoder):
         self.cfg, self.run, self.model, self.tokenizer = cfg, run, model, tokenizer
-        self.router, self.encoder = router, encoder
+        self.router, self.encoder = router, encoder  # router is None for the shared-adapter baselines
         self.stop_ids = _stop_ids(tokenizer)
 
     @classmethod
     def load(cls, run_dir: str | Path, overrides: list[str] | None = None) -> RunPipeline:
-        """Load ``run_dir``; refuses a run whose manifest names another base model."""
+        """Load ``run_dir`` as it stands (every finished stage); refuses another base model."""
         run = RunDir(run_dir)
         manifest = run.manifest()
         cfg = load_config(run.root / "run.yaml", overrides)
@@ -51,15 +55,22 @@ class RunPipeline:
         if not done:
             raise RunError(f"{run.root}: no finished task to serve (manifest status {manifest['status']!r})")
         base, tokenizer = load_base_model(cfg.model)
+        encoder = Encoder(cfg.dtkr.encoder, batch_size=cfg.dtkr.encode_batch_size)
+        if manifest["method"] != "slm":
+            model = JareModel(base, shared_adapter_config(cfg.jare))
+            model.load_task(SHARED, run.task_dir(done[-1]) / "increments.safetensors")
+            return cls(cfg, run, model.eval(), tokenizer, None, encoder)
         model = JareModel(base, cfg.jare)
         for task in done:
             model.load_task(task, run.task_dir(task) / "increments.safetensors")
-        model.eval()
-        encoder = Encoder(cfg.dtkr.encoder, batch_size=cfg.dtkr.encode_batch_size)
         router = Router.load(run.router_dir, encoder_id=encoder.id)
         if router.task_names != done:
             raise RunError(f"{run.router_dir}: router tasks {router.task_names} != finished tasks {done}")
-        return cls(cfg, run, model, tokenizer, router, encoder)
+        return cls(cfg, run, model.eval(), tokenizer, router, encoder)
+
+    @property
+    def method(self) -> str:
+        return "slm" if self.router is not None else self.run.manifest()["method"]
 
     @property
     def tasks(self) -> list[str]:
@@ -67,6 +78,8 @@ class RunPipeline:
 
     def add_task(self, task: str) -> None:
         """Hot-add a task that a training run finished after this pipeline was loaded."""
+        if self.router is None:
+            raise RunError(f"{self.run.root}: a {self.method} run has one shared adapter; nothing to hot-add")
         if task in self.model.tasks:
             raise RunError(f"task {task!r} is already loaded")
         if task not in self.run.done_tasks():
@@ -82,6 +95,9 @@ class RunPipeline:
         """One decision per record (None = base model)."""
         if mode == "base":
             return [None] * len(records)
+        if self.router is None:
+            shared = RouteDecision(slots=[0], weights=[1.0], task=SHARED, score=1.0, ood=False, scores=[1.0])
+            return [shared] * len(records)
         emb = self.encoder.encode(self.queries(records))
         if mode == "slm":
             decisions = self.router.route(emb)

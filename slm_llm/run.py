@@ -55,8 +55,13 @@ class RunDir:
         except json.JSONDecodeError as e:
             raise RunError(f"{self.manifest_path}: invalid JSON at line {e.lineno}: {e.msg}") from None
 
-    def init(self, cfg: Config, base_model: str, encoder: str, order: list[str]) -> dict[str, Any]:
-        """Create the run, or check that an existing one was made with the same base and order."""
+    def init(self, cfg: Config, base_model: str, encoder: str, order: list[str],
+             suite_tasks: list[str] | None = None) -> dict[str, Any]:
+        """Create the run, or check that an existing one was made with the same base and order.
+
+        ``order`` lists the training stages (the tasks; ["multitask"] for that baseline),
+        ``suite_tasks`` the tasks evaluated (defaults to ``order``).
+        """
         if self.exists():
             m = self.manifest()
             self.check_base(base_model)
@@ -79,7 +84,9 @@ class RunDir:
             "encoder": encoder,
             "method": cfg.train.method,
             "jare": {"rank": cfg.jare.rank, "slots_per_task": cfg.jare.slots_per_task, "targets": cfg.jare.targets},
+            "suite": cfg.data.suite,
             "order": order,
+            "suite_tasks": suite_tasks or order,
             "status": "running",
             "tasks": {},
         }
@@ -107,6 +114,16 @@ class RunDir:
         m["tasks"][task] = {"status": "done", "index": m["order"].index(task), "artifacts": artifacts, **info}
         if all(m["tasks"].get(t, {}).get("status") == "done" for t in m["order"]):
             m["status"] = "done"
+        self._write(m)
+
+    def record_task_files(self, task: str, key: str, folder: Path) -> None:
+        """Record ``{relative path: sha256}`` of every file under ``folder`` as ``tasks[task][key]``
+        (e.g. the exported adapter), so a stale or tampered artifact can be detected."""
+        m = self.manifest()
+        if task not in m["tasks"]:
+            raise RunError(f"{self.manifest_path}: task {task!r} has no manifest entry")
+        m["tasks"][task][key] = {str(p.relative_to(self.root)): sha256_file(p)
+                                 for p in sorted(Path(folder).rglob("*")) if p.is_file()}
         self._write(m)
 
     def update(self, **fields: Any) -> None:

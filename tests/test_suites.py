@@ -156,6 +156,12 @@ def test_suite_errors_name_the_file_and_key(tmp_path, body, message):
     assert "broken_suite.yaml" in str(err.value)
 
 
+def test_missing_task_path_names_the_key(tmp_path):
+    path = _write(tmp_path / "s.yaml", "data_root: .\ntasks:\n  t: {format: alpaca, path: nowhere, metric: rouge_l}\n")
+    with pytest.raises(DataError, match=r"s\.yaml: tasks\.t\.path: .*nowhere does not exist"):
+        load_task_split(load_suite(path), "t", "test")
+
+
 def test_single_file_task_has_no_test_split(tmp_path):
     _write(tmp_path / "one.jsonl", json.dumps({"instruction": "a", "output": "b"}))
     path = _write(tmp_path / "s.yaml", "data_root: .\ntasks:\n  t: {format: alpaca, path: one.jsonl, metric: rouge_l}\n")

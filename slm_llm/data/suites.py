@@ -166,6 +166,8 @@ def _alpaca_file(suite: Suite, spec: TaskSpec, split: str, data_root: str | os.P
     p = _local(suite, spec, data_root)
     if "{split}" in spec.path:
         return Path(str(p).replace("{split}", split))
+    if not p.exists():
+        raise DataError(f"{suite.source}: tasks.{spec.name}.path: {p} does not exist")
     if p.is_dir():
         for ext in (".jsonl", ".json"):
             if (p / f"{split}{ext}").exists():

@@ -1,9 +1,14 @@
-"""The continual driver: for each task in order, keys -> increments -> router -> artifacts.
+"""The continual driver: for each task in order, keys -> increments -> router -> artifacts -> eval.
 
 Reads top to bottom like a recipe. A task already marked done in the manifest is
 skipped, and a task cut short resumes from its last DeepSpeed checkpoint, so
 rerunning the same command after a crash or a SLURM requeue finishes the job.
 Rank 0 writes every artifact; the other ranks wait at barriers.
+
+``train.method`` picks what is trained per stage:
+    slm        each task gets its own P slots, routed by its own DTKR keys
+    seq_lora   one shared adapter (rank P*r) trained on each task in turn: forgets
+    multitask  that adapter trained once on every task's data: the upper bound
 """
 from __future__ import annotations
 
@@ -15,7 +20,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from slm_llm.config import Config
+from slm_llm.config import SHARED_ADAPTER as SHARED
+from slm_llm.config import Config, shared_adapter_config
 from slm_llm.data import Collator, load_suite, load_task_split, query_text, tokenize_example
 from slm_llm.dtkr import Router, init_keys, load_keys, save_keys, score_matrix, train_keys
 from slm_llm.dtkr.encoder import Encoder
@@ -27,6 +33,7 @@ from slm_llm.train.engine import build_engine, load_ds_config, zero_stage
 from slm_llm.train.loop import install_stop_handlers, total_steps, train_task
 
 log = logging.getLogger("slm_llm.train")
+MULTITASK = "multitask"
 
 
 @dataclass
@@ -51,44 +58,61 @@ def task_routing(emb: np.ndarray, keys: torch.Tensor, first_slot: int, P: int, K
     return TaskRouting(top + first_slot, w.astype(np.float32), scores.max(1), dense.mean(0))
 
 
+def shared_routing(n: int) -> TaskRouting:
+    """The baselines: every sample uses the one shared slot with weight 1."""
+    return TaskRouting(np.zeros((n, 1), dtype=np.int64), np.ones((n, 1), dtype=np.float32), np.ones(n), np.ones(1))
+
+
 def run_continual(cfg: Config) -> RunDir:
     rank, world, _ = init_distributed()
     install_stop_handlers()
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="%(message)s")
+    method = cfg.train.method
     suite = load_suite(cfg.data.suite)
-    order = suite.order_tasks(cfg.data.order, cfg.data.tasks or None)
+    tasks = suite.order_tasks(cfg.data.order, cfg.data.tasks or None)
+    stages = [MULTITASK] if method == "multitask" else tasks
     encoder = Encoder(cfg.dtkr.encoder, batch_size=cfg.dtkr.encode_batch_size)
     run = RunDir(cfg.run_dir)
     if rank == 0:
-        run.init(cfg, model_id(cfg.model), encoder.id, order)
+        run.init(cfg, model_id(cfg.model), encoder.id, stages, suite_tasks=tasks)
     barrier()
     ds = load_ds_config(cfg.train.deepspeed, cfg.train, world)
     tokenizer = load_tokenizer(cfg.model)
     collate = Collator(tokenizer.pad_token_id)
-    for t, task in enumerate(order):
-        if task in run.done_tasks():
-            log.info(f"[{t + 1}/{len(order)}] {task}: done, skipped")
+
+    def load(task: str):
+        return load_task_split(suite, task, "train", cfg.data.data_root or None, cfg.data.max_train_samples, cfg.data.seed)
+
+    for t, stage in enumerate(stages):
+        tag = f"[{t + 1}/{len(stages)}] {stage}"
+        if stage in run.done_tasks():
+            log.info(f"{tag}: done, skipped")
             continue
-        tdir = run.task_dir(task)
+        tdir = run.task_dir(stage)
         tdir.mkdir(parents=True, exist_ok=True)
-        records = load_task_split(suite, task, "train", cfg.data.data_root or None, cfg.data.max_train_samples, cfg.data.seed)
+        records = [r for task in tasks for r in load(task)] if stage == MULTITASK else load(stage)
 
-        # 1. DTKR keys on this task's queries only (old tasks' keys are frozen; no old data).
-        emb = encoder.encode([query_text(r, cfg.dtkr.query_mode) for r in records])  # [N, D]
-        router = _open_router(run, cfg, encoder)
-        if rank == 0 and not (tdir / "keys.safetensors").exists():
-            keys = init_keys(emb, cfg.jare.slots_per_task * cfg.dtkr.keys_per_slot, cfg.dtkr.groups, cfg.dtkr.key_init, cfg.dtkr.seed + t)
-            keys = train_keys(emb, keys, cfg.dtkr, frozen_keys=router.all_keys())
-            save_keys(tdir / "keys.safetensors", keys, {"task": task, "encoder": encoder.id})
-        barrier()
-        keys, _ = load_keys(tdir / "keys.safetensors")
-        P = cfg.jare.slots_per_task
-        routing = task_routing(emb, keys, t * P, P, cfg.jare.top_k)
+        if method == "slm":
+            # 1. DTKR keys on this task's queries only (old tasks' keys are frozen; no old data).
+            emb = encoder.encode([query_text(r, cfg.dtkr.query_mode) for r in records])  # [N, D]
+            router = _open_router(run, cfg, encoder)
+            if rank == 0 and not (tdir / "keys.safetensors").exists():
+                keys = init_keys(emb, cfg.jare.slots_per_task * cfg.dtkr.keys_per_slot, cfg.dtkr.groups,
+                                 cfg.dtkr.key_init, cfg.dtkr.seed + t)
+                keys = train_keys(emb, keys, cfg.dtkr, frozen_keys=router.all_keys())
+                save_keys(tdir / "keys.safetensors", keys, {"task": stage, "encoder": encoder.id})
+            barrier()
+            keys, _ = load_keys(tdir / "keys.safetensors")
+            P = cfg.jare.slots_per_task
+            routing = task_routing(emb, keys, t * P, P, cfg.jare.top_k)
+            # 2. Increments: base + old tasks (frozen) + this task's new slots (trainable).
+            model, name = _jare_model(cfg, run, stages[:t]), stage
+            torch.manual_seed(cfg.train.seed + t)  # the same slot init on every rank and world size
+            model.add_task(name)
+        else:
+            routing = shared_routing(len(records))
+            model, name = _shared_model(cfg, run, stages[t - 1] if t else None, cfg.train.seed), SHARED
 
-        # 2. Increments: base + old tasks (frozen) + this task's new slots (trainable).
-        model = _jare_model(cfg, run, order[:t])
-        torch.manual_seed(cfg.train.seed + t)  # the same slot init on every rank and world size
-        model.add_task(task)
         examples = [
             {**tokenize_example(r, tokenizer, cfg.data.template, cfg.data.max_length, cfg.data.truncation),
              "slot_ids": routing.slot_ids[i].tolist(), "slot_weights": routing.weights[i].tolist()}
@@ -97,22 +121,26 @@ def run_continual(cfg: Config) -> RunDir:
         steps = total_steps(len(examples), cfg.train, world)
         engine = build_engine(model, cfg.train, ds, steps)
         result = train_task(engine, examples, collate, cfg.train, tdir / "ckpt", tdir / "train_log.jsonl",
-                            rank, world, desc=f"[{t + 1}/{len(order)}] {task}")
-        _save_increments(model, task, tdir / "increments.safetensors", ds, rank)
-        if rank == 0:  # the increments are the artifact; the resume state is no longer needed
-            shutil.rmtree(tdir / "ckpt", ignore_errors=True)
+                            rank, world, desc=tag)
+        _save_increments(model, name, tdir / "increments.safetensors", ds, rank)
 
-        # 3. Router and manifest (rank 0), then everyone moves on.
+        # 3. Router, manifest and the CL-matrix row (rank 0), then everyone moves on.
         if rank == 0:
-            router.add_task(task, keys, routing.best_scores)
-            router.save(run.router_dir)
-            run.mark_task_done(task, {
+            shutil.rmtree(tdir / "ckpt", ignore_errors=True)  # the increments are the artifact now
+            if method == "slm":
+                router.add_task(stage, keys, routing.best_scores)
+                router.save(run.router_dir)
+            run.mark_task_done(stage, {
                 "train_samples": len(records),
                 "steps": steps,
                 "final_loss": result.losses[-1] if result.losses else None,
                 "mean_weights": routing.mean_weights.round(6).tolist(),
             })
-            log.info(f"[{t + 1}/{len(order)}] {task}: done, loss {result.losses[-1] if result.losses else float('nan'):.4f}")
+            log.info(f"{tag}: trained, loss {result.losses[-1] if result.losses else float('nan'):.4f}")
+            if cfg.eval.during_training:
+                from slm_llm.eval.continual import evaluate_after_task
+
+                evaluate_after_task(cfg, run, t)
         del engine, model
         barrier()
     return run
@@ -129,6 +157,19 @@ def _jare_model(cfg: Config, run: RunDir, done: list[str]) -> JareModel:
     model = JareModel(base, cfg.jare)
     for task in done:
         model.load_task(task, run.task_dir(task) / "increments.safetensors")
+    return model
+
+
+def _shared_model(cfg: Config, run: RunDir, previous: str | None, seed: int) -> JareModel:
+    """The baselines' adapter, continuing from the previous stage's snapshot (trainable)."""
+    base, _ = load_base_model(cfg.model)
+    model = JareModel(base, shared_adapter_config(cfg.jare))
+    torch.manual_seed(seed)
+    model.add_task(SHARED)
+    if previous is not None:
+        from safetensors.torch import load_file
+
+        model.load_task_state(SHARED, load_file(str(run.task_dir(previous) / "increments.safetensors")))
     return model
 
 

