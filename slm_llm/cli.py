@@ -6,6 +6,7 @@ import importlib
 import os
 import sys
 
+STOPPED = 3  # exit code after a signal-triggered checkpoint (launch/slurm/train.sbatch requeues on it)
 COMMAND_MODULES = ("slm_llm.dtkr.commands", "slm_llm.serve.commands", "slm_llm.eval.commands")
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -79,9 +80,14 @@ def main(argv: list[str] | None = None) -> int:
     from slm_llm.data.schema import DataError
     from slm_llm.run import RunError
 
+    from slm_llm.train.loop import StopRequested
+
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)
+    except StopRequested as e:
+        print(f"slm-llm {args.command}: {e}", file=sys.stderr)
+        return STOPPED
     except (ConfigError, DataError, RunError, FileNotFoundError) as e:
         print(f"slm-llm {args.command}: error: {e}", file=sys.stderr)
         return 2

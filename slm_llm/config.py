@@ -185,13 +185,27 @@ class ServeConfig:
     vllm_port: int = 0  # 0 -> a free port
     vllm_max_model_len: int = 1024
     vllm_kv_cache_gib: int = 1
+    max_model_len: int = 1024  # prompt + max_tokens, both backends (capped by the model's positions)
+    batch_wait_ms: float = 5.0  # hf backend: how long the micro-batcher collects requests
+    reload_poll_s: float = 0.0  # > 0: poll the manifest and hot-add newly finished tasks
+    vllm_startup_timeout_s: int = 600
 
     def validate(self) -> None:
         _choice("serve.backend", self.backend, ("hf", "vllm"))
         _choice("serve.vllm_device", self.vllm_device, ("cpu", "cuda"))
         if not 0 <= self.port < 65536:
             raise ConfigError("serve.port must be in [0, 65535]")
+        if not 0 <= self.vllm_port < 65536:
+            raise ConfigError("serve.vllm_port must be in [0, 65535]")
         _positive("serve.max_tokens_limit", self.max_tokens_limit)
+        _positive("serve.max_request_bytes", self.max_request_bytes)
+        _positive("serve.max_batch_size", self.max_batch_size)
+        _positive("serve.max_model_len", self.max_model_len)
+        _positive("serve.vllm_max_model_len", self.vllm_max_model_len)
+        _positive("serve.vllm_kv_cache_gib", self.vllm_kv_cache_gib)
+        _positive("serve.vllm_startup_timeout_s", self.vllm_startup_timeout_s)
+        _non_negative("serve.batch_wait_ms", self.batch_wait_ms)
+        _non_negative("serve.reload_poll_s", self.reload_poll_s)
 
 
 @dataclass

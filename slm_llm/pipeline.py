@@ -15,7 +15,7 @@ mode but "base" uses it.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -36,6 +36,7 @@ class Generation:
     text: str
     route: RouteDecision | None  # None: answered by the base model
     new_tokens: int
+    token_ids: list[int] = field(default_factory=list)  # the new tokens, up to (not including) the stop token
 
 
 class RunPipeline:
@@ -114,15 +115,20 @@ class RunPipeline:
 
     @torch.no_grad()
     def generate(self, prompts: list[str], decisions: list[RouteDecision | None], max_new_tokens: int,
-                 batch_size: int | None = None) -> list[Generation]:
-        """Greedy generation, batched; each row uses its own slots for every decode step."""
+                 batch_size: int | None = None, **generate_kwargs) -> list[Generation]:
+        """Greedy generation, batched; each row uses its own slots for every decode step.
+
+        ``generate_kwargs`` go to ``transformers`` ``generate`` (e.g. ``do_sample``,
+        ``temperature``, ``streamer``, ``stopping_criteria``; the server uses them).
+        """
         out: list[Generation] = []
         bs = batch_size or self.cfg.eval.batch_size
         for start in range(0, len(prompts), bs):
-            out += self._generate_batch(prompts[start : start + bs], decisions[start : start + bs], max_new_tokens)
+            out += self._generate_batch(prompts[start : start + bs], decisions[start : start + bs], max_new_tokens,
+                                        **generate_kwargs)
         return out
 
-    def _generate_batch(self, prompts, decisions, max_new_tokens) -> list[Generation]:
+    def _generate_batch(self, prompts, decisions, max_new_tokens, **generate_kwargs) -> list[Generation]:
         tok = self.tokenizer
         rows = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
         width = max(len(r) for r in rows)
@@ -131,8 +137,8 @@ class RunPipeline:
         mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
         slot_ids, slot_weights = self.routing_tensors(decisions)
         gen = self.model.generate(ids, attention_mask=mask, slot_ids=slot_ids, slot_weights=slot_weights,
-                                  max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad,
-                                  eos_token_id=self.stop_ids)
+                                  max_new_tokens=max_new_tokens, pad_token_id=pad, eos_token_id=self.stop_ids,
+                                  **{"do_sample": False, **generate_kwargs})
         new = gen[:, width:]
         results = []
         for row, d in zip(new, decisions):
@@ -141,7 +147,7 @@ class RunPipeline:
                 if t in self.stop_ids:
                     n = i
                     break
-            results.append(Generation(tok.decode(row[:n], skip_special_tokens=True).strip(), d, n))
+            results.append(Generation(tok.decode(row[:n], skip_special_tokens=True).strip(), d, n, row[:n].tolist()))
         return results
 
     def routing_tensors(self, decisions: list[RouteDecision | None]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,0 +1,38 @@
+"""Build a backend for a run folder and serve the HTTP app with uvicorn."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from slm_llm.config import load_config
+from slm_llm.run import RunDir
+
+
+def load_backend(run_dir: str | Path, backend: str | None = None, overrides: list[str] | None = None):
+    """The ``serve.backend`` (or ``backend``) of the run at ``run_dir``, not started yet."""
+    run = RunDir(run_dir)
+    run.manifest()  # a clear error when this is not a run folder
+    overrides = list(overrides or [])
+    if backend:
+        overrides.append(f"serve.backend={backend}")
+    cfg = load_config(run.root / "run.yaml", overrides)
+    if cfg.serve.backend == "vllm":
+        from slm_llm.serve.vllm_backend import VLLMBackend
+
+        return VLLMBackend.load(run.root, overrides), cfg
+    from slm_llm.serve.hf_backend import HFBackend
+
+    return HFBackend.load(str(run.root), overrides), cfg
+
+
+def serve(run_dir: str | Path, backend: str | None = None, host: str | None = None, port: int | None = None,
+          overrides: list[str] | None = None) -> None:
+    import uvicorn
+
+    from slm_llm.serve.app import build_app
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    be, cfg = load_backend(run_dir, backend, overrides)
+    app = build_app(be, cfg.serve)
+    uvicorn.run(app, host=host or cfg.serve.host, port=cfg.serve.port if port is None else port,
+                log_level="info", timeout_graceful_shutdown=5)
