@@ -52,6 +52,17 @@ def test_data_order_is_independent_of_world_size():
     assert sorted({i for b in one for i in b}) == list(range(13))
 
 
+def test_length_grouping_keeps_each_step_and_cuts_padding():
+    cfg = load_config(None, ["train.micro_batch_size=2", "train.grad_accum=2"]).train
+    lengths = [5, 90, 7, 88, 6, 91, 8, 87, 9, 86, 10, 85, 11, 84, 12, 83]
+    plain = global_micro_batches(16, cfg, 1, 0, 0)
+    grouped = global_micro_batches(16, cfg, 1, 0, 0, lengths)
+    for s in range(0, len(plain), 2):  # the same samples in each optimizer step
+        assert sorted(plain[s] + plain[s + 1]) == sorted(grouped[s] + grouped[s + 1])
+    padded = lambda mbs: sum(max(lengths[i] for i in b) * len(b) for b in mbs)  # noqa: E731
+    assert padded(grouped) < padded(plain)
+
+
 def test_lr_schedule_warms_up_then_decays():
     f = lr_lambda(total_steps=100, warmup_ratio=0.1, min_lr_ratio=0.1)
     assert f(0) < f(5) < f(10) == pytest.approx(1.0)

@@ -41,8 +41,14 @@ def install_stop_handlers() -> None:
         signal.signal(sig, handler)
 
 
-def global_micro_batches(n: int, cfg: TrainConfig, world: int, rank: int, epoch: int) -> list[list[int]]:
-    """This rank's micro-batches for one epoch, in step order (grad_accum of them per step)."""
+def global_micro_batches(n: int, cfg: TrainConfig, world: int, rank: int, epoch: int,
+                         lengths: list[int] | None = None) -> list[list[int]]:
+    """This rank's micro-batches for one epoch, in step order (grad_accum of them per step).
+
+    With ``lengths``, each global batch is sorted by length before it is cut, so its
+    micro-batches hold samples of similar length and carry little padding; which samples
+    form a step is unchanged.
+    """
     g = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
     perm = torch.randperm(n, generator=g).tolist()
     gb = cfg.micro_batch_size * cfg.grad_accum * world
@@ -50,9 +56,12 @@ def global_micro_batches(n: int, cfg: TrainConfig, world: int, rank: int, epoch:
     perm += perm[: steps * gb - n]  # the last global batch wraps around to stay full
     out = []
     for s in range(steps):
+        batch = perm[s * gb : (s + 1) * gb]
+        if lengths is not None:
+            batch = sorted(batch, key=lambda i: lengths[i])
         for a in range(cfg.grad_accum):
-            start = s * gb + (a * world + rank) * cfg.micro_batch_size
-            out.append(perm[start : start + cfg.micro_batch_size])
+            start = (a * world + rank) * cfg.micro_batch_size
+            out.append(batch[start : start + cfg.micro_batch_size])
     return out
 
 
@@ -90,9 +99,10 @@ def train_task(
     result = TaskResult(steps=steps)
     bar = tqdm(total=steps, initial=step, desc=desc, disable=rank != 0, dynamic_ncols=True)
     t0, window_tokens, window_t = time.time(), 0, time.time()
+    lengths = [len(e["input_ids"]) for e in examples]
     while step < steps:
         epoch, in_epoch = divmod(step, per_epoch)
-        micro = global_micro_batches(len(examples), cfg, world, rank, epoch)
+        micro = global_micro_batches(len(examples), cfg, world, rank, epoch, lengths)
         step_loss, step_tokens = 0.0, 0
         for ids in micro[in_epoch * cfg.grad_accum : (in_epoch + 1) * cfg.grad_accum]:
             batch = {k: v.to(engine.device) for k, v in collate([examples[i] for i in ids]).items()}
