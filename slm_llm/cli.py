@@ -35,12 +35,38 @@ def cmd_train(args) -> int:
 
 
 def cmd_quickstart(args) -> int:
-    from slm_llm.config import load_config
-    from slm_llm.train.continual import run_continual
+    """Train SLM and the sequential-LoRA baseline on a few domains, evaluate, export, report."""
+    import logging
+    import time
 
+    from slm_llm.config import load_config
+    from slm_llm.eval.compare import compare, run_dir_of
+    from slm_llm.eval.report import write_report
+
+    t0 = time.time()
     cfg = load_config(args.config or _repo_file("configs/quickstart.yaml"), args.overrides)
-    run = run_continual(cfg)
-    print(f"\nquickstart finished: {run.root.resolve()}")
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    print(f"quickstart: {cfg.model.name} on {', '.join(cfg.data.tasks)} "
+          f"({cfg.data.max_train_samples} train / {cfg.eval.max_samples} test samples per task)")
+    table = compare(cfg, ["slm", "oracle", "seq_lora", "base"])  # trains slm and seq_lora, fills their matrices
+    slm_run = run_dir_of(cfg, "slm")
+    try:
+        from slm_llm.jare.export import export_run
+    except ImportError:
+        adapters = "not exported (slm_llm.jare.export.export_run is not available in this build)"
+    else:
+        exported = export_run(slm_run, overwrite=False)
+        adapters = ", ".join(str(p) for p in exported.values())
+    reports = [write_report(slm_run, table["paths"]["json"]),
+               write_report(run_dir_of(cfg, "seq_lora"), table["paths"]["json"])]
+    print("\n" + open(table["paths"]["markdown"]).read())
+    print(f"quickstart finished in {(time.time() - t0) / 60:.1f} min")
+    print(f"  slm run:        {slm_run.resolve()}")
+    print(f"  seq_lora run:   {run_dir_of(cfg, 'seq_lora').resolve()}")
+    print(f"  table:          {table['paths']['markdown']}  ({table['paths']['json']})")
+    print(f"  reports:        {'  '.join(str(r) for r in reports)}")
+    print(f"  PEFT adapters:  {adapters}")
+    print(f"next: slm-llm ifeval --run {slm_run}   |   slm-llm serve --run {slm_run}")
     return 0
 
 

@@ -110,14 +110,16 @@ class DtkrConfig:
     ood_percentile: float = 1.0  # per-task threshold: this percentile of in-task training scores
     encode_batch_size: int = 64
     keys_per_slot: int = 1  # routing keys per slot: a task has slots_per_task * keys_per_slot keys
-    calibration: str = "none"  # none | znorm: rank slots by per-task z-scored scores (own train stats)
+    whiten: bool = False  # rank by cosines after whitening with the pooled within-task covariance
+    whiten_shrinkage: float = 0.05  # covariance shrinkage towards a scaled identity, in [0, 1]
     index_device: str = "cpu"  # cpu | cuda (needs a faiss GPU build)
     seed: int = 0
 
     def validate(self) -> None:
         _positive("dtkr.groups", self.groups)
         _positive("dtkr.keys_per_slot", self.keys_per_slot)
-        _choice("dtkr.calibration", self.calibration, ("none", "znorm"))
+        if not 0.0 <= self.whiten_shrinkage <= 1.0:
+            raise ConfigError("dtkr.whiten_shrinkage must be in [0, 1]")
         _choice("dtkr.index_device", self.index_device, ("cpu", "cuda"))
         _positive("dtkr.hnsw_threshold", self.hnsw_threshold)
         _positive("dtkr.batch_size", self.batch_size)
@@ -211,14 +213,18 @@ class ServeConfig:
 @dataclass
 class EvalConfig:
     max_samples: int = 50  # per task test split
-    max_new_tokens: int = 32
+    max_new_tokens: int = 32  # tasks with a closed answer set (labels, MCQ letters)
+    max_new_tokens_open: int = 128  # open answers: GSM8K reasoning, code (rouge_l)
     batch_size: int = 8
     fwt: bool = False  # also evaluate the next task, for forward transfer
     during_training: bool = True  # fill the CL matrix after every task
+    ifeval_max_new_tokens: int = 128  # `slm-llm ifeval`: responses are paragraphs and lists
 
     def validate(self) -> None:
         _non_negative("eval.max_samples", self.max_samples)
         _positive("eval.max_new_tokens", self.max_new_tokens)
+        _positive("eval.max_new_tokens_open", self.max_new_tokens_open)
+        _positive("eval.ifeval_max_new_tokens", self.ifeval_max_new_tokens)
         _positive("eval.batch_size", self.batch_size)
 
 

@@ -33,12 +33,12 @@ def clusters(n_tasks: int, n: int, dim: int = D, noise: float = 0.3, seed: int =
     return {f"task{i}": (centres[i] + noise * rng.normal(size=(n, dim))).astype(np.float32) for i in range(n_tasks)}
 
 
-def build_router(data: dict[str, np.ndarray], **kwargs) -> Router:
-    cfg = DtkrConfig(groups=G, epochs=2)
+def build_router(data: dict[str, np.ndarray], epochs: int = 2, **kwargs) -> Router:
+    cfg = DtkrConfig(groups=G, epochs=epochs)
     router = Router(D, G, 2, encoder_id="fake", **kwargs)
     for name, emb in data.items():
         keys = train_keys(emb, init_keys(emb, P, G, seed=0), cfg)
-        router.add_task(name, keys, score_matrix(emb, keys).max(1))
+        router.add_task(name, keys, train_emb=emb)
     return router
 
 
@@ -70,8 +70,8 @@ def test_incremental_add_keeps_ids_and_scores():
 
 def test_hnsw_auto_switch_agrees_with_flat():
     data = clusters(40, 30, seed=3)
-    flat = build_router(data, index="flat")
-    auto = build_router(data, index="auto", hnsw_threshold=100)  # 40 tasks x 4 = 160 slots > 100
+    flat = build_router(data, epochs=0, index="flat")
+    auto = build_router(data, epochs=0, index="auto", hnsw_threshold=100)  # 40 tasks x 4 = 160 slots > 100
     assert flat.index.current_kind == "flat" and auto.index.current_kind == "hnsw"
     assert auto.index.ntotal == 160
     queries = np.concatenate([e[:3] for e in clusters(40, 3, seed=3).values()])
@@ -180,11 +180,17 @@ def test_keys_per_slot_maps_several_keys_to_one_slot():
     assert d.task == "task1" and len(set(d.slots)) == 2 and all(4 <= s < 8 for s in d.slots)
 
 
-def test_znorm_calibration_routes_and_persists(tmp_path):
-    router = build_router(clusters(3, 50, seed=11), calibration="znorm")
-    assert router.route(clusters(3, 2, seed=11)["task1"])[0].task == "task1"
+def test_whitened_routing_persists_and_needs_train_embeddings(tmp_path):
+    data = clusters(3, 60, seed=11)
+    router = build_router(data, whiten=True)
+    queries = np.concatenate(list(clusters(3, 4, seed=11).values()))
+    decisions = router.route(queries)
+    assert [d.task for d in decisions] == [f"task{i}" for i in range(3) for _ in range(4)]
+    assert not any(d.ood for d in decisions)
     router.save(tmp_path / "r")
-    assert Router.load(tmp_path / "r").calibration == "znorm"
+    assert Router.load(tmp_path / "r").route(queries) == decisions
+    with pytest.raises(RouterError, match="needs train_emb"):
+        Router(D, G, whiten=True).add_task("t", init_keys(data["task0"], P, G))
 
 
 def test_persistence_round_trip(tmp_path):
@@ -315,3 +321,14 @@ def test_ood_flag_on_foreign_text(real_encoder):
     assert decisions[3].score > max(d.score for d in decisions[:3]) + 0.2
     with pytest.raises(RouterError, match="encoder mismatch"):
         router.route_texts(inside, Encoder("some/other-model", cache=False, model=FakeModel()))
+
+
+def test_router_eval_end_to_end(real_encoder, data_root, tmp_path):
+    from slm_llm.dtkr.evaluate import router_eval
+
+    report = router_eval("instruct6", data_root, DtkrConfig(epochs=1), "input-only", max_train=24, max_test=10,
+                         tasks=["math_gsm8k", "code_codealpaca", "finance_phrasebank"], encoder=real_encoder,
+                         out_dir=tmp_path)
+    assert report["tasks"] == ["math_gsm8k", "code_codealpaca", "finance_phrasebank"]
+    assert np.array(report["confusion"]).sum() == 30 and report["overall"] >= 0.8
+    assert {p.name for p in tmp_path.iterdir()} >= {"router_eval.json", "confusion.txt", "confusion.png"}

@@ -19,7 +19,7 @@ import numpy as np
 
 from slm_llm.config import DtkrConfig, load_config
 from slm_llm.dtkr.encoder import Encoder
-from slm_llm.dtkr.keys import init_keys, score_matrix, train_keys
+from slm_llm.dtkr.keys import init_keys, train_keys
 from slm_llm.dtkr.router import Router
 from slm_llm.utils.io import atomic_path, write_json, write_text
 
@@ -56,14 +56,15 @@ def build_router_continual(
     train_emb: dict[str, np.ndarray], cfg: DtkrConfig, slots_per_task: int, top_k: int, encoder_id: str,
 ) -> Router:
     """Add tasks in the order of ``train_emb``: init keys, train them (centrifugal against
-    the router's frozen keys), calibrate on the task's own training queries, add."""
+    the router's frozen keys), calibrate on the task's own training queries, add.
+    Task t's embeddings are used only while task t is added."""
     dim = next(iter(train_emb.values())).shape[1]
     router = Router.from_config(dim, cfg, top_k, encoder_id, device=cfg.index_device)
     n_keys = slots_per_task * cfg.keys_per_slot
     for task, emb in train_emb.items():
         keys = init_keys(emb, n_keys, cfg.groups, cfg.key_init, cfg.seed)
         keys = train_keys(emb, keys, cfg, frozen_keys=router.all_keys())
-        router.add_task(task, keys, score_matrix(emb, keys).max(1))
+        router.add_task(task, keys, train_emb=emb)
     return router
 
 

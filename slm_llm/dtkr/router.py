@@ -8,18 +8,20 @@ a slot's score is the best score of its keys.
 
 Routing is per query. For each query q:
   1. score every slot: s(q, slot) = max over the slot's keys of (1/G) Σ_g cos(q_g, key_g)
-     (the index returns the best ``n_candidates`` keys; flat search is exact);
-  2. rank slots by s, or, with ``calibration="znorm"``, by (s - μ_t) / σ_t where μ_t, σ_t
-     are the mean and std of task t's own training queries' best scores, stored when
-     task t was added (no old data is needed);
-  3. keep the top K slots, with weights w_k = max(s_k, ε) / Σ_j max(s_j, ε);
-  4. the routed task is the best slot's task; the query is out of distribution (OOD)
-     when its best raw score s is below that task's threshold.
+     (the index returns the best ``n_candidates`` keys; flat search is exact). With
+     ``whiten=True`` the cosines are taken after the whitening map T of
+     ``slm_llm.dtkr.whiten`` (pooled within-task covariance), applied to q and keys;
+  2. keep the top K slots, with weights w_k = max(s_k, ε) / Σ_j max(s_j, ε);
+  3. the routed task is the best slot's task; the query is out of distribution (OOD)
+     when its plain (never whitened) DTKR score against that task's keys is below the
+     task's threshold.
 
 OOD calibration: a task's threshold is the ``ood_percentile``-th percentile (default
-1.0) of the best scores of its own training queries against its own keys, computed
-when the task is added. So about ood_percentile % of in-task training queries would
-be flagged; text far from every task scores well below every threshold.
+1.0) of the plain best scores of its own training queries against its own keys,
+computed when the task is added. So about ood_percentile % of in-task training
+queries would be flagged; text far from every task scores well below every
+threshold. The plain score is used because it does not drift when later tasks
+change the whitening.
 """
 from __future__ import annotations
 
@@ -31,12 +33,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from slm_llm.dtkr.index import SlotIndex, check_groups
-from slm_llm.dtkr.keys import load_keys, save_keys
-from slm_llm.utils.io import write_json
+from safetensors.torch import load_file, save_file
+
+from slm_llm.dtkr.index import SlotIndex, check_groups, group_normalise
+from slm_llm.dtkr.keys import load_keys, save_keys, score_matrix
+from slm_llm.dtkr.whiten import Whitener
+from slm_llm.utils.io import atomic_path, write_json
 
 WEIGHT_EPS = 1e-4  # scores are clamped to this before w = s / Σ s, so weights stay valid
-CALIBRATIONS = ("none", "znorm")
 
 
 class RouterError(ValueError):
@@ -66,7 +70,8 @@ class Router:
         encoder_id: str = "",
         keys_per_slot: int = 1,
         ood_percentile: float = 1.0,
-        calibration: str = "none",
+        whiten: bool = False,
+        whiten_shrinkage: float = 0.05,
         index: str = "auto",
         hnsw_threshold: int = 20000,
         n_candidates: int = 64,
@@ -75,17 +80,17 @@ class Router:
         check_groups(dim, groups)
         if top_k <= 0 or keys_per_slot <= 0 or n_candidates <= 0:
             raise ValueError("top_k, keys_per_slot and n_candidates must be > 0")
-        if calibration not in CALIBRATIONS:
-            raise ValueError(f"calibration {calibration!r} is not one of {', '.join(CALIBRATIONS)}")
         self.dim, self.groups, self.top_k = dim, groups, top_k
         self.encoder_id = encoder_id
         self.keys_per_slot = keys_per_slot
         self.ood_percentile = ood_percentile
-        self.calibration = calibration
         self.n_candidates = n_candidates
+        self.whitener = Whitener(dim, groups, whiten_shrinkage) if whiten else None
+        self._index_args = (index, hnsw_threshold, device)
         self.index = SlotIndex(dim, groups, index, hnsw_threshold, device=device)
-        self.tasks: list[dict] = []  # name, first_slot, n_slots, first_row, n_rows, threshold, mean, std
+        self.tasks: list[dict] = []  # name, first_slot, n_slots, first_row, n_rows, threshold
         self._keys: list[torch.Tensor] = []  # per task, [R_t, G, D/G]
+        self._plain_keys = np.zeros((0, dim), dtype=np.float32)  # group_normalise(keys), for the OOD score
         self._row_slot = np.zeros(0, dtype=np.int64)  # index row -> global slot id
         self._slot_task = np.zeros(0, dtype=np.int64)  # global slot id -> task position
         self._refresh_task_arrays()
@@ -94,7 +99,8 @@ class Router:
     def from_config(cls, dim: int, cfg, top_k: int, encoder_id: str = "", device: str = "cpu") -> Router:
         """Build from a DtkrConfig (``cfg``) and K (``jare.top_k``)."""
         return cls(dim, cfg.groups, top_k, encoder_id=encoder_id, keys_per_slot=cfg.keys_per_slot,
-                   ood_percentile=cfg.ood_percentile, calibration=cfg.calibration, index=cfg.index,
+                   ood_percentile=cfg.ood_percentile, whiten=cfg.whiten, whiten_shrinkage=cfg.whiten_shrinkage,
+                   index=cfg.index,
                    hnsw_threshold=cfg.hnsw_threshold, device=device)
 
     # ---- building ----------------------------------------------------------------
@@ -117,13 +123,18 @@ class Router:
         """Every task's keys concatenated, [rows, G, D/G] (the frozen keys of old tasks)."""
         return torch.cat(self._keys) if self._keys else None
 
-    def add_task(self, task: str, keys: torch.Tensor, train_scores: np.ndarray | None = None) -> range:
+    def add_task(
+        self, task: str, keys: torch.Tensor, train_scores: np.ndarray | None = None, train_emb: np.ndarray | None = None
+    ) -> range:
         """Add a task's keys [P*keys_per_slot, G, D/G]; return its global slot ids.
 
-        ``train_scores``: the best score of each of the task's training queries against
-        its own keys (``keys.score_matrix(emb, keys).max(1)``). They set the task's OOD
-        threshold (the ``ood_percentile`` percentile) and its z-normalisation statistics;
-        without them the task never flags OOD and is not rescaled.
+        ``train_scores``: the plain best score of each of the task's training queries
+        against its own keys (``keys.score_matrix(emb, keys).max(1)``); they set the
+        task's OOD threshold (the ``ood_percentile`` percentile). Without them the task
+        never flags OOD. ``train_emb`` [N, D], the task's training query embeddings,
+        gives both: the scores are computed from it when not passed, and with
+        ``whiten=True`` it is required, to fold the task's statistics into the
+        whitening (the embeddings themselves are not kept).
         """
         if task in self.task_names:
             raise RouterError(f"task {task!r} is already in the router")
@@ -134,16 +145,29 @@ class Router:
         rows = keys.shape[0]
         if rows % self.keys_per_slot:
             raise RouterError(f"{task!r} has {rows} keys, not a multiple of keys_per_slot={self.keys_per_slot}")
+        if self.whitener is not None and train_emb is None:
+            raise RouterError(f"whiten=True: add_task({task!r}) needs train_emb, the task's training embeddings")
+        if train_emb is not None:
+            train_emb = np.asarray(train_emb, dtype=np.float32)
+            if train_emb.ndim != 2 or train_emb.shape[1] != self.dim:
+                raise RouterError(f"train_emb must be [N, {self.dim}], got {tuple(train_emb.shape)}")
+            if train_scores is None:
+                train_scores = score_matrix(train_emb, keys).max(1)
         n_slots = rows // self.keys_per_slot
         entry = {"name": task, "first_slot": self.n_slots, "n_slots": n_slots, "first_row": self.index.ntotal,
-                 "n_rows": rows, "threshold": None, "mean": 0.0, "std": 1.0}
+                 "n_rows": rows, "threshold": None}
         if train_scores is not None and len(train_scores):
-            s = np.asarray(train_scores, dtype=np.float64)
-            entry.update(threshold=float(np.percentile(s, self.ood_percentile)), mean=float(s.mean()),
-                         std=float(max(s.std(), 1e-3)))
-        self.index.add(keys.reshape(rows, -1).numpy())
+            entry["threshold"] = float(np.percentile(np.asarray(train_scores, dtype=np.float64), self.ood_percentile))
         self.tasks.append(entry)
         self._keys.append(keys)
+        plain = group_normalise(keys.reshape(rows, -1).numpy(), self.groups)
+        self._plain_keys = np.concatenate([self._plain_keys, plain])
+        if self.whitener is None:
+            self.index.add(keys.reshape(rows, -1).numpy())
+        else:  # the map changed: re-map every key and rebuild the index (rows keep their ids)
+            self.whitener.add_task(train_emb)
+            self.index = SlotIndex(self.dim, self.groups, *self._index_args[:2], device=self._index_args[2])
+            self.index.add(self.whitener.transform_keys(self.all_keys().reshape(-1, self.dim).numpy()))
         self._row_slot = np.concatenate([self._row_slot, entry["first_slot"] + np.arange(rows) // self.keys_per_slot])
         self._slot_task = np.concatenate([self._slot_task, np.full(n_slots, len(self.tasks) - 1)])
         self._refresh_task_arrays()
@@ -151,8 +175,10 @@ class Router:
 
     def _refresh_task_arrays(self) -> None:
         self._threshold = np.array([-np.inf if t["threshold"] is None else t["threshold"] for t in self.tasks])
-        self._mean = np.array([t["mean"] for t in self.tasks])
-        self._std = np.array([t["std"] for t in self.tasks])
+
+    def _queries(self, emb: np.ndarray) -> np.ndarray:
+        """Queries as the index sees them (whitened when whiten=True)."""
+        return emb if self.whitener is None else self.whitener.transform_queries(emb)
 
     def _task_pos(self, task: str) -> int:
         for i, t in enumerate(self.tasks):
@@ -187,32 +213,35 @@ class Router:
         if restrict_task is not None:
             t = self.tasks[self._task_pos(restrict_task)]
             rows = np.arange(t["first_row"], t["first_row"] + t["n_rows"])
-            scores = self.index.exact_scores(emb, rows)  # [B, R_t]
+            scores = self.index.exact_scores(self._queries(emb), rows)  # [B, R_t]
             order = np.argsort(-scores, axis=1, kind="stable")
             ids = rows[order]
             scores = np.take_along_axis(scores, order, axis=1)
         else:
             n = max(self.n_candidates, k * self.keys_per_slot)
-            scores, ids = self.index.search(emb, n)  # [B, n], best first
-        return [self._decide(scores[b], ids[b], k) for b in range(emb.shape[0])]
+            scores, ids = self.index.search(self._queries(emb), n)  # [B, n], best first
+        plain_q = group_normalise(emb, self.groups) if self.whitener is not None else None
+        return [self._decide(scores[b], ids[b], k, None if plain_q is None else plain_q[b]) for b in range(len(emb))]
 
-    def _decide(self, row_scores: np.ndarray, row_ids: np.ndarray, k: int) -> RouteDecision:
+    def _decide(self, row_scores: np.ndarray, row_ids: np.ndarray, k: int, plain_q: np.ndarray | None) -> RouteDecision:
         keep = row_ids >= 0  # HNSW pads with -1 when it finds fewer rows than asked
         row_scores, row_ids = row_scores[keep], row_ids[keep]
         slots = self._row_slot[row_ids]
         # Rows arrive best first, so a slot's first occurrence carries its best key's score.
         slots, first = np.unique(slots, return_index=True)
         raw = row_scores[first]
-        task_pos = self._slot_task[slots]
-        rank = (raw - self._mean[task_pos]) / self._std[task_pos] if self.calibration == "znorm" else raw
-        top = np.argsort(-rank, kind="stable")[:k]
-        slots, raw, task_pos = slots[top], raw[top], task_pos[top]
+        top = np.argsort(-raw, kind="stable")[:k]
+        slots, raw = slots[top], raw[top]
         clamped = np.maximum(raw, WEIGHT_EPS)
         weights = clamped / clamped.sum()
-        best = int(task_pos[0])
+        best = int(self._slot_task[slots[0]])
+        plain = raw[0]
+        if plain_q is not None:  # the OOD test uses the plain score against the routed task's keys
+            t = self.tasks[best]
+            plain = float((self._plain_keys[t["first_row"] : t["first_row"] + t["n_rows"]] @ plain_q).max())
         return RouteDecision(
             slots=[int(s) for s in slots], weights=[float(w) for w in weights], task=self.tasks[best]["name"],
-            score=float(raw[0]), ood=bool(raw[0] < self._threshold[best]), scores=[float(s) for s in raw],
+            score=float(raw[0]), ood=bool(plain < self._threshold[best]), scores=[float(s) for s in raw],
         )
 
     def route_texts(self, texts: list[str], encoder, **kwargs) -> list[RouteDecision]:
@@ -236,6 +265,10 @@ class Router:
         all_keys = self.all_keys()
         if all_keys is not None:
             save_keys(router_dir / "keys.safetensors", all_keys, {"encoder_id": self.encoder_id})
+        if self.whitener is not None:
+            with atomic_path(router_dir / "whitening.safetensors") as tmp:
+                save_file({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in self.whitener.state().items()},
+                          str(tmp))
         sizes = {t["n_slots"] for t in self.tasks}
         slots = []
         for pos, t in enumerate(self.tasks):
@@ -247,7 +280,10 @@ class Router:
             "format": 1, "encoder_id": self.encoder_id, "dim": self.dim, "groups": self.groups,
             "slots_per_task": sizes.pop() if len(sizes) == 1 else None, "top_k": self.top_k,
             "keys_per_slot": self.keys_per_slot, "ood_percentile": self.ood_percentile,
-            "calibration": self.calibration, "n_candidates": self.n_candidates,
+            "whiten": self.whitener is not None,
+            "whiten_shrinkage": self.whitener.shrinkage if self.whitener is not None else None,
+            "index": {"kind": self._index_args[0], "hnsw_threshold": self._index_args[1]},
+            "n_candidates": self.n_candidates,
             "tasks": self.tasks, "slots": slots,
         })
 
@@ -261,7 +297,9 @@ class Router:
             raise RouterError(f"no router at {router_dir} (slots.json is missing)") from None
         self = cls(meta["dim"], meta["groups"], meta["top_k"], encoder_id=meta["encoder_id"],
                    keys_per_slot=meta["keys_per_slot"], ood_percentile=meta["ood_percentile"],
-                   calibration=meta["calibration"], n_candidates=meta["n_candidates"], device=device)
+                   whiten=meta["whiten"], whiten_shrinkage=meta["whiten_shrinkage"] or 0.05,
+                   index=meta["index"]["kind"], hnsw_threshold=meta["index"]["hnsw_threshold"],
+                   n_candidates=meta["n_candidates"], device=device)
         if encoder_id is not None:
             self.check_encoder(encoder_id)
         if not meta["tasks"]:
@@ -270,6 +308,11 @@ class Router:
         keys, _ = load_keys(router_dir / "keys.safetensors")
         self.tasks = meta["tasks"]
         self._keys = [keys[t["first_row"] : t["first_row"] + t["n_rows"]] for t in self.tasks]
+        self._plain_keys = group_normalise(keys.reshape(len(keys), -1).numpy(), self.groups)
+        if meta["whiten"]:
+            state = load_file(str(router_dir / "whitening.safetensors"))
+            self.whitener = Whitener.from_state(self.dim, self.groups, meta["whiten_shrinkage"],
+                                                {k: v.numpy() for k, v in state.items()})
         self._row_slot = np.zeros(self.index.ntotal, dtype=np.int64)
         self._slot_task = np.zeros(len(meta["slots"]), dtype=np.int64)
         pos = {t["name"]: i for i, t in enumerate(self.tasks)}

@@ -1,5 +1,70 @@
-"""`slm-llm` subcommands of this package."""
+"""`slm-llm` subcommands of this package: eval, compare, report, ifeval."""
+from __future__ import annotations
+
+import json
 
 
 def register(sub, add_config_args) -> None:
     """Add this package's subparsers to ``sub``; each sets ``fn`` to a function(args) -> exit code."""
+    p = sub.add_parser("eval", help="fill the continual-learning matrix row of a run's last finished stage")
+    p.add_argument("--run", required=True, help="run folder")
+    p.add_argument("overrides", nargs="*", help="eval.* overrides, e.g. eval.max_samples=20")
+    p.set_defaults(fn=cmd_eval)
+
+    p = sub.add_parser("compare", help="train/evaluate slm, oracle, seq_lora, multitask and base; write one table")
+    add_config_args(p)
+    p.add_argument("--methods", default="slm,oracle,seq_lora,multitask,base",
+                   help="comma-separated subset of slm,oracle,seq_lora,multitask,base")
+    p.add_argument("--out", default=None, help="table path (.json; a .md is written beside it); "
+                                                "default <run_dir>-compare.json")
+    p.set_defaults(fn=cmd_compare)
+
+    p = sub.add_parser("report", help="eval/report.md and plots of a run (and a compare table)")
+    p.add_argument("--run", required=True, help="run folder")
+    p.add_argument("--compare", default=None, help="a compare table JSON to plot beside the run")
+    p.set_defaults(fn=cmd_report)
+
+    p = sub.add_parser("ifeval", help="verifiable instruction following: base vs routed slm on our prompts")
+    p.add_argument("--run", required=True, help="run folder")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="default eval.ifeval_max_new_tokens")
+    p.add_argument("--limit", type=int, default=0, help="first N prompts only (0 = all)")
+    p.add_argument("overrides", nargs="*", help="key=value overrides of the run's config")
+    p.set_defaults(fn=cmd_ifeval)
+
+
+def cmd_eval(args) -> int:
+    from slm_llm.eval.continual import evaluate_run
+    from slm_llm.eval.matrix import metrics_of
+
+    m = evaluate_run(args.run, args.overrides)
+    print(json.dumps(metrics_of(m), indent=1))
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from slm_llm.config import load_config
+    from slm_llm.eval.compare import compare, parse_methods
+
+    cfg = load_config(args.config, args.overrides)
+    table = compare(cfg, parse_methods(args.methods), args.out)
+    print(open(table["paths"]["markdown"]).read())
+    print(f"table: {table['paths']['json']}  {table['paths']['markdown']}")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from slm_llm.eval.report import write_report
+
+    path = write_report(args.run, args.compare)
+    print(f"report: {path}")
+    return 0
+
+
+def cmd_ifeval(args) -> int:
+    from slm_llm.eval.ifeval import run_ifeval
+
+    result = run_ifeval(args.run, args.overrides, args.max_new_tokens, args.limit)
+    for mode, r in result["modes"].items():
+        print(f"{mode:>10}: prompt-level {r['prompt_strict']:.1f}  instruction-level {r['instruction_strict']:.1f}")
+    print(f"results: {result['path']}")
+    return 0

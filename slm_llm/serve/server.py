@@ -36,3 +36,44 @@ def serve(run_dir: str | Path, backend: str | None = None, host: str | None = No
     app = build_app(be, cfg.serve)
     uvicorn.run(app, host=host or cfg.serve.host, port=cfg.serve.port if port is None else port,
                 log_level="info", timeout_graceful_shutdown=5)
+
+
+class ServerThread:
+    """Run ``app`` with uvicorn on a free loopback port in a background thread (tests, benchmarks).
+
+        with ServerThread(app) as url: httpx.get(url + "/health")
+    """
+
+    def __init__(self, app, host: str = "127.0.0.1", port: int = 0, startup_timeout_s: float = 900):
+        import socket
+
+        import uvicorn
+
+        if port == 0:
+            with socket.socket() as s:
+                s.bind((host, 0))
+                port = s.getsockname()[1]
+        self.url = f"http://{host}:{port}"
+        self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning",
+                                                    timeout_graceful_shutdown=5))
+        self.startup_timeout_s = startup_timeout_s
+        self.thread = None
+
+    def __enter__(self) -> str:
+        import threading
+        import time
+
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + self.startup_timeout_s
+        while not self.server.started:
+            if not self.thread.is_alive():
+                raise RuntimeError("the server failed to start (see the log above)")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the server did not start in {self.startup_timeout_s} s")
+            time.sleep(0.1)
+        return self.url
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=60)

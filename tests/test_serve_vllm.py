@@ -1,0 +1,119 @@
+"""The vllm backend on the tiny model: a real vLLM OpenAI server (ONE start) and the offline
+LLM path (ONE engine), each checked against the hf path with the exported adapter's fixed weights."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+
+from conftest import make_partial_run
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parent.parent
+MAX_TOKENS = 8
+
+
+@pytest.fixture(scope="module")
+def fixed_weight_reference(served_run):
+    """hf greedy tokens of JareModel with a task's P slots at its mean weights w̄: exactly what
+    the exported adapter computes (like with like; the exact per-query mix is another model)."""
+    from slm_llm.dtkr import RouteDecision
+    from slm_llm.pipeline import RunPipeline
+
+    pipe = RunPipeline.load(served_run)
+    m = pipe.run.manifest()
+
+    def reference(prompts: list[str], task: str | None) -> list[list[int]]:
+        if task is None:
+            decisions = [None] * len(prompts)
+        else:
+            w = m["tasks"][task]["mean_weights"]
+            d = RouteDecision(slots=list(pipe.model.slot_range(task)), weights=w, task=task, score=1.0, ood=False,
+                              scores=w)
+            decisions = [d] * len(prompts)
+        return [g.token_ids for g in pipe.generate(prompts, decisions, MAX_TOKENS, batch_size=len(prompts))]
+
+    reference.tokenizer = pipe.tokenizer
+    return reference
+
+
+def render(tokenizer, text):
+    return tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True)
+
+
+def test_vllm_server_serves_exported_adapters_hot_adds_and_matches_hf(served_run, task_queries, tmp_path,
+                                                                      fixed_weight_reference):
+    from slm_llm.serve.app import build_app
+    from slm_llm.serve.server import ServerThread, load_backend
+
+    finish = make_partial_run(served_run, tmp_path / "run")  # starts with finance only; law is hot-added
+    backend, cfg = load_backend(tmp_path / "run", "vllm", ["serve.max_tokens_limit=64"])
+    tok = fixed_weight_reference.tokenizer
+    queries = task_queries["finance_phrasebank"][:2] + task_queries["law_overruling"][:2]
+    texts = {}
+    with ServerThread(build_app(backend, cfg.serve)) as url, httpx.Client(base_url=url, timeout=300) as c:
+        def ask(model, q):
+            r = c.post("/v1/chat/completions", json={"model": model, "max_tokens": MAX_TOKENS, "temperature": 0,
+                                                     "messages": [{"role": "user", "content": q}]})
+            assert r.status_code == 200, r.text
+            return r.json()
+
+        assert [m["id"] for m in c.get("/v1/models").json()["data"]] == ["slm", "base", "finance_phrasebank"]
+        for model in ("base", "finance_phrasebank"):
+            texts[model] = [ask(model, q) for q in queries]
+        finish()
+        added = c.post("/v1/admin/reload").json()
+        assert added["added"] == ["law_overruling"], added
+        assert (tmp_path / "run" / "tasks" / "1-law_overruling" / "adapter" / "adapter_model.safetensors").is_file()
+        texts["law_overruling"] = [ask("law_overruling", q) for q in queries]
+        routed = [ask("slm", q) for q in queries]
+        # streaming through vLLM, and the base-model mismatch check at load
+        with c.stream("POST", "/v1/completions", json={"model": "law_overruling", "prompt": queries[0],
+                                                        "max_tokens": 4, "temperature": 0, "stream": True}) as r:
+            lines = [line for line in r.iter_lines() if line]
+        assert lines[-1] == "data: [DONE]" and json.loads(lines[0][6:])["slm_route"]["adapter"] == "law_overruling"
+        foreign = tmp_path / "foreign"
+        import shutil
+
+        shutil.copytree(tmp_path / "run" / "tasks" / "0-finance_phrasebank" / "adapter", foreign)
+        meta = json.loads((foreign / "slm_adapter.json").read_text())
+        (foreign / "slm_adapter.json").write_text(json.dumps({**meta, "base_model": "other-base"}))
+        r = c.post("/v1/admin/load_adapter", json={"lora_name": "foreign", "lora_path": str(foreign)})
+        assert r.status_code == 400 and "other-base" in r.json()["error"]["message"]
+        r = c.post("/v1/admin/load_adapter", json={"lora_name": "fin_copy", "lora_path": str(
+            tmp_path / "run" / "tasks" / "0-finance_phrasebank" / "adapter")})
+        assert r.status_code == 200, r.text
+        assert ask("fin_copy", queries[0])["choices"][0]["message"] == texts["finance_phrasebank"][0]["choices"][0]["message"]
+
+    assert [r["slm_route"]["task"] for r in routed] == ["finance_phrasebank"] * 2 + ["law_overruling"] * 2
+    for r, model in zip(routed, ["finance_phrasebank"] * 2 + ["law_overruling"] * 2):
+        assert r["slm_route"]["adapter"] == model
+        assert r["choices"][0]["message"] == texts[model][routed.index(r)]["choices"][0]["message"]
+    prompts = [render(tok, q) for q in queries]
+    for model in ("base", "finance_phrasebank", "law_overruling"):
+        ref = fixed_weight_reference(prompts, None if model == "base" else model)
+        got = [t["choices"][0]["message"]["content"] for t in texts[model]]
+        assert got == [tok.decode(ids, skip_special_tokens=True) for ids in ref], model
+        assert [t["usage"]["completion_tokens"] for t in texts[model]] == [len(ids) for ids in ref]
+    outputs = {m: tuple(t["choices"][0]["message"]["content"] for t in v) for m, v in texts.items()}
+    assert len(set(outputs.values())) == 3  # each adapter (and the base) generates something else
+
+
+def test_vllm_offline_per_prompt_lora_matches_hf_tokens(served_run, task_queries, tmp_path, fixed_weight_reference):
+    tok = fixed_weight_reference.tokenizer
+    rows = []
+    for task, qs in task_queries.items():
+        for q in qs[:2]:
+            rows += [{"prompt": render(tok, q), "query": q, "model": m} for m in (task, "base")]
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = subprocess.run([sys.executable, "-m", "slm_llm.serve.vllm_offline", "--run", str(served_run),
+                          "--prompts", str(tmp_path / "in.jsonl"), "--out", str(tmp_path / "out.jsonl"),
+                          "--max-tokens", str(MAX_TOKENS)], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    got = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    for row in got:
+        task = None if row["model"] == "base" else row["model"]
+        assert row["token_ids"][:len(ref := fixed_weight_reference([row["prompt"]], task)[0])] == ref
+        assert (row["slm_route"] is None) == (task is None)
