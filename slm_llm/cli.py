@@ -50,15 +50,15 @@ def cmd_quickstart(args) -> int:
           f"({cfg.data.max_train_samples} train / {cfg.eval.max_samples} test samples per task)")
     table = compare(cfg, ["slm", "oracle", "seq_lora", "base"])  # trains slm and seq_lora, fills their matrices
     slm_run = run_dir_of(cfg, "slm")
+    reports = [write_report(slm_run, table["paths"]["json"]),
+               write_report(run_dir_of(cfg, "seq_lora"), table["paths"]["json"])]
     try:
         from slm_llm.jare.export import export_run
     except ImportError:
         adapters = "not exported (slm_llm.jare.export.export_run is not available in this build)"
     else:
-        exported = export_run(slm_run, overwrite=False)
+        exported = export_run(slm_run, overwrite=False)  # one PEFT LoRA per task, for vLLM / lm-eval
         adapters = ", ".join(str(p) for p in exported.values())
-    reports = [write_report(slm_run, table["paths"]["json"]),
-               write_report(run_dir_of(cfg, "seq_lora"), table["paths"]["json"])]
     print("\n" + open(table["paths"]["markdown"]).read())
     print(f"quickstart finished in {(time.time() - t0) / 60:.1f} min")
     print(f"  slm run:        {slm_run.resolve()}")

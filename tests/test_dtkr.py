@@ -1,6 +1,7 @@
 """DTKR: encoder cache, keys, the FAISS score trick, the router and its persistence."""
 from __future__ import annotations
 
+import json
 import os
 
 import numpy as np
@@ -9,7 +10,7 @@ import torch
 
 from slm_llm.config import DtkrConfig
 from slm_llm.dtkr.encoder import Encoder
-from slm_llm.dtkr.index import SlotIndex, group_normalise
+from slm_llm.dtkr.index import SlotIndex
 from slm_llm.dtkr.keys import init_keys, load_keys, pull_loss, save_keys, score_matrix, train_keys, _grouped
 from slm_llm.dtkr.router import Router, RouterError, routing_tensors
 
@@ -332,3 +333,17 @@ def test_router_eval_end_to_end(real_encoder, data_root, tmp_path):
     assert report["tasks"] == ["math_gsm8k", "code_codealpaca", "finance_phrasebank"]
     assert np.array(report["confusion"]).sum() == 30 and report["overall"] >= 0.8
     assert {p.name for p in tmp_path.iterdir()} >= {"router_eval.json", "confusion.txt", "confusion.png"}
+
+
+def test_cli_route_prints_decisions(real_encoder, tmp_path, capsys):
+    from slm_llm.cli import main
+
+    emb = real_encoder.encode(MATH)
+    router = Router(real_encoder.dim, 6, 2, encoder_id=real_encoder.id)
+    router.add_task("math", init_keys(emb, P, 6), train_emb=emb)
+    router.save(tmp_path / "router")
+    assert main(["route", "--run", str(tmp_path), "--json", "Kim has 25 oranges. Her brother gives her 8 more and she eats 6. How many oranges are left?",
+                 "asdf qwerty zxcv"]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [(d["task"], d["ood"], d["slots"][0] in range(4)) for d in lines] == [("math", False, True),
+                                                                                  ("math", True, True)]

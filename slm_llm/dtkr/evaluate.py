@@ -5,11 +5,10 @@ only (optionally pushed away from the frozen keys of tasks < t); no old data is 
 After the last task, every evaluation query is routed alone (batch size 1) and the
 routed task is compared with the true one.
 
-    python -m slm_llm.dtkr.evaluate --suite cl9 --query-mode input-only [dtkr.key=value ...]
+    slm-llm router-eval --suite cl9 --query-mode input-only [dtkr.key=value ...]
 """
 from __future__ import annotations
 
-import argparse
 import random
 import time
 from pathlib import Path
@@ -17,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from slm_llm.config import DtkrConfig, load_config
+from slm_llm.config import DtkrConfig
 from slm_llm.dtkr.encoder import Encoder
 from slm_llm.dtkr.keys import init_keys, train_keys
 from slm_llm.dtkr.router import Router
@@ -162,7 +161,7 @@ def confused_pairs(confusion: np.ndarray, names: list[str], top: int = 5) -> lis
 
 def format_confusion(confusion: np.ndarray, names: list[str]) -> str:
     """Text table: rows are true tasks, columns routed tasks, last column accuracy."""
-    width = max(6, max(len(n) for n in names))
+    width = min(12, max(6, max(len(n) for n in names)))
     short = [n[:width] for n in names]
     lines = ["true \\ routed".ljust(width) + " " + " ".join(s.rjust(width) for s in short) + "   acc"]
     for i, name in enumerate(short):
@@ -196,29 +195,3 @@ def plot_confusion(confusion: np.ndarray, names: list[str], path: str | Path, ti
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=120)
     plt.close(fig)
-
-
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--suite", required=True, help="instruct6 | cl9 | path to a suite YAML")
-    p.add_argument("--query-mode", choices=("full", "input-only"), default=None)
-    p.add_argument("--data-root", default=None)
-    p.add_argument("--config", default=None, help="a run YAML; its dtkr and jare sections are used")
-    p.add_argument("--max-train", type=int, default=400)
-    p.add_argument("--max-test", type=int, default=300)
-    p.add_argument("--eval-split", choices=("test", "dev"), default="test")
-    p.add_argument("--out", default=None, help="folder for router_eval.json, confusion.txt/.png")
-    p.add_argument("overrides", nargs="*", help="config overrides such as dtkr.groups=6 jare.slots_per_task=4")
-    args = p.parse_args(argv)
-    cfg = load_config(args.config, args.overrides)
-    report = router_eval(args.suite, args.data_root, cfg.dtkr, args.query_mode, args.max_train, args.max_test,
-                         slots_per_task=cfg.jare.slots_per_task, top_k=cfg.jare.top_k,
-                         eval_split=args.eval_split, out_dir=args.out)
-    print(format_confusion(np.array(report["confusion"]), report["tasks"]))
-    print(f"{report['suite']} {report['query_mode']} ({report['eval_split']}): overall {report['overall']:.2%}, "
-          f"mean over tasks {report['mean_task']:.2%}, OOD flagged {report['ood_rate']:.1%}, "
-          f"p50 {report['latency_ms']['p50']:.3f} ms")
-
-
-if __name__ == "__main__":
-    main()

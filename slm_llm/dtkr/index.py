@@ -96,13 +96,18 @@ class SlotIndex:
         self._gpu_res = None
         if device == "cuda":
             self._gpu_res = _gpu_resources()
-        self._vectors = np.zeros((0, dim), dtype=np.float32)  # transformed rows, [N, D]
+        self._buf = np.zeros((0, dim), dtype=np.float32)  # transformed rows; the first _n are used
+        self._n = 0
         self._index = self._new_index("hnsw" if kind == "hnsw" else "flat")
 
     # ---- building ----------------------------------------------------------------
     @property
     def ntotal(self) -> int:
-        return self._vectors.shape[0]
+        return self._n
+
+    @property
+    def _vectors(self) -> np.ndarray:
+        return self._buf[: self._n]
 
     @property
     def current_kind(self) -> str:
@@ -135,7 +140,12 @@ class SlotIndex:
         if vecs.shape[1] != self.dim:
             raise DtkrIndexError(f"keys have dim {vecs.shape[1]}, the index has dim {self.dim}")
         start = self.ntotal
-        self._vectors = np.concatenate([self._vectors, vecs], axis=0)
+        if start + len(vecs) > len(self._buf):  # grow by doubling: adding many tasks stays linear
+            buf = np.zeros((max(2 * len(self._buf), start + len(vecs), 64), self.dim), dtype=np.float32)
+            buf[:start] = self._buf[:start]
+            self._buf = buf
+        self._buf[start : start + len(vecs)] = vecs
+        self._n = start + len(vecs)
         if self.kind == "auto" and self._current == "flat" and self.ntotal > self.hnsw_threshold:
             # Migrate once: rebuild as HNSW from the kept copy of every row.
             self._index = self._new_index("hnsw")
@@ -195,7 +205,8 @@ class SlotIndex:
         index = faiss.read_index(str(directory / "index.faiss"))
         if index.ntotal != meta["ntotal"] or index.d != meta["dim"]:
             raise DtkrIndexError(f"{directory}/index.faiss does not match index.json (rows or dim differ)")
-        self._vectors = np.ascontiguousarray(index.reconstruct_n(0, index.ntotal), dtype=np.float32)
+        self._buf = np.ascontiguousarray(index.reconstruct_n(0, index.ntotal), dtype=np.float32)
+        self._n = len(self._buf)
         self._current = meta["current"]
         if self._current == "hnsw":
             index.hnsw.efSearch = self.ef_search

@@ -90,9 +90,9 @@ class Router:
         self.index = SlotIndex(dim, groups, index, hnsw_threshold, device=device)
         self.tasks: list[dict] = []  # name, first_slot, n_slots, first_row, n_rows, threshold
         self._keys: list[torch.Tensor] = []  # per task, [R_t, G, D/G]
-        self._plain_keys = np.zeros((0, dim), dtype=np.float32)  # group_normalise(keys), for the OOD score
-        self._row_slot = np.zeros(0, dtype=np.int64)  # index row -> global slot id
-        self._slot_task = np.zeros(0, dtype=np.int64)  # global slot id -> task position
+        self._plain_keys: list[np.ndarray] = []  # per task, group_normalise(keys) [R_t, D], for the OOD score
+        self._row_slot_list: list[int] = []  # index row -> global slot id
+        self._slot_task_list: list[int] = []  # global slot id -> task position
         self._refresh_task_arrays()
 
     @classmethod
@@ -110,7 +110,7 @@ class Router:
 
     @property
     def n_slots(self) -> int:
-        return len(self._slot_task)
+        return len(self._slot_task_list)
 
     def task_slots(self, task: str) -> range:
         t = self.tasks[self._task_pos(task)]
@@ -160,21 +160,35 @@ class Router:
             entry["threshold"] = float(np.percentile(np.asarray(train_scores, dtype=np.float64), self.ood_percentile))
         self.tasks.append(entry)
         self._keys.append(keys)
-        plain = group_normalise(keys.reshape(rows, -1).numpy(), self.groups)
-        self._plain_keys = np.concatenate([self._plain_keys, plain])
+        self._plain_keys.append(group_normalise(keys.reshape(rows, -1).numpy(), self.groups))
         if self.whitener is None:
             self.index.add(keys.reshape(rows, -1).numpy())
         else:  # the map changed: re-map every key and rebuild the index (rows keep their ids)
             self.whitener.add_task(train_emb)
             self.index = SlotIndex(self.dim, self.groups, *self._index_args[:2], device=self._index_args[2])
             self.index.add(self.whitener.transform_keys(self.all_keys().reshape(-1, self.dim).numpy()))
-        self._row_slot = np.concatenate([self._row_slot, entry["first_slot"] + np.arange(rows) // self.keys_per_slot])
-        self._slot_task = np.concatenate([self._slot_task, np.full(n_slots, len(self.tasks) - 1)])
+        self._row_slot_list.extend(entry["first_slot"] + j // self.keys_per_slot for j in range(rows))
+        self._slot_task_list.extend([len(self.tasks) - 1] * n_slots)
         self._refresh_task_arrays()
         return self.task_slots(task)
 
     def _refresh_task_arrays(self) -> None:
         self._threshold = np.array([-np.inf if t["threshold"] is None else t["threshold"] for t in self.tasks])
+        self._arrays = None  # rebuilt from the lists on the next route
+
+    @property
+    def _row_slot(self) -> np.ndarray:
+        return self._table()[0]
+
+    @property
+    def _slot_task(self) -> np.ndarray:
+        return self._table()[1]
+
+    def _table(self) -> tuple[np.ndarray, np.ndarray]:
+        if self._arrays is None:
+            self._arrays = (np.asarray(self._row_slot_list, dtype=np.int64),
+                            np.asarray(self._slot_task_list, dtype=np.int64))
+        return self._arrays
 
     def _queries(self, emb: np.ndarray) -> np.ndarray:
         """Queries as the index sees them (whitened when whiten=True)."""
@@ -238,7 +252,7 @@ class Router:
         plain = raw[0]
         if plain_q is not None:  # the OOD test uses the plain score against the routed task's keys
             t = self.tasks[best]
-            plain = float((self._plain_keys[t["first_row"] : t["first_row"] + t["n_rows"]] @ plain_q).max())
+            plain = float((self._plain_keys[best] @ plain_q).max())
         return RouteDecision(
             slots=[int(s) for s in slots], weights=[float(w) for w in weights], task=self.tasks[best]["name"],
             score=float(raw[0]), ood=bool(plain < self._threshold[best]), scores=[float(s) for s in raw],
@@ -308,17 +322,18 @@ class Router:
         keys, _ = load_keys(router_dir / "keys.safetensors")
         self.tasks = meta["tasks"]
         self._keys = [keys[t["first_row"] : t["first_row"] + t["n_rows"]] for t in self.tasks]
-        self._plain_keys = group_normalise(keys.reshape(len(keys), -1).numpy(), self.groups)
+        self._plain_keys = [group_normalise(k.reshape(len(k), -1).numpy(), self.groups) for k in self._keys]
         if meta["whiten"]:
             state = load_file(str(router_dir / "whitening.safetensors"))
             self.whitener = Whitener.from_state(self.dim, self.groups, meta["whiten_shrinkage"],
                                                 {k: v.numpy() for k, v in state.items()})
-        self._row_slot = np.zeros(self.index.ntotal, dtype=np.int64)
-        self._slot_task = np.zeros(len(meta["slots"]), dtype=np.int64)
+        self._row_slot_list = [0] * self.index.ntotal
+        self._slot_task_list = [0] * len(meta["slots"])
         pos = {t["name"]: i for i, t in enumerate(self.tasks)}
         for s in meta["slots"]:
-            self._row_slot[s["key_rows"]] = s["slot"]
-            self._slot_task[s["slot"]] = pos[s["task"]]
+            for r in s["key_rows"]:
+                self._row_slot_list[r] = s["slot"]
+            self._slot_task_list[s["slot"]] = pos[s["task"]]
         self._refresh_task_arrays()
         return self
 
