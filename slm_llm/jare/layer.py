@@ -32,9 +32,10 @@ class JareLinear(nn.Module):
         self.slots_per_task = slots_per_task
         self.scale = scale
         self.task_names: list[str] = []
-        # Routing context: set by JareModel.routing(); None -> base output only.
+        # Routing, set by JareModel; None -> base output only.
         self.slot_ids: torch.Tensor | None = None  # [B, K] global slot ids
         self.slot_weights: torch.Tensor | None = None  # [B, K]
+        self._routed: tuple[torch.Tensor, torch.Tensor] | None = None  # inference cache of the routed factors
 
     @property
     def in_features(self) -> int:
@@ -60,30 +61,34 @@ class JareLinear(nn.Module):
     def task_factors(self, idx: int) -> tuple[nn.Parameter, nn.Parameter]:
         return getattr(self, f"A_{idx}"), getattr(self, f"B_{idx}")
 
+    def set_routing(self, slot_ids: torch.Tensor | None, slot_weights: torch.Tensor | None) -> None:
+        self.slot_ids, self.slot_weights = slot_ids, slot_weights
+        self._routed = None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
         if self.slot_ids is None or not self.task_names:
             return y
-        s, w = self.slot_ids, self.slot_weights  # [B, K]
-        if s.shape[0] != x.shape[0]:
-            raise RuntimeError(f"routing has {s.shape[0]} rows but the batch has {x.shape[0]}")
-        A_all = torch.cat([getattr(self, f"A_{i}") for i in range(len(self.task_names))])  # [S, r, in]
-        B_all = torch.cat([getattr(self, f"B_{i}") for i in range(len(self.task_names))])  # [S, out, r]
-        if s.shape[1] == 1 or bool((s == s[:1]).all()):
-            return y + self._shared_slots(x, A_all[s[0]], B_all[s[0]], w)
-        A = A_all[s].to(x.dtype)  # [B, K, r, in]
-        B = B_all[s].to(x.dtype)  # [B, K, out, r]
-        h = torch.einsum("bti,bkri->btkr", x, A)  # [B, T, K, r]
-        h = h * (self.scale * w.to(x.dtype))[:, None, :, None]
-        return y + torch.einsum("btkr,bkor->bto", h, B)
+        if self.slot_ids.shape[0] != x.shape[0]:
+            raise RuntimeError(f"routing has {self.slot_ids.shape[0]} rows but the batch has {x.shape[0]}")
+        A, B = self._routed or self._routed_factors(x.dtype)
+        if not torch.is_grad_enabled():  # inference: reuse for every decode step of this routing
+            self._routed = (A, B)
+        return y + (x @ A.transpose(1, 2)) @ B.transpose(1, 2)  # [B,T,in] -> [B,T,K*r] -> [B,T,out]
 
-    def _shared_slots(self, x, A, B, w):
-        """Every row uses the same K slots (training, or a one-task batch): two matmuls
-        over [K*r] instead of a per-row gather; the per-row weights still apply."""
-        K, r, _ = A.shape
-        h = x @ A.reshape(K * r, -1).to(x.dtype).t()  # [B, T, K*r]
-        h = (h.unflatten(-1, (K, r)) * (self.scale * w.to(x.dtype))[:, None, :, None]).flatten(-2)
-        return h @ B.permute(0, 2, 1).reshape(K * r, -1).to(x.dtype)  # [K*r, out]
+    def _routed_factors(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each row's K slots stacked along the rank axis, weights folded into B.
+
+        Returns A [B, K*r, in] and B [B, out, K*r], so the increment is two batched
+        matmuls whatever the mix of tasks in the batch.
+        """
+        s, w = self.slot_ids, self.slot_weights  # [B, K]
+        n = len(self.task_names)
+        A_all = torch.cat([getattr(self, f"A_{i}") for i in range(n)])  # [S, r, in]
+        B_all = torch.cat([getattr(self, f"B_{i}") for i in range(n)])  # [S, out, r]
+        A = A_all[s].flatten(1, 2).to(dtype)  # [B, K*r, in]
+        B = B_all[s] * (self.scale * w.to(B_all.dtype))[:, :, None, None]  # [B, K, out, r]
+        return A, B.permute(0, 2, 1, 3).flatten(2).to(dtype)  # [B, out, K*r]
 
 
 def _param_dtype(w: torch.Tensor) -> torch.dtype:

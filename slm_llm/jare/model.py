@@ -68,38 +68,39 @@ class JareModel(nn.Module):
         return range(idx * P, (idx + 1) * P)
 
     # ---- routing -----------------------------------------------------------------
-    @contextlib.contextmanager
-    def routing(self, slot_ids: torch.Tensor | None, slot_weights: torch.Tensor | None):
-        """Route every JARe layer with ``slot_ids``/``slot_weights`` ([B, K]) inside the block.
-
-        Kept for the whole block, so ``generate`` uses the same slots on every decode step.
-        """
+    def set_routing(self, slot_ids: torch.Tensor | None, slot_weights: torch.Tensor | None) -> None:
+        """Route every JARe layer with ``slot_ids``/``slot_weights`` ([B, K]); None = base only."""
         if slot_ids is not None:
             if slot_weights is None or slot_ids.shape != slot_weights.shape or slot_ids.dim() != 2:
                 raise ValueError("slot_ids and slot_weights must both be [batch, K]")
             n = len(self.tasks) * self.cfg.slots_per_task
             if slot_ids.numel() and (int(slot_ids.min()) < 0 or int(slot_ids.max()) >= n):
                 raise ValueError(f"slot id out of range [0, {n})")
-        layers = self.jare_layers()
-        for layer in layers:
-            layer.slot_ids, layer.slot_weights = slot_ids, slot_weights
+        for layer in self.jare_layers():
+            layer.set_routing(slot_ids, slot_weights)
+
+    @contextlib.contextmanager
+    def routing(self, slot_ids: torch.Tensor | None, slot_weights: torch.Tensor | None):
+        """Routing for the block only, so ``generate`` uses the same slots on every decode step."""
+        self.set_routing(slot_ids, slot_weights)
         try:
             yield
         finally:
-            for layer in layers:
-                layer.slot_ids = layer.slot_weights = None
+            self.set_routing(None, None)
 
     def forward(self, input_ids, attention_mask=None, labels=None, slot_ids=None, slot_weights=None):
         """Returns the mean token loss when ``labels`` are given, else the logits.
 
+        The routing stays set after the call (until the next forward), because gradient
+        checkpointing re-runs the layers' forwards during the backward pass.
         With labels, the LM head runs only on positions that carry loss: on instruction
         data most positions are prompt, and the head is a fifth of a small model's FLOPs.
         """
-        with self.routing(slot_ids, slot_weights):
-            if labels is None:
-                return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
-            hidden = self.model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-            return lm_loss(hidden, labels, self.model.get_output_embeddings())
+        self.set_routing(slot_ids, slot_weights)
+        if labels is None:
+            return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+        hidden = self.model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return lm_loss(hidden, labels, self.model.get_output_embeddings())
 
     @torch.no_grad()
     def generate(self, input_ids, attention_mask=None, slot_ids=None, slot_weights=None, **kwargs):
