@@ -44,6 +44,8 @@ class RunPipeline:
         self.cfg, self.run, self.model, self.tokenizer = cfg, run, model, tokenizer
         self.router, self.encoder = router, encoder  # router is None for the shared-adapter baselines
         self.stop_ids = _stop_ids(tokenizer)
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.model.to(self.device)
 
     @classmethod
     def load(cls, run_dir: str | Path, overrides: list[str] | None = None) -> RunPipeline:
@@ -133,13 +135,13 @@ class RunPipeline:
         rows = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
         width = max(len(r) for r in rows)
         pad = tok.pad_token_id
-        ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows])
-        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
-        slot_ids, slot_weights = self.routing_tensors(decisions)
+        ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=self.device)
+        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=self.device)
+        slot_ids, slot_weights = (t.to(self.device) for t in self.routing_tensors(decisions))
         gen = self.model.generate(ids, attention_mask=mask, slot_ids=slot_ids, slot_weights=slot_weights,
                                   max_new_tokens=max_new_tokens, pad_token_id=pad, eos_token_id=self.stop_ids,
                                   **{"do_sample": False, **generate_kwargs})
-        new = gen[:, width:]
+        new = gen[:, width:].cpu()
         results = []
         for row, d in zip(new, decisions):
             n = len(row)

@@ -89,19 +89,19 @@ class Router:
         self._index_args = (index, hnsw_threshold, device)
         self.index = SlotIndex(dim, groups, index, hnsw_threshold, device=device)
         self.tasks: list[dict] = []  # name, first_slot, n_slots, first_row, n_rows, threshold
+        self._pos: dict[str, int] = {}  # task name -> position in self.tasks
         self._keys: list[torch.Tensor] = []  # per task, [R_t, G, D/G]
         self._plain_keys: list[np.ndarray] = []  # per task, group_normalise(keys) [R_t, D], for the OOD score
         self._row_slot_list: list[int] = []  # index row -> global slot id
         self._slot_task_list: list[int] = []  # global slot id -> task position
-        self._refresh_task_arrays()
+        self._invalidate_table()
 
     @classmethod
     def from_config(cls, dim: int, cfg, top_k: int, encoder_id: str = "", device: str = "cpu") -> Router:
         """Build from a DtkrConfig (``cfg``) and K (``jare.top_k``)."""
         return cls(dim, cfg.groups, top_k, encoder_id=encoder_id, keys_per_slot=cfg.keys_per_slot,
                    ood_percentile=cfg.ood_percentile, whiten=cfg.whiten, whiten_shrinkage=cfg.whiten_shrinkage,
-                   index=cfg.index,
-                   hnsw_threshold=cfg.hnsw_threshold, device=device)
+                   index=cfg.index, hnsw_threshold=cfg.hnsw_threshold, device=device)
 
     # ---- building ----------------------------------------------------------------
     @property
@@ -136,7 +136,7 @@ class Router:
         ``whiten=True`` it is required, to fold the task's statistics into the
         whitening (the embeddings themselves are not kept).
         """
-        if task in self.task_names:
+        if task in self._pos:
             raise RouterError(f"task {task!r} is already in the router")
         keys = torch.as_tensor(keys).detach().cpu().float()
         sub = self.dim // self.groups
@@ -158,6 +158,7 @@ class Router:
                  "n_rows": rows, "threshold": None}
         if train_scores is not None and len(train_scores):
             entry["threshold"] = float(np.percentile(np.asarray(train_scores, dtype=np.float64), self.ood_percentile))
+        self._pos[task] = len(self.tasks)
         self.tasks.append(entry)
         self._keys.append(keys)
         self._plain_keys.append(group_normalise(keys.reshape(rows, -1).numpy(), self.groups))
@@ -169,12 +170,11 @@ class Router:
             self.index.add(self.whitener.transform_keys(self.all_keys().reshape(-1, self.dim).numpy()))
         self._row_slot_list.extend(entry["first_slot"] + j // self.keys_per_slot for j in range(rows))
         self._slot_task_list.extend([len(self.tasks) - 1] * n_slots)
-        self._refresh_task_arrays()
+        self._invalidate_table()
         return self.task_slots(task)
 
-    def _refresh_task_arrays(self) -> None:
-        self._threshold = np.array([-np.inf if t["threshold"] is None else t["threshold"] for t in self.tasks])
-        self._arrays = None  # rebuilt from the lists on the next route
+    def _invalidate_table(self) -> None:
+        self._arrays = None  # rebuilt from the lists and the task table on the next route
 
     @property
     def _row_slot(self) -> np.ndarray:
@@ -184,10 +184,16 @@ class Router:
     def _slot_task(self) -> np.ndarray:
         return self._table()[1]
 
-    def _table(self) -> tuple[np.ndarray, np.ndarray]:
+    @property
+    def _threshold(self) -> np.ndarray:
+        return self._table()[2]
+
+    def _table(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(row -> slot, slot -> task position, task position -> OOD threshold) as arrays."""
         if self._arrays is None:
             self._arrays = (np.asarray(self._row_slot_list, dtype=np.int64),
-                            np.asarray(self._slot_task_list, dtype=np.int64))
+                            np.asarray(self._slot_task_list, dtype=np.int64),
+                            np.array([-np.inf if t["threshold"] is None else t["threshold"] for t in self.tasks]))
         return self._arrays
 
     def _queries(self, emb: np.ndarray) -> np.ndarray:
@@ -195,10 +201,9 @@ class Router:
         return emb if self.whitener is None else self.whitener.transform_queries(emb)
 
     def _task_pos(self, task: str) -> int:
-        for i, t in enumerate(self.tasks):
-            if t["name"] == task:
-                return i
-        raise RouterError(f"unknown task {task!r}; the router has {self.task_names}")
+        if task not in self._pos:
+            raise RouterError(f"unknown task {task!r}; the router has {self.task_names}")
+        return self._pos[task]
 
     # ---- routing -----------------------------------------------------------------
     def route(
@@ -251,7 +256,6 @@ class Router:
         best = int(self._slot_task[slots[0]])
         plain = raw[0]
         if plain_q is not None:  # the OOD test uses the plain score against the routed task's keys
-            t = self.tasks[best]
             plain = float((self._plain_keys[best] @ plain_q).max())
         return RouteDecision(
             slots=[int(s) for s in slots], weights=[float(w) for w in weights], task=self.tasks[best]["name"],
@@ -329,12 +333,12 @@ class Router:
                                                 {k: v.numpy() for k, v in state.items()})
         self._row_slot_list = [0] * self.index.ntotal
         self._slot_task_list = [0] * len(meta["slots"])
-        pos = {t["name"]: i for i, t in enumerate(self.tasks)}
+        self._pos = pos = {t["name"]: i for i, t in enumerate(self.tasks)}
         for s in meta["slots"]:
             for r in s["key_rows"]:
                 self._row_slot_list[r] = s["slot"]
             self._slot_task_list[s["slot"]] = pos[s["task"]]
-        self._refresh_task_arrays()
+        self._invalidate_table()
         return self
 
 

@@ -74,21 +74,22 @@ class JareLinear(nn.Module):
         A, B = self._routed or self._routed_factors(x.dtype)
         if not torch.is_grad_enabled():  # inference: reuse for every decode step of this routing
             self._routed = (A, B)
-        return y + (x @ A.transpose(1, 2)) @ B.transpose(1, 2)  # [B,T,in] -> [B,T,K*r] -> [B,T,out]
+        return y + (x @ A) @ B  # [B,T,in] -> [B,T,K*r] -> [B,T,out]
 
     def _routed_factors(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """Each row's K slots stacked along the rank axis, weights folded into B.
 
-        Returns A [B, K*r, in] and B [B, out, K*r], so the increment is two batched
-        matmuls whatever the mix of tasks in the batch.
+        Returns A^T [B, in, K*r] and B^T [B, K*r, out], contiguous, so the increment is
+        two batched matmuls whatever the mix of tasks in the batch.
         """
         s, w = self.slot_ids, self.slot_weights  # [B, K]
         n = len(self.task_names)
         A_all = torch.cat([getattr(self, f"A_{i}") for i in range(n)])  # [S, r, in]
         B_all = torch.cat([getattr(self, f"B_{i}") for i in range(n)])  # [S, out, r]
-        A = A_all[s].flatten(1, 2).to(dtype)  # [B, K*r, in]
+        A = A_all[s].flatten(1, 2)  # [B, K*r, in]
         B = B_all[s] * (self.scale * w.to(B_all.dtype))[:, :, None, None]  # [B, K, out, r]
-        return A, B.permute(0, 2, 1, 3).flatten(2).to(dtype)  # [B, out, K*r]
+        B = B.permute(0, 2, 1, 3).flatten(2)  # [B, out, K*r]
+        return A.transpose(1, 2).contiguous().to(dtype), B.transpose(1, 2).contiguous().to(dtype)
 
 
 def _param_dtype(w: torch.Tensor) -> torch.dtype:
