@@ -23,7 +23,7 @@ import torch
 from slm_llm.config import SHARED_ADAPTER as SHARED
 from slm_llm.config import Config, shared_adapter_config
 from slm_llm.data import Collator, load_suite, load_task_split, query_text, tokenize_example
-from slm_llm.dtkr import Router, init_keys, load_keys, save_keys, score_matrix, train_keys
+from slm_llm.dtkr import Router, init_keys, load_keys, routing_tensors, save_keys, score_matrix, train_keys
 from slm_llm.dtkr.encoder import Encoder
 from slm_llm.jare import JareModel
 from slm_llm.models import load_base_model, load_tokenizer, model_id
@@ -38,29 +38,26 @@ MULTITASK = "multitask"
 
 @dataclass
 class TaskRouting:
-    """Training-time routing of one task's samples: top-K among the task's own P slots."""
+    """Training-time routing of one stage's samples."""
 
     slot_ids: np.ndarray  # [N, K] global slot ids
     weights: np.ndarray  # [N, K], rows sum to 1
-    best_scores: np.ndarray  # [N] best mean group cosine, for OOD calibration
-    mean_weights: np.ndarray  # [P] mean weight of each slot over the task's queries (for export)
+    mean_weights: np.ndarray  # [P] mean weight of each of the stage's slots (for export)
 
 
-def task_routing(emb: np.ndarray, keys: torch.Tensor, first_slot: int, P: int, K: int) -> TaskRouting:
-    scores = score_matrix(emb, keys)  # [N, R]; R = P * keys_per_slot, keys of a slot contiguous
-    scores = scores.reshape(len(emb), P, -1).max(-1)  # [N, P]
-    k = min(K, P)
-    top = np.argsort(-scores, axis=1, kind="stable")[:, :k]  # [N, k]
-    s = np.clip(np.take_along_axis(scores, top, 1), 1e-6, None)
-    w = s / s.sum(1, keepdims=True)
-    dense = np.zeros_like(scores)
-    np.put_along_axis(dense, top, w, 1)
-    return TaskRouting(top + first_slot, w.astype(np.float32), scores.max(1), dense.mean(0))
+def task_routing(router: Router, task: str, emb: np.ndarray) -> TaskRouting:
+    """Top-K among ``task``'s own slots, scored exactly as inference scores them."""
+    decisions = router.route(emb, restrict_task=task)
+    ids, weights = (t.numpy() for t in routing_tensors(decisions))
+    slots = router.task_slots(task)
+    dense = np.zeros((len(emb), len(slots)))
+    np.add.at(dense, (np.arange(len(emb))[:, None], ids - slots.start), weights)
+    return TaskRouting(ids, weights, dense.mean(0))
 
 
 def shared_routing(n: int) -> TaskRouting:
     """The baselines: every sample uses the one shared slot with weight 1."""
-    return TaskRouting(np.zeros((n, 1), dtype=np.int64), np.ones((n, 1), dtype=np.float32), np.ones(n), np.ones(1))
+    return TaskRouting(np.zeros((n, 1), dtype=np.int64), np.ones((n, 1), dtype=np.float32), np.ones(1))
 
 
 def run_continual(cfg: Config) -> RunDir:
@@ -103,8 +100,10 @@ def run_continual(cfg: Config) -> RunDir:
                 save_keys(tdir / "keys.safetensors", keys, {"task": stage, "encoder": encoder.id})
             barrier()
             keys, _ = load_keys(tdir / "keys.safetensors")
-            P = cfg.jare.slots_per_task
-            routing = task_routing(emb, keys, t * P, P, cfg.jare.top_k)
+            best = score_matrix(emb, keys).max(1)  # [N] for the task's OOD threshold
+            if stage not in router.task_names:  # (it is, if a crash fell between router save and manifest)
+                router.add_task(stage, keys, best, train_emb=emb)  # in memory; saved when the task is done
+            routing = task_routing(router, stage, emb)
             # 2. Increments: base + old tasks (frozen) + this task's new slots (trainable).
             model, name = _jare_model(cfg, run, stages[:t]), stage
             torch.manual_seed(cfg.train.seed + t)  # the same slot init on every rank and world size
@@ -128,7 +127,6 @@ def run_continual(cfg: Config) -> RunDir:
         if rank == 0:
             shutil.rmtree(tdir / "ckpt", ignore_errors=True)  # the increments are the artifact now
             if method == "slm":
-                router.add_task(stage, keys, routing.best_scores)
                 router.save(run.router_dir)
             run.mark_task_done(stage, {
                 "train_samples": len(records),
