@@ -95,9 +95,14 @@ def test_two_task_run_folder_contract_and_skip_on_rerun(tmp_path):
 
 
 @pytest.mark.slow
-def test_old_task_tensors_are_bit_identical_after_new_task_trains(tmp_path):
-    from slm_llm.train.distributed import init_distributed
+def test_old_task_tensors_are_bit_identical_after_new_task_trains(tmp_path, monkeypatch):
+    from slm_llm.train.distributed import free_port, init_distributed
 
+    # Set through monkeypatch so that the rendezvous variables vanish again after the test
+    # and later subprocesses do not inherit this process's (still listening) MASTER_PORT.
+    for key, value in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
+                           MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port())).items():
+        monkeypatch.setenv(key, value)
     init_distributed()
     cfg = load_config(REPO / "configs/tiny.yaml", ["train.deepspeed=" + str(REPO / "ds_configs/zero2.json")])
     base, _ = load_base_model(cfg.model)
