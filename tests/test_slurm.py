@@ -75,6 +75,36 @@ def test_two_rank_job_completes_the_run_and_matches_one_process(slurm, tmp_path)
         _, a = losses(run, f"{n}-{task}")
         _, b = losses(tmp_path / "one", f"{n}-{task}")
         assert len(a) == len(b) and max(abs(x - y) for x, y in zip(a, b)) < LOSS_TOL
+    serve_job_answers(slurm, run, tmp_path, manifest["order"])
+
+
+def serve_job_answers(env, run, tmp_path, tasks):
+    """launch/slurm/serve.sbatch publishes an endpoint that serves the run's tasks."""
+    import httpx
+
+    res = subprocess.run(["sbatch", "--parsable", f"--output={tmp_path / 'serve.out'}", "--cpus-per-task=1",
+                          str(REPO / "launch/slurm/serve.sbatch"), str(run), "--backend", "hf"],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    job = res.stdout.strip().split(";")[0]
+    try:
+        deadline = time.time() + 300
+        endpoint = run / "serve_endpoint.txt"
+        while time.time() < deadline and not endpoint.exists():
+            time.sleep(0.5)
+        port = endpoint.read_text().strip().rsplit(":", 1)[1].split("/")[0]
+        url = f"http://127.0.0.1:{port}"
+        while time.time() < deadline:
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(1)
+        models = {m["id"] for m in httpx.get(f"{url}/v1/models", timeout=10).json()["data"]}
+        assert set(tasks) | {"slm", "base"} <= models, models
+    finally:
+        subprocess.run(["scancel", job], env=env, timeout=30)
 
 
 def test_signal_checkpoints_requeues_and_resumes(slurm, tmp_path):
