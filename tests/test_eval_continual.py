@@ -100,6 +100,12 @@ def test_slm_rows_oracle_base_fwt_and_routing(tmp_path, data_root, monkeypatch):
     assert missing_cells(m, cfg, 1) == []
     again = ScriptedPipe(TASKS, TASKS)
     assert evaluate_stage(again, cfg, run, 1) == m and again.calls == 0
+    # cells scored on 8 samples are never mixed with cells scored on 6
+    from slm_llm.run import RunError
+
+    cfg.eval.max_samples = 6
+    with pytest.raises(RunError, match="max_samples"):
+        evaluate_stage(again, cfg, run, 1)
 
 
 def test_seq_lora_forgets_and_multitask_has_one_row(tmp_path, data_root, monkeypatch):

@@ -52,8 +52,10 @@ def evaluate_run(run_dir: str | Path, overrides: list[str] | None = None) -> dic
     cfg = load_config(run.root / "run.yaml", overrides)
     t = len(run.done_tasks()) - 1
     m = load_matrix(run.eval_dir / "matrix.json")
-    if m is not None and not missing_cells(m, cfg, t):
-        return m
+    if m is not None:
+        check_settings(m, cfg, run.eval_dir / "matrix.json")
+        if not missing_cells(m, cfg, t):
+            return m
     pipe = RunPipeline.load(run.root, overrides)
     return evaluate_stage(pipe, cfg, run, t)
 
@@ -69,6 +71,20 @@ def missing_cells(m: dict, cfg: Config, t: int) -> list[tuple[str, str]]:
         if (method == "slm" or cfg.eval.fwt) and m["base"][i] is None:
             out.append(("base", task))
     return out
+
+
+def eval_settings(cfg: Config) -> dict:
+    """What makes cells comparable: a matrix never mixes cells scored under other settings."""
+    e = cfg.eval
+    return {"max_samples": e.max_samples, "max_new_tokens": e.max_new_tokens,
+            "max_new_tokens_open": e.max_new_tokens_open, "seed": cfg.data.seed}
+
+
+def check_settings(m: dict, cfg: Config, path: Path) -> None:
+    have = m.setdefault("settings", eval_settings(cfg))
+    if have != eval_settings(cfg):
+        raise RunError(f"{path}: cells were scored with {have}, not {eval_settings(cfg)}; "
+                       "use the same eval.* settings, or move eval/ aside to start a new matrix")
 
 
 def row_tasks(method: str, tasks: list[str], t: int, fwt: bool) -> list[str]:
@@ -89,6 +105,7 @@ def evaluate_stage(pipe, cfg: Config, run: RunDir, t: int) -> dict:
     suite = load_suite(cfg.data.suite)
     path = run.eval_dir / "matrix.json"
     m = load_matrix(path) or new_matrix(method, tasks, stages)
+    check_settings(m, cfg, path)
     modes = ["slm", "oracle"] if method == "slm" else [method]
     seen = set(tasks[: t + 1]) if method != "multitask" else set(tasks)
     for task in row_tasks(method, tasks, t, cfg.eval.fwt):
