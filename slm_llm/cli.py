@@ -42,6 +42,7 @@ def cmd_quickstart(args) -> int:
     from slm_llm.config import load_config
     from slm_llm.eval.compare import compare, run_dir_of
     from slm_llm.eval.report import write_report
+    from slm_llm.jare.export import export_run
 
     t0 = time.time()
     cfg = load_config(args.config or _repo_file("configs/quickstart.yaml"), args.overrides)
@@ -52,13 +53,8 @@ def cmd_quickstart(args) -> int:
     slm_run = run_dir_of(cfg, "slm")
     reports = [write_report(slm_run, table["paths"]["json"]),
                write_report(run_dir_of(cfg, "seq_lora"), table["paths"]["json"])]
-    try:
-        from slm_llm.jare.export import export_run
-    except ImportError:
-        adapters = "not exported (slm_llm.jare.export.export_run is not available in this build)"
-    else:
-        exported = export_run(slm_run, overwrite=False)  # one PEFT LoRA per task, for vLLM / lm-eval
-        adapters = ", ".join(str(p) for p in exported.values())
+    exported = export_run(slm_run, overwrite=False)  # one PEFT LoRA per task, for vLLM / lm-eval
+    adapters = ", ".join(str(p) for p in exported.values())
     print("\n" + open(table["paths"]["markdown"]).read())
     print(f"quickstart finished in {(time.time() - t0) / 60:.1f} min")
     print(f"  slm run:        {slm_run.resolve()}")
