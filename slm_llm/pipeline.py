@@ -24,7 +24,7 @@ from slm_llm.config import SHARED_ADAPTER as SHARED
 from slm_llm.config import Config, load_config, shared_adapter_config
 from slm_llm.data import Record, query_text, render_prompt
 from slm_llm.data.templates import end_of_turn_text
-from slm_llm.dtkr import RouteDecision, Router
+from slm_llm.dtkr import RouteDecision, Router, routing_tensors
 from slm_llm.dtkr.encoder import Encoder
 from slm_llm.jare import JareModel
 from slm_llm.models import load_base_model, model_id
@@ -137,7 +137,7 @@ class RunPipeline:
         pad = tok.pad_token_id
         ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=self.device)
         mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=self.device)
-        slot_ids, slot_weights = (t.to(self.device) for t in self.routing_tensors(decisions))
+        slot_ids, slot_weights = (t.to(self.device) for t in routing_tensors(decisions))
         gen = self.model.generate(ids, attention_mask=mask, slot_ids=slot_ids, slot_weights=slot_weights,
                                   max_new_tokens=max_new_tokens, pad_token_id=pad, eos_token_id=self.stop_ids,
                                   **{"do_sample": False, **generate_kwargs})
@@ -151,17 +151,6 @@ class RunPipeline:
                     break
             results.append(Generation(tok.decode(row[:n], skip_special_tokens=True).strip(), d, n, row[:n].tolist()))
         return results
-
-    def routing_tensors(self, decisions: list[RouteDecision | None]) -> tuple[torch.Tensor, torch.Tensor]:
-        """[B, K] slot ids and weights; base rows get weight 0 (no increment)."""
-        k = max([len(d.slots) for d in decisions if d is not None] or [1])
-        ids = torch.zeros(len(decisions), k, dtype=torch.long)
-        weights = torch.zeros(len(decisions), k)
-        for b, d in enumerate(decisions):
-            if d is not None:
-                ids[b, : len(d.slots)] = torch.tensor(d.slots)
-                weights[b, : len(d.weights)] = torch.tensor(d.weights)
-        return ids, weights
 
 
 def _stop_ids(tokenizer) -> list[int]:

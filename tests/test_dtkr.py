@@ -145,6 +145,9 @@ def test_mixed_batch_is_routed_per_query():
         assert d.scores == sorted(d.scores, reverse=True) and d.score == d.scores[0]
     ids, weights = routing_tensors(decisions)
     assert ids.shape == weights.shape == (20, 2) and ids.dtype == torch.long
+    # a base-model row (None) carries no increment: weight 0 on every slot
+    ids, weights = routing_tensors([decisions[0], None])
+    assert weights[1].abs().sum() == 0 and torch.equal(ids[0], torch.tensor(decisions[0].slots))
     # a single row routes exactly as it does inside the batch: no batch-level mixing
     assert router.route(batch[3:4])[0] == decisions[3]
     # the non-default comparison mode gives every row the majority task

@@ -342,17 +342,20 @@ class Router:
         return self
 
 
-def routing_tensors(decisions: list[RouteDecision], k: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def routing_tensors(decisions: list[RouteDecision | None], k: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Decisions -> (slot_ids LongTensor [B, K], weights FloatTensor [B, K]) for JareModel.
 
-    A decision with fewer than K slots is padded with its best slot at weight 0.
+    A decision with fewer than K slots is padded with its best slot at weight 0; a None
+    decision (answered by the base model) gets weight 0 everywhere, i.e. no increment.
     """
     if not decisions:
         raise RouterError("no decisions to convert")
-    k = k or max(len(d.slots) for d in decisions)
+    k = k or max([len(d.slots) for d in decisions if d is not None] or [1])
     ids = torch.zeros(len(decisions), k, dtype=torch.long)
     weights = torch.zeros(len(decisions), k, dtype=torch.float32)
     for b, d in enumerate(decisions):
+        if d is None:
+            continue
         n = min(k, len(d.slots))
         ids[b, :n] = torch.tensor(d.slots[:n])
         ids[b, n:] = d.slots[0]
