@@ -96,7 +96,8 @@ def test_two_task_run_folder_contract_and_skip_on_rerun(tmp_path):
 
 @pytest.mark.slow
 def test_old_task_tensors_are_bit_identical_after_new_task_trains(tmp_path, monkeypatch):
-    from slm_llm.train.distributed import free_port, init_distributed
+    from slm_llm.train.distributed import init_distributed
+    from slm_llm.utils.env import free_port
 
     # Set through monkeypatch so that the rendezvous variables vanish again after the test
     # and later subprocesses do not inherit this process's (still listening) MASTER_PORT.

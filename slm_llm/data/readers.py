@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 from typing import Any, Iterable
 
+from ..utils.env import hub_offline
 from .schema import DataError, Record, record_from_dict
 
 log = logging.getLogger(__name__)
@@ -178,7 +179,7 @@ def _load_hf_rows(path: str, split: str) -> list[dict[str, Any]]:
                 ds = ds[split]
         elif p.is_dir():
             ds = datasets.load_dataset(str(p), split=split)
-        elif _offline():
+        elif hub_offline():
             raise DataError(f"{p}: not a local file or folder, and HF_HUB_OFFLINE is set so the hub was not tried")
         else:
             ds = datasets.load_dataset(path, split=split)
@@ -197,8 +198,6 @@ def _empty_output(obj: Any, where: str) -> bool:
     return False
 
 
-def _offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
 
 
 def _read_text(path: Path) -> str:

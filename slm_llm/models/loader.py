@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import os
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,7 @@ from typing import Any
 import torch
 
 from ..config import ModelConfig
+from ..utils.env import hub_offline
 from .gguf import PACKAGED_GGUF, ensure_converted, ensure_tokenizer
 
 TINY = "tiny-llama"
@@ -151,7 +151,7 @@ def _resolve_source(name: str) -> str:
             raise ModelError(f"model {name!r}: folder {local.resolve()} has no config.json, so it is not a "
                              f"HF model folder")
         return str(local.resolve())
-    if _offline():
+    if hub_offline():
         known = ", ".join([*PACKAGED_GGUF, TINY])
         raise ModelError(f"model {name!r}: not a packaged name ({known}), not a local folder "
                          f"({local.resolve()} does not exist), and HF_HUB_OFFLINE is set, so the hub "
@@ -159,12 +159,6 @@ def _resolve_source(name: str) -> str:
     return name
 
 
-def _offline() -> bool:
-    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
-        return True
-    from huggingface_hub import constants
-
-    return bool(constants.HF_HUB_OFFLINE)
 
 
 @functools.lru_cache(maxsize=8)

@@ -17,7 +17,6 @@ import json
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -36,6 +35,7 @@ from slm_llm.pipeline import _stop_ids
 from slm_llm.run import RunDir, RunError
 from slm_llm.serve.backend import GenRequest, GenResult, Route, ServeError, StreamDelta
 from slm_llm.serve.routing import BASE, SLM, QueryRouter
+from slm_llm.utils.env import free_port
 
 log = logging.getLogger("slm_llm.serve")
 
@@ -92,7 +92,7 @@ class VLLMBackend:
         self.base_model = run.manifest()["base_model"]
         self.stop_ids = _stop_ids(tokenizer)
         self.max_model_len = min(cfg.serve.max_model_len, cfg.serve.vllm_max_model_len)
-        self.port = cfg.serve.vllm_port or _free_port()
+        self.port = cfg.serve.vllm_port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen | None = None
         self.log_path = Path(tempfile.gettempdir()) / f"slm_vllm_{os.getpid()}_{self.port}.log"
@@ -260,9 +260,3 @@ def _upstream_error(status: int, text: str) -> ServeError:
         message = text[:500]
     return ServeError(f"vLLM: {message}", status=status if 400 <= status < 600 else 502, code="upstream_error",
                       type_="invalid_request_error" if status < 500 else "server_error")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

@@ -8,19 +8,14 @@ that makes every later run wait forever, so stale locks are removed first.
 from __future__ import annotations
 
 import os
-import socket
 import time
 from pathlib import Path
 
 import torch
 
+from slm_llm.utils.env import free_port
+
 STALE_LOCK_SECONDS = 600  # the slowest op build here takes ~90 s
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def on_gpu() -> bool:
