@@ -44,6 +44,14 @@ def job_field(env, job, field):
     return next((tok.split("=", 1)[1] for tok in out.split() if tok.startswith(field + "=")), None)
 
 
+def diagnose(env, job, out_file):
+    """The job's output, its scontrol record and the daemons' logs: what a failed assertion needs."""
+    logs = Path(env["SLURM_CONF"]).parent / "log"
+    show = subprocess.run(["scontrol", "show", "job", job], env=env, capture_output=True, text=True).stdout
+    tails = [f"--- {f.name}\n" + "\n".join(f.read_text().splitlines()[-25:]) for f in sorted(logs.glob("slurm*.log"))]
+    return "\n".join([Path(out_file).read_text()[-3000:], show, *tails])
+
+
 def losses(run, task_dir):
     rows = [json.loads(l) for l in (run / "tasks" / task_dir / "train_log.jsonl").read_text().splitlines()]
     return [r["step"] for r in rows], [r["loss"] for r in rows]
@@ -120,13 +128,13 @@ def test_signal_checkpoints_requeues_and_resumes(slurm, tmp_path):
     subprocess.run(["scancel", "--signal=USR1", job], env=slurm, check=True)
     while time.time() < deadline and job_field(slurm, job, "Restarts") == "0":
         time.sleep(1)
-    assert job_field(slurm, job, "Restarts") == "1", (tmp_path / "job.out").read_text()[-3000:]
+    assert job_field(slurm, job, "Restarts") == "1", diagnose(slurm, job, tmp_path / "job.out")
     # SLURM holds a requeued job back for a while (BeginTime); release it now.
     subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=slurm, check=True)
     while time.time() < deadline and job_field(slurm, job, "JobState") != "COMPLETED":
         time.sleep(1)
     out = (tmp_path / "job.out").read_text()
-    assert job_field(slurm, job, "JobState") == "COMPLETED", out[-3000:]
+    assert job_field(slurm, job, "JobState") == "COMPLETED", diagnose(slurm, job, tmp_path / "job.out")
     assert "checkpoint saved" in out and "requeueing job" in out and "(restart 1)" in out
     steps, got = losses(run, "0-finance_phrasebank")
     assert steps == list(range(1, 61))  # one uninterrupted log across the restart

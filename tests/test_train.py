@@ -163,3 +163,36 @@ def test_kill_9_then_resume_matches_uninterrupted_run(tmp_path):
     for k in ref:
         torch.testing.assert_close(got[k], ref[k], atol=1e-5, rtol=1e-4)
     assert len(losses(run, "0-finance_phrasebank")) == 16
+
+
+@pytest.mark.slow
+def test_signal_to_one_rank_checkpoints_every_rank_at_the_same_step(tmp_path):
+    """A preemption signal reaches ranks at different times; they must still agree on the stop step."""
+    import psutil
+
+    common = ["data.tasks=[finance_phrasebank]", "data.max_train_samples=64", "train.max_steps=200", "train.ckpt_every=0"]
+    run = tmp_path / "run"
+    port = str(29500 + (os.getpid() + 7) % 400)
+    cmd = [str(VENV_BIN / "deepspeed"), "--num_gpus", "2", "--master_port", port,
+           "launch/train.py", "--config", "configs/tiny.yaml", f"run_dir={run}", *common]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = run / "tasks" / "0-finance_phrasebank" / "train_log.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (log.exists() and len(log.read_text().splitlines()) >= 3):
+        time.sleep(0.05)
+    rank1 = [p for p in psutil.Process(proc.pid).children(recursive=True)
+             if "launch/train.py" in " ".join(p.cmdline()) and p.environ().get("RANK") == "1"]
+    assert len(rank1) == 1
+    rank1[0].send_signal(signal.SIGUSR1)
+    try:
+        code = proc.wait(timeout=120)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        pytest.fail("ranks deadlocked after a signal to one of them")
+    assert code == 3  # slm_llm.cli.STOPPED
+    ckpt = run / "tasks" / "0-finance_phrasebank" / "ckpt"
+    tag = (ckpt / "latest").read_text().strip()
+    assert tag == f"step{len(log.read_text().splitlines())}"
+    assert len(list((ckpt / tag).glob("*optim_states.pt"))) == 2  # both ranks' ZeRO shards
+    train(run, *common, procs=2)
+    assert [json.loads(l)["step"] for l in log.read_text().splitlines()] == list(range(1, 201))

@@ -63,9 +63,11 @@ def barrier() -> None:
         torch.distributed.barrier()
 
 
-def all_mean(value: float) -> float:
+def all_mean(*values: float) -> list[float]:
+    """Mean of each value over all ranks, in one all-reduce (on the GPU under NCCL)."""
     if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
-        return value
-    t = torch.tensor([value], dtype=torch.float64)
+        return [float(v) for v in values]
+    device = f"cuda:{torch.cuda.current_device()}" if torch.distributed.get_backend() == "nccl" else "cpu"
+    t = torch.tensor(values, dtype=torch.float64, device=device)
     torch.distributed.all_reduce(t)
-    return float(t.item()) / torch.distributed.get_world_size()
+    return (t / torch.distributed.get_world_size()).tolist()

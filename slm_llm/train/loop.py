@@ -112,8 +112,11 @@ def train_task(
             step_loss += loss.item() / cfg.grad_accum
             step_tokens += int(batch["attention_mask"].sum().item())
         step += 1
-        loss_mean = all_mean(step_loss)
-        tokens = int(round(all_mean(step_tokens) * world))
+        # One all-reduce per step: the loss, the tokens, and whether any rank got a stop signal,
+        # so that every rank checkpoints at the same step (a signal reaches ranks at different times).
+        loss_mean, tokens_mean, stop_any = all_mean(step_loss, step_tokens, _stop["signal"] is not None)
+        tokens = int(round(tokens_mean * world))
+        stop = stop_any > 0
         result.losses.append(loss_mean)
         result.tokens += tokens
         window_tokens += tokens
@@ -128,12 +131,12 @@ def train_task(
                 with open(log_path, "a") as f:
                     f.write(json.dumps(record) + "\n")
                 window_tokens, window_t = 0, now
-        stop = _stop["signal"] is not None
         if step < steps and (stop or (cfg.ckpt_every and step % cfg.ckpt_every == 0)):
             _save(engine, ckpt_dir, step)
         if stop and step < steps:
             bar.close()
-            raise StopRequested(f"stopped by signal {_stop['signal']} at step {step}/{steps}; checkpoint saved")
+            got = f"signal {_stop['signal']}" if _stop["signal"] else "a signal to another rank"
+            raise StopRequested(f"stopped by {got} at step {step}/{steps}; checkpoint saved")
     bar.close()
     result.seconds = time.time() - t0
     return result
