@@ -20,6 +20,18 @@ def chat(client, model, text, max_tokens=6, **kw):
     return r.json()
 
 
+def assert_same_route(a, b):
+    """The same routing decision. A query encoded inside a padded batch and alone differs in the
+    encoder's last float bits, so scores and weights are compared to 1e-5, the rest exactly."""
+    if a is None or b is None:
+        assert a is b
+        return
+    assert {k: v for k, v in a.items() if k not in ("score", "weights")} == \
+        {k: v for k, v in b.items() if k not in ("score", "weights")}
+    assert a["score"] == pytest.approx(b["score"], abs=1e-5)
+    assert a["weights"] == pytest.approx(b["weights"], abs=1e-5)
+
+
 @pytest.fixture(scope="module")
 def hf_server(served_run):
     from slm_llm.serve.app import build_app
@@ -58,7 +70,8 @@ def test_mixed_task_batch_rows_equal_each_row_served_alone(hf_server, task_queri
     alone = [chat(client, *j) for j in jobs]
     for (model, _), a, b in zip(jobs, together, alone):
         assert a["choices"][0]["message"] == b["choices"][0]["message"], model
-        assert a["usage"] == b["usage"] and a["slm_route"] == b["slm_route"]
+        assert a["usage"] == b["usage"]
+        assert_same_route(a["slm_route"], b["slm_route"])
     slm_rows = [r for (m, _), r in zip(jobs, together) if m == "slm"]
     assert [r["slm_route"]["task"] for r in slm_rows] == ["finance_phrasebank"] * 2 + ["law_overruling"] * 2
     assert all(r["slm_route"] is None for (m, _), r in zip(jobs, together) if m == "base")
