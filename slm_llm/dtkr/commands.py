@@ -29,11 +29,12 @@ def register(sub, add_config_args) -> None:
 def cmd_route(args) -> int:
     from pathlib import Path
 
-    from slm_llm.dtkr.encoder import Encoder
+    from slm_llm.config import load_config
+    from slm_llm.dtkr.encoder import build_encoder
     from slm_llm.dtkr.router import Router, format_decision
 
-    router = Router.load(Path(args.run) / "router")
-    encoder = Encoder(router.encoder_id, cache=False)  # the router's id names its encoder
+    encoder = build_encoder(load_config(Path(args.run) / "run.yaml"), cache=False)
+    router = Router.load(Path(args.run) / "router", encoder_id=encoder.id)
     for text, d in zip(args.queries, router.route_texts(args.queries, encoder, k=args.k)):
         print(json.dumps({"query": text, **d.to_dict()}) if args.json else format_decision(d, text))
     return 0
@@ -43,13 +44,14 @@ def cmd_router_eval(args) -> int:
     import numpy as np
 
     from slm_llm.config import load_config
+    from slm_llm.dtkr.encoder import build_encoder
     from slm_llm.dtkr.evaluate import format_confusion, router_eval
 
     cfg = load_config(args.config, args.overrides)
     r = router_eval(args.suite or cfg.data.suite, args.data_root or cfg.data.data_root or None, cfg.dtkr,
                     args.query_mode, args.max_train, args.max_test, slots_per_task=cfg.jare.slots_per_task,
                     top_k=cfg.jare.top_k, order=cfg.data.order, tasks=cfg.data.tasks or None,
-                    eval_split=args.eval_split, out_dir=args.out)
+                    eval_split=args.eval_split, encoder=build_encoder(cfg), out_dir=args.out, progress=True)
     print(format_confusion(np.array(r["confusion"]), r["tasks"]))
     pairs = ", ".join(f"{p['true']}->{p['routed']} {p['count']}" for p in r["confused_pairs"][:3])
     print(f"{r['suite']} {r['query_mode']} ({r['eval_split']}): accuracy {r['overall']:.2%} "

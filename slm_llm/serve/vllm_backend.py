@@ -28,7 +28,7 @@ import httpx
 
 from slm_llm.config import Config, load_config
 from slm_llm.dtkr import Router
-from slm_llm.dtkr.encoder import Encoder
+from slm_llm.dtkr.encoder import build_encoder
 from slm_llm.jare.export import adapter_rank, base_model_folder, check_adapter, export_base_adapter, export_run
 from slm_llm.models import load_tokenizer
 from slm_llm.pipeline import _stop_ids
@@ -115,7 +115,7 @@ class VLLMBackend:
         base_folder = str(base_model_folder(cfg, run))
         if cfg.serve.vllm_device == "cpu":
             check_cpu_head_size(base_folder)
-        encoder = Encoder(cfg.dtkr.encoder, batch_size=cfg.dtkr.encode_batch_size, cache=False)
+        encoder = build_encoder(cfg, cache=False)
         router = Router.load(run.router_dir, encoder_id=encoder.id)
         return cls(cfg, run, load_tokenizer(cfg.model), QueryRouter(encoder, router, cfg.serve.ood_fallback),
                    adapters, base_folder)

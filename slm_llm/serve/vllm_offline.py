@@ -23,7 +23,7 @@ from pathlib import Path
 
 from slm_llm.config import load_config
 from slm_llm.dtkr import Router
-from slm_llm.dtkr.encoder import Encoder
+from slm_llm.dtkr.encoder import build_encoder
 from slm_llm.jare.export import adapter_rank, base_model_folder, check_adapter, export_base_adapter, export_run
 from slm_llm.models import load_tokenizer
 from slm_llm.pipeline import _stop_ids
@@ -50,7 +50,7 @@ def generate_offline(run_dir: str | Path, rows: list[dict], max_tokens: int = 32
     cuda = cfg.serve.vllm_device == "cuda"
     if not cuda:
         check_cpu_head_size(folder)
-    encoder = Encoder(cfg.dtkr.encoder, batch_size=cfg.dtkr.encode_batch_size, cache=False)
+    encoder = build_encoder(cfg, cache=False)
     router = QueryRouter(encoder, Router.load(run.router_dir, encoder_id=encoder.id), cfg.serve.ood_fallback)
     routes = []
     for r in rows:  # per query; grouped calls would be faster but rows are few in batch evaluation

@@ -24,7 +24,7 @@ from slm_llm.config import SHARED_ADAPTER as SHARED
 from slm_llm.config import Config, shared_adapter_config
 from slm_llm.data import Collator, load_suite, load_task_split, query_text, tokenize_example
 from slm_llm.dtkr import Router, init_keys, load_keys, routing_tensors, save_keys, score_matrix, train_keys
-from slm_llm.dtkr.encoder import Encoder
+from slm_llm.dtkr.encoder import Encoder, build_encoder
 from slm_llm.jare import JareModel
 from slm_llm.models import load_base_model, load_tokenizer, model_id
 from slm_llm.run import RunDir
@@ -68,7 +68,7 @@ def run_continual(cfg: Config) -> RunDir:
     suite = load_suite(cfg.data.suite)
     tasks = suite.order_tasks(cfg.data.order, cfg.data.tasks or None)
     stages = [MULTITASK] if method == "multitask" else tasks
-    encoder = Encoder(cfg.dtkr.encoder, batch_size=cfg.dtkr.encode_batch_size)
+    encoder = build_encoder(cfg)
     run = RunDir(cfg.run_dir)
     if rank == 0:
         run.init(cfg, model_id(cfg.model), encoder.id, stages, suite_tasks=tasks)
