@@ -2,9 +2,10 @@
 
     python bench/serve.py                       # SmolLM2-135M (the packaged GGUF, converted once), fp32, CPU
     python bench/serve.py --batch 8 --new-tokens 32 --requests-per-client 4
+    python bench/serve.py --targets q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj --decode-only
 
 1. Decode tokens/s, KV-cached greedy generation, a batch whose rows all use different
-   slots (4 tasks x P=4 random nonzero slots of rank 8 on o_proj, K=2):
+   slots (4 tasks x P=4 random nonzero slots of rank 8 on --targets, default o_proj, K=2):
      base    the model with no JARe layers                     (goal: JARe >= 0.9x)
      jare    JareModel, per-row low-rank slots (never a dense ΔW)
      dense   the seed's path re-implemented: per row, F.linear(x, W + Σ_k w_k B_k A_k)
@@ -175,10 +176,13 @@ def main() -> int:
     ap.add_argument("--clients", type=int, default=16)
     ap.add_argument("--requests-per-client", type=int, default=3)
     ap.add_argument("--http-max-tokens", type=int, default=16)
+    ap.add_argument("--targets", default="o_proj", help="comma-separated JARe target modules")
+    ap.add_argument("--decode-only", action="store_true", help="skip the router and HTTP sections")
     a = ap.parse_args()
-    cfg = load_config(None, [f"model.name={a.model}", "jare.rank=8", "jare.slots_per_task=4", "jare.top_k=2"])
+    cfg = load_config(None, [f"model.name={a.model}", "jare.rank=8", "jare.slots_per_task=4", "jare.top_k=2",
+                             f"jare.targets=[{a.targets}]"])
     print(f"# bench/serve.py  model={a.model} fp32 threads={torch.get_num_threads()} batch={a.batch} "
-          f"new_tokens={a.new_tokens}")
+          f"new_tokens={a.new_tokens} targets={','.join(cfg.jare.targets)}")
     plain, tok = load_base_model(cfg.model)
     model, tok = jare_model(cfg)
     ids, w = routing(a.batch, cfg.jare.slots_per_task, cfg.jare.top_k)
@@ -196,6 +200,8 @@ def main() -> int:
     print(f"base (no increments)   {base_tps:8.1f}")
     print(f"exact JARe             {jare_tps:8.1f}   = {jare_tps / base_tps:.2f}x base   (goal >= 0.9x)")
     print(f"seed dense-ΔW path     {dense_tps:8.1f}   JARe = {jare_tps / dense_tps:.1f}x dense (goal >= 3x)")
+    if a.decode_only:
+        return 0
 
     with tempfile.TemporaryDirectory() as tmp:
         pipe = synthetic_run(cfg, Path(tmp) / "run", model, tok)
