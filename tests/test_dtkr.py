@@ -197,6 +197,30 @@ def test_whitened_routing_persists_and_needs_train_embeddings(tmp_path):
         Router(D, G, whiten=True).add_task("t", init_keys(data["task0"], P, G))
 
 
+def test_whitening_never_changes_an_old_tasks_slots_or_weights():
+    """Adding a task moves the whitening, but a query that stays routed to an old task keeps the
+    exact slots, weights and score it had (plain scores within the task), and so does the
+    training/oracle mode restrict_task: an old task's behaviour cannot drift."""
+    data = clusters(3, 60, seed=21)
+    router = Router(D, G, 2, whiten=True)
+    for name in ("task0", "task1"):
+        router.add_task(name, init_keys(data[name], P, G), train_emb=data[name])
+    queries = np.concatenate([clusters(3, 6, seed=21)[t] for t in ("task0", "task1")])
+    before = router.route(queries)
+    restricted = router.route(queries, restrict_task="task0")
+    router.add_task("task2", init_keys(data["task2"], P, G), train_emb=data["task2"])
+    after = router.route(queries)
+    assert router.route(queries, restrict_task="task0") == restricted
+    kept = [(b, a) for b, a in zip(before, after) if a.task == b.task]
+    assert len(kept) == len(queries)
+    assert all(a == b for b, a in kept)
+    for d, q in zip(after, queries):  # the slots are the routed task's best, by plain scores
+        pos = router.task_names.index(d.task)
+        plain = score_matrix(q[None], router.task_keys(d.task))[0]
+        assert d.slots == [pos * P + int(i) for i in np.argsort(-plain)[:2]]
+        np.testing.assert_allclose(d.scores, np.sort(plain)[::-1][:2], atol=1e-5)
+
+
 def test_persistence_round_trip(tmp_path):
     data = clusters(4, 40, seed=12)
     for kind in ("flat", "hnsw"):

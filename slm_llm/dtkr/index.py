@@ -170,11 +170,6 @@ class SlotIndex:
         scores, ids = self._index.search(q, k)
         return scores, ids
 
-    def exact_scores(self, queries: np.ndarray, rows: np.ndarray | slice) -> np.ndarray:
-        """Exact mean group cosines [B, len(rows)] of raw queries against the given rows."""
-        q = self.prepare_queries(queries)
-        return q @ self._vectors[rows].T
-
     # ---- persistence -------------------------------------------------------------
     def save(self, directory: str | Path) -> None:
         """Write ``index.faiss`` and ``index.json`` into ``directory``, each atomically."""

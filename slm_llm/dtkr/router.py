@@ -8,20 +8,23 @@ a slot's score is the best score of its keys.
 
 Routing is per query. For each query q:
   1. score every slot: s(q, slot) = max over the slot's keys of (1/G) Σ_g cos(q_g, key_g)
-     (the index returns the best ``n_candidates`` keys; flat search is exact). With
-     ``whiten=True`` the cosines are taken after the whitening map T of
-     ``slm_llm.dtkr.whiten`` (pooled within-task covariance), applied to q and keys;
+     (the index returns the best ``n_candidates`` keys; flat search is exact);
   2. keep the top K slots, with weights w_k = max(s_k, ε) / Σ_j max(s_j, ε);
   3. the routed task is the best slot's task; the query is out of distribution (OOD)
-     when its plain (never whitened) DTKR score against that task's keys is below the
-     task's threshold.
+     when the best slot's score is below that task's threshold.
+
+With ``whiten=True`` step 1 only picks the task: the best key after the whitening map T
+of ``slm_llm.dtkr.whiten`` (pooled within-task covariance, applied to q and keys). Steps
+2-3 then run on that task's own slots with plain scores. T changes with every new task,
+plain scores never do, so a query routed to an old task gets exactly the slots and
+weights it got when that task was trained: the old task's behaviour cannot drift.
+``restrict_task`` (training, oracle) always scores plainly within the task.
 
 OOD calibration: a task's threshold is the ``ood_percentile``-th percentile (default
 1.0) of the plain best scores of its own training queries against its own keys,
 computed when the task is added. So about ood_percentile % of in-task training
 queries would be flagged; text far from every task scores well below every
-threshold. The plain score is used because it does not drift when later tasks
-change the whitening.
+threshold.
 """
 from __future__ import annotations
 
@@ -230,19 +233,27 @@ class Router:
             majority = Counter(d.task for d in per_row).most_common(1)[0][0]
             return self.route(emb, k, restrict_task=majority)
         if restrict_task is not None:
-            t = self.tasks[self._task_pos(restrict_task)]
-            rows = np.arange(t["first_row"], t["first_row"] + t["n_rows"])
-            scores = self.index.exact_scores(self._queries(emb), rows)  # [B, R_t]
-            order = np.argsort(-scores, axis=1, kind="stable")
-            ids = rows[order]
-            scores = np.take_along_axis(scores, order, axis=1)
-        else:
-            n = max(self.n_candidates, k * self.keys_per_slot)
-            scores, ids = self.index.search(self._queries(emb), n)  # [B, n], best first
-        plain_q = group_normalise(emb, self.groups) if self.whitener is not None else None
-        return [self._decide(scores[b], ids[b], k, None if plain_q is None else plain_q[b]) for b in range(len(emb))]
+            return self._route_within(emb, np.full(len(emb), self._task_pos(restrict_task)), k)
+        if self.whitener is not None:
+            # Whitened scores choose the task; that task's own slots are then chosen and weighted by
+            # plain scores, which later tasks cannot move (the whitening changes with every task).
+            _, ids = self.index.search(self._queries(emb), 1)
+            return self._route_within(emb, self._slot_task[self._row_slot[ids[:, 0]]], k)
+        n = max(self.n_candidates, k * self.keys_per_slot)
+        scores, ids = self.index.search(emb, n)  # [B, n], best first
+        return [self._decide(scores[b], ids[b], k) for b in range(len(emb))]
 
-    def _decide(self, row_scores: np.ndarray, row_ids: np.ndarray, k: int, plain_q: np.ndarray | None) -> RouteDecision:
+    def _route_within(self, emb: np.ndarray, task_pos: np.ndarray, k: int) -> list[RouteDecision]:
+        """Row b among the slots of task ``task_pos[b]`` only, by exact plain mean group cosines."""
+        plain_q = group_normalise(emb, self.groups)
+        out = []
+        for q, pos in zip(plain_q, task_pos):
+            scores = self._plain_keys[pos] @ q  # [R_t]
+            order = np.argsort(-scores, kind="stable")
+            out.append(self._decide(scores[order], self.tasks[pos]["first_row"] + order, k))
+        return out
+
+    def _decide(self, row_scores: np.ndarray, row_ids: np.ndarray, k: int) -> RouteDecision:
         keep = row_ids >= 0  # HNSW pads with -1 when it finds fewer rows than asked
         row_scores, row_ids = row_scores[keep], row_ids[keep]
         slots = self._row_slot[row_ids]
@@ -254,12 +265,9 @@ class Router:
         clamped = np.maximum(raw, WEIGHT_EPS)
         weights = clamped / clamped.sum()
         best = int(self._slot_task[slots[0]])
-        plain = raw[0]
-        if plain_q is not None:  # the OOD test uses the plain score against the routed task's keys
-            plain = float((self._plain_keys[best] @ plain_q).max())
         return RouteDecision(
             slots=[int(s) for s in slots], weights=[float(w) for w in weights], task=self.tasks[best]["name"],
-            score=float(raw[0]), ood=bool(plain < self._threshold[best]), scores=[float(s) for s in raw],
+            score=float(raw[0]), ood=bool(raw[0] < self._threshold[best]), scores=[float(s) for s in raw],
         )
 
     def route_texts(self, texts: list[str], encoder, **kwargs) -> list[RouteDecision]:
