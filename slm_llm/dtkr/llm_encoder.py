@@ -3,9 +3,9 @@
 The query's tokens go through the first ``layer`` decoder blocks of the base model
 (the blocks after it are dropped from this copy), and the residual stream after
 block ``layer`` is averaged over the real (non-pad) tokens. Early layers carry the
-domain and form of a query rather than its answer, which is what routing needs; on
-instruct6 and cl9 they route better than all-MiniLM-L6-v2 (bench/RESULTS.md) and a
-4-layer prefix of a 135M model costs less than MiniLM's 6 layers.
+domain and form of a query rather than its answer: on instruct6 and cl9 they route
+better than all-MiniLM-L6-v2 at the same cost per query, though end to end they trained
+worse increments (docs/routing.md, bench/RESULTS.md).
 
 The object quacks like a sentence-transformers model (``encode``,
 ``get_embedding_dimension``), so :class:`slm_llm.dtkr.encoder.Encoder` caches its

@@ -199,10 +199,6 @@ class Router:
                             np.array([-np.inf if t["threshold"] is None else t["threshold"] for t in self.tasks]))
         return self._arrays
 
-    def _queries(self, emb: np.ndarray) -> np.ndarray:
-        """Queries as the index sees them (whitened when whiten=True)."""
-        return emb if self.whitener is None else self.whitener.transform_queries(emb)
-
     def _task_pos(self, task: str) -> int:
         if task not in self._pos:
             raise RouterError(f"unknown task {task!r}; the router has {self.task_names}")
@@ -237,7 +233,7 @@ class Router:
         if self.whitener is not None:
             # Whitened scores choose the task; that task's own slots are then chosen and weighted by
             # plain scores, which later tasks cannot move (the whitening changes with every task).
-            _, ids = self.index.search(self._queries(emb), 1)
+            _, ids = self.index.search(self.whitener.transform_queries(emb), 1)
             return self._route_within(emb, self._slot_task[self._row_slot[ids[:, 0]]], k)
         n = max(self.n_candidates, k * self.keys_per_slot)
         scores, ids = self.index.search(emb, n)  # [B, n], best first
