@@ -53,7 +53,7 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    suite: str = "instruct6"  # a suite name from configs/suites/ or a path to a suite YAML
+    suite: str = "instruct6"  # a suite name from eval/suites/ or a path to a suite YAML
     order: str = "default"  # a named order of the suite
     tasks: list[str] = field(default_factory=list)  # explicit task list; overrides `order`
     data_root: str = ""  # "" -> $SLM_DATA, then ../shared/data beside the checkout

@@ -50,7 +50,7 @@ def test_every_task_of_the_shipped_suites_loads(data_root, suite_name):
 
 
 def test_suite_by_path_equals_suite_by_name():
-    by_path = load_suite(REPO_ROOT / "configs" / "suites" / "cl9.yaml")
+    by_path = load_suite(REPO_ROOT / "eval" / "suites" / "cl9.yaml")
     assert by_path.tasks == load_suite("cl9").tasks
 
 

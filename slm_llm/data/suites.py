@@ -40,7 +40,7 @@ from .readers import read_alpaca, read_cl_benchmark, read_hf_dataset
 from .schema import DataError, Record
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-SUITES_DIR = REPO_ROOT / "configs" / "suites"
+SUITES_DIR = REPO_ROOT / "eval" / "suites"
 FORMATS = ("alpaca", "cl_benchmark", "hf")
 METRICS = ("exact_match", "rouge_l")
 _SUITE_KEYS = ("name", "description", "data_root", "tasks", "orders")
@@ -104,7 +104,7 @@ def resolve_data_root(explicit: str | os.PathLike | None = None) -> Path:
 
 
 def load_suite(name_or_path: str | os.PathLike) -> Suite:
-    """Load and validate a suite: a name from ``configs/suites/`` or a path to a YAML file."""
+    """Load and validate a suite: a name from ``eval/suites/`` or a path to a YAML file."""
     text_name = str(name_or_path)
     path = Path(text_name).expanduser()
     if not (text_name.endswith((".yaml", ".yml")) or os.sep in text_name or path.exists()):
