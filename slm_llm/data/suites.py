@@ -19,6 +19,11 @@ A suite is a YAML file (see docs/data.md)::
         field_map: {our_field: column}   # hf only
         drop_empty_output: false   # alpaca/hf: drop (and log) records with an empty output
         skip_labels: [..]          # cl_benchmark: labels marking unlabelled records, dropped (and logged)
+        content: input | request   # what a user brings: the input (default), or the whole
+                                   # request when the instruction differs per record (code)
+        phrasings: ["...", ...]    # how users ask for this task in their own words (>= 2);
+                                   # "{input}" marks where the content goes (default: after
+                                   # a blank line). Split into train / held-out (data/views.py)
     orders:
       default: [<task>, ...]       # optional; defaults to the tasks in file order
       <name>: [<task>, ...]
@@ -38,6 +43,7 @@ import yaml
 
 from .readers import read_alpaca, read_cl_benchmark, read_hf_dataset
 from .schema import DataError, Record
+from .views import CONTENT_KINDS, PLACEHOLDER
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SUITES_DIR = REPO_ROOT / "eval" / "suites"
@@ -45,7 +51,7 @@ FORMATS = ("alpaca", "cl_benchmark", "hf")
 METRICS = ("exact_match", "rouge_l")
 _SUITE_KEYS = ("name", "description", "data_root", "tasks", "orders")
 _TASK_KEYS = ("format", "path", "metric", "labels", "answer_type", "instruction", "field_map",
-              "drop_empty_output", "skip_labels")
+              "drop_empty_output", "skip_labels", "content", "phrasings")
 
 
 @dataclass
@@ -60,6 +66,8 @@ class TaskSpec:
     field_map: dict[str, str] | None = None
     drop_empty_output: bool = False
     skip_labels: list[str] | None = None
+    content: str = "input"  # input | request (see slm_llm.data.views)
+    phrasings: list[str] | None = None
 
 
 @dataclass
@@ -268,10 +276,25 @@ def _build_task(name: str, spec: Any, path: Path) -> TaskSpec:
             raise DataError(f"{path}: {key}.skip_labels: only valid for format cl_benchmark")
         if not isinstance(skip_labels, list) or not all(isinstance(x, str) for x in skip_labels):
             raise DataError(f"{path}: {key}.skip_labels: must be a list of strings")
+    content = spec.get("content", "input")
+    if content not in CONTENT_KINDS:
+        raise DataError(f"{path}: {key}.content: {content!r} is not one of {', '.join(CONTENT_KINDS)}")
+    phrasings = spec.get("phrasings")
+    if phrasings is not None:
+        if not isinstance(phrasings, list) or len(phrasings) < 2:
+            raise DataError(f"{path}: {key}.phrasings: must be a list of at least 2 strings")
+        for i, text in enumerate(phrasings):
+            if not isinstance(text, str) or not text.strip():
+                raise DataError(f"{path}: {key}.phrasings[{i}]: must be a non-empty string")
+            if text.count(PLACEHOLDER) > 1:
+                raise DataError(f"{path}: {key}.phrasings[{i}]: holds {PLACEHOLDER} more than once")
+        if len(set(phrasings)) != len(phrasings):
+            raise DataError(f"{path}: {key}.phrasings: lists the same phrasing twice")
     return TaskSpec(name=name, format=spec["format"], path=spec["path"], metric=spec["metric"],
                     labels=list(labels) if labels else None, answer_type=answer_type,
                     instruction=instruction, field_map=dict(field_map) if field_map else None,
-                    drop_empty_output=drop_empty, skip_labels=list(skip_labels) if skip_labels else None)
+                    drop_empty_output=drop_empty, skip_labels=list(skip_labels) if skip_labels else None,
+                    content=content, phrasings=list(phrasings) if phrasings else None)
 
 
 def _check_keys(raw: dict, allowed: tuple[str, ...], path: Path, prefix: str) -> None:

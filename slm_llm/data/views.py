@@ -1,0 +1,137 @@
+"""Query views: the words a user wraps around a task's input, and which of them training may see.
+
+A dataset gives each task one constant instruction. A user never types it: they ask in
+their own words, or paste the input alone. A *view* turns a dataset record into the
+request a user would send:
+
+    fixed        the record as the dataset has it (its constant instruction); for comparison only
+    paraphrase   the record's content inside one of the task's *held-out* phrasings
+    input-only   the content alone, with no instruction
+
+The content is the record's ``input`` (``content: input``, the default), or the whole
+request (instruction and input) for tasks whose instruction differs per record, such as
+code (``content: request``). A phrasing is a sentence of the suite's ``phrasings`` pool; it
+holds ``{input}`` where the content goes, or the content follows it after a blank line.
+A viewed record carries the whole user turn in ``instruction`` and an empty ``input``, so
+templates, the router and tokenisation see exactly what the user typed.
+
+The pool of every task is split once, by a seeded rule recorded in the run's manifest
+(:func:`phrasing_split`), into *train* phrasings (training samples, keys, thresholds,
+whitening statistics) and *held-out* phrasings (the ``paraphrase`` view only). Choosing
+settings on dev splits the train phrasings once more (:func:`dev_split`), so selection
+never sees a held-out phrasing either.
+
+Every draw is a pure function of (seed, task, record id), so a resumed run, another
+world size or another process draws the same phrasing for the same record.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import random
+from dataclasses import dataclass
+
+from .schema import DataError, Record
+
+VIEWS = ("fixed", "paraphrase", "input-only")
+PHRASING_MODES = ("pool", "fixed")  # data.phrasing: how training samples are worded
+CONTENT_KINDS = ("input", "request")
+PLACEHOLDER = "{input}"
+
+
+@dataclass(frozen=True)
+class PhrasingSplit:
+    task: str
+    train: tuple[str, ...]
+    heldout: tuple[str, ...]
+    seed: int
+    heldout_share: float
+
+    def record(self) -> dict:
+        """What the manifest keeps: the rule and the held-out texts (no training step may use them)."""
+        return {"seed": self.seed, "heldout_share": self.heldout_share, "train": list(self.train),
+                "heldout": list(self.heldout)}
+
+
+def phrasing_split(spec, seed: int = 0, heldout_share: float = 1 / 3) -> PhrasingSplit:
+    """Split ``spec.phrasings`` into train and held-out phrasings: a seeded shuffle keyed by the
+    task's name, the first ``ceil(n * heldout_share)`` (at least 1, at most n - 1) held out."""
+    pool = list(spec.phrasings or ())
+    if len(pool) < 2:
+        raise DataError(f"task '{spec.name}' has {len(pool)} phrasings; a pool needs at least 2 (one to train "
+                        f"on, one to hold out). Add a 'phrasings' list to its suite entry, or train with "
+                        f"data.phrasing=fixed")
+    if not 0.0 < heldout_share < 1.0:
+        raise DataError(f"heldout_share must be in (0, 1), got {heldout_share}")
+    order = random.Random(f"phrasings:{spec.name}:{seed}").sample(range(len(pool)), len(pool))
+    n_held = min(len(pool) - 1, max(1, math.ceil(len(pool) * heldout_share)))
+    held = sorted(order[:n_held])
+    return PhrasingSplit(spec.name, tuple(pool[i] for i in range(len(pool)) if i not in held),
+                         tuple(pool[i] for i in held), seed, heldout_share)
+
+
+def dev_split(split: PhrasingSplit) -> PhrasingSplit:
+    """For selection on dev: the train phrasings split again (a third held out as dev phrasings)."""
+    if len(split.train) < 2:
+        raise DataError(f"task '{split.task}' has {len(split.train)} train phrasings; a dev split needs 2")
+    dev = phrasing_split(_PoolSpec(split.task + ":dev", split.train), split.seed, 1 / 3)
+    return PhrasingSplit(split.task, dev.train, dev.heldout, split.seed, split.heldout_share)
+
+
+@dataclass(frozen=True)
+class _PoolSpec:
+    name: str
+    phrasings: tuple[str, ...]
+
+
+def content(record: Record, kind: str = "input") -> str:
+    """What the user brings: the input, or (``request``) instruction and input together."""
+    if kind == "request" or not record.input:
+        return f"{record.instruction}\n\n{record.input}" if record.input else record.instruction
+    return record.input
+
+
+def phrase(phrasing: str, text: str) -> str:
+    """``text`` placed at ``{input}`` in ``phrasing``, or after it following a blank line."""
+    if PLACEHOLDER in phrasing:
+        return phrasing.replace(PLACEHOLDER, text)
+    return f"{phrasing}\n\n{text}"
+
+
+def as_request(record: Record, request: str) -> Record:
+    """The record with ``request`` as its whole user turn."""
+    return dataclasses.replace(record, instruction=request, input="")
+
+
+def view_record(record: Record, view: str, phrasings: tuple[str, ...] | list[str] = (), kind: str = "input",
+                seed: int = 0) -> Record:
+    """One record in one view; ``phrasings`` are the pool the paraphrase view draws from."""
+    if view == "fixed":
+        return record
+    if view == "input-only":
+        return as_request(record, content(record, kind))
+    if view == "paraphrase":
+        if not phrasings:
+            raise DataError(f"task '{record.task}': the paraphrase view needs phrasings")
+        return as_request(record, phrase(_draw(phrasings, seed, "view", record), content(record, kind)))
+    raise DataError(f"unknown query view {view!r} (known: {', '.join(VIEWS)})")
+
+
+def view_records(records: list[Record], view: str, phrasings=(), kind: str = "input", seed: int = 0
+                 ) -> list[Record]:
+    return [view_record(r, view, phrasings, kind, seed) for r in records]
+
+
+def training_record(record: Record, phrasings: tuple[str, ...] | list[str], input_only_share: float,
+                    kind: str = "input", seed: int = 0) -> Record:
+    """A training sample as a user might have sent it: input-only with probability
+    ``input_only_share``, else inside one of the train ``phrasings`` (seeded by the record id)."""
+    rng = random.Random(f"train:{seed}:{record.task}:{record.id}:{record.input[:64]}")
+    if rng.random() < input_only_share:
+        return as_request(record, content(record, kind))
+    return as_request(record, phrase(rng.choice(list(phrasings)), content(record, kind)))
+
+
+def _draw(phrasings, seed: int, salt: str, record: Record) -> str:
+    rng = random.Random(f"{salt}:{seed}:{record.task}:{record.id}:{record.input[:64]}")
+    return rng.choice(list(phrasings))
