@@ -20,6 +20,8 @@ import yaml
 
 
 METHODS = ("slm", "seq_lora", "multitask")
+VIEWS = ("fixed", "paraphrase", "input-only")  # query views (slm_llm/data/views.py)
+PHRASING_MODES = ("pool", "fixed")  # data.phrasing
 
 
 class ConfigError(ValueError):
@@ -63,9 +65,21 @@ class DataConfig:
     max_train_samples: int = 0  # per task; 0 = all
     max_eval_samples: int = 0  # per task; 0 = all
     seed: int = 0
+    # How training samples are worded (slm_llm/data/views.py): "pool" puts each sample in one of its
+    # task's train phrasings, or sends its input alone (input_only_share); "fixed" keeps the dataset's
+    # instruction, which hands the router a task id in disguise.
+    phrasing: str = "pool"
+    input_only_share: float = 0.25
+    heldout_share: float = 0.25  # share of each task's phrasing pool held out for the paraphrase view
+    phrasing_seed: int = 0  # seed of the train / held-out split of the pools (recorded in the manifest)
 
     def validate(self) -> None:
         _choice("data.template", self.template, ("alpaca", "llama2", "chat"))
+        _choice("data.phrasing", self.phrasing, PHRASING_MODES)
+        if not 0.0 <= self.input_only_share <= 1.0:
+            raise ConfigError("data.input_only_share must be in [0, 1]")
+        if not 0.0 < self.heldout_share < 1.0:
+            raise ConfigError("data.heldout_share must be in (0, 1)")
         _choice("data.truncation", self.truncation, ("middle", "left"))
         if self.max_length < 16:
             raise ConfigError("data.max_length must be >= 16")
@@ -107,7 +121,6 @@ class DtkrConfig:
     mask_prob: float = 0.25
     top_n: int = 2  # per-group top-n cosines pulled together
     centrifugal: float = 0.0  # weight of the push away from old tasks' frozen keys
-    query_mode: str = "full"  # full (instruction + input) | input-only
     index: str = "auto"  # flat | hnsw | auto (hnsw past hnsw_threshold slots)
     hnsw_threshold: int = 20000
     ood_percentile: float = 1.0  # per-task threshold: this percentile of in-task training scores
@@ -131,7 +144,6 @@ class DtkrConfig:
         _positive("dtkr.encode_batch_size", self.encode_batch_size)
         _non_negative("dtkr.centrifugal", self.centrifugal)
         _choice("dtkr.key_init", self.key_init, ("random_subsets", "kmeans"))
-        _choice("dtkr.query_mode", self.query_mode, ("full", "input-only"))
         _choice("dtkr.index", self.index, ("flat", "hnsw", "auto"))
         if not 0.0 <= self.mask_prob < 1.0:
             raise ConfigError("dtkr.mask_prob must be in [0, 1)")
@@ -223,8 +235,17 @@ class EvalConfig:
     fwt: bool = False  # also evaluate the next task, for forward transfer
     during_training: bool = True  # fill the CL matrix after every task
     ifeval_max_new_tokens: int = 128  # `slm-llm ifeval`: responses are paragraphs and lists
+    # Query views scored (slm_llm/data/views.py); the first is the headline. Never headline "fixed":
+    # its constant instruction names the task.
+    views: list[str] = field(default_factory=lambda: ["paraphrase", "input-only", "fixed"])
 
     def validate(self) -> None:
+        if not self.views:
+            raise ConfigError("eval.views must name at least one view")
+        for v in self.views:
+            _choice("eval.views", v, VIEWS)
+        if len(set(self.views)) != len(self.views):
+            raise ConfigError("eval.views lists a view twice")
         _non_negative("eval.max_samples", self.max_samples)
         _positive("eval.max_new_tokens", self.max_new_tokens)
         _positive("eval.max_new_tokens_open", self.max_new_tokens_open)

@@ -150,9 +150,24 @@ def test_mixed_batch_is_routed_per_query():
     assert weights[1].abs().sum() == 0 and torch.equal(ids[0], torch.tensor(decisions[0].slots))
     # a single row routes exactly as it does inside the batch: no batch-level mixing
     assert router.route(batch[3:4])[0] == decisions[3]
-    # the non-default comparison mode gives every row the majority task
-    voted = router.route(batch[:6], batch_vote=True)
-    assert len({d.task for d in voted}) == 1
+
+
+def test_one_slot_rule_never_mixes_tasks_when_global_top_k_crosses_them():
+    """A query between two tasks whose two best slots overall belong to different tasks gets
+    the routed task's own top-K, exactly as training (restrict_task) gives that task's queries."""
+    router = Router(D, G, 2)
+    rng = np.random.default_rng(3)
+    a, b = rng.normal(size=(2, D))
+    router.add_task("a", torch.tensor(np.stack([a, -a, rng.normal(size=D), rng.normal(size=D)]),
+                                       dtype=torch.float32).reshape(P, G, -1))
+    router.add_task("b", torch.tensor(np.stack([b, -b, rng.normal(size=D), rng.normal(size=D)]),
+                                       dtype=torch.float32).reshape(P, G, -1))
+    q = (0.55 * a + 0.45 * b)[None].astype(np.float32)
+    plain = mean_group_cosine(q, router.all_keys().reshape(2 * P, -1).numpy(), G)[0]
+    assert {int(i) // P for i in np.argsort(-plain)[:2]} == {0, 1}  # the global top-2 crosses tasks
+    d = router.route(q)[0]
+    assert d.task == "a" and all(s in router.task_slots("a") for s in d.slots)
+    assert d == router.route(q, restrict_task="a")[0]  # the mix training gave task a's queries
 
 
 def test_slot_ids_are_consecutive_per_task():

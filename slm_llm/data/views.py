@@ -31,10 +31,10 @@ import math
 import random
 from dataclasses import dataclass
 
+from slm_llm.config import PHRASING_MODES, VIEWS  # noqa: F401 (re-exported)
+
 from .schema import DataError, Record
 
-VIEWS = ("fixed", "paraphrase", "input-only")
-PHRASING_MODES = ("pool", "fixed")  # data.phrasing: how training samples are worded
 CONTENT_KINDS = ("input", "request")
 PLACEHOLDER = "{input}"
 
@@ -53,7 +53,7 @@ class PhrasingSplit:
                 "heldout": list(self.heldout)}
 
 
-def phrasing_split(spec, seed: int = 0, heldout_share: float = 1 / 3) -> PhrasingSplit:
+def phrasing_split(spec, seed: int = 0, heldout_share: float = 0.25) -> PhrasingSplit:
     """Split ``spec.phrasings`` into train and held-out phrasings: a seeded shuffle keyed by the
     task's name, the first ``ceil(n * heldout_share)`` (at least 1, at most n - 1) held out."""
     pool = list(spec.phrasings or ())
@@ -135,3 +135,23 @@ def training_record(record: Record, phrasings: tuple[str, ...] | list[str], inpu
 def _draw(phrasings, seed: int, salt: str, record: Record) -> str:
     rng = random.Random(f"{salt}:{seed}:{record.task}:{record.id}:{record.input[:64]}")
     return rng.choice(list(phrasings))
+
+
+def task_split(spec, data) -> PhrasingSplit:
+    """The run's split of ``spec``'s pool (``data`` is a DataConfig)."""
+    return phrasing_split(spec, data.phrasing_seed, data.heldout_share)
+
+
+def training_records(records: list[Record], spec, data) -> list[Record]:
+    """A task's training records as the run trains on them (``data.phrasing``): in its train
+    phrasings or input-only (``pool``), or with the dataset's instruction (``fixed``)."""
+    if data.phrasing == "fixed":
+        return list(records)
+    train = task_split(spec, data).train
+    return [training_record(r, train, data.input_only_share, spec.content, data.seed) for r in records]
+
+
+def test_records(records: list[Record], spec, view: str, data) -> list[Record]:
+    """A task's evaluation records in ``view``; ``paraphrase`` draws only held-out phrasings."""
+    phrasings = task_split(spec, data).heldout if view == "paraphrase" else ()
+    return view_records(records, view, phrasings, spec.content, data.seed)

@@ -13,16 +13,20 @@ def register(sub, add_config_args) -> None:
     p.add_argument("--json", action="store_true", help="one JSON decision per line")
     p.set_defaults(fn=cmd_route)
 
-    p = sub.add_parser("router-eval", help="continual routing accuracy of DTKR on a suite, at batch size 1")
+    p = sub.add_parser("router-eval", help="continual routing quality of DTKR on a suite, per query view, at batch size 1")
     add_config_args(p)
     p.add_argument("--suite", default=None, help="instruct6 | cl9 | a suite YAML (default: data.suite)")
-    p.add_argument("--query-mode", choices=("full", "input-only"), default=None, help="default: dtkr.query_mode")
+    p.add_argument("--query-view", default=None,
+                   help="comma-separated views: paraphrase, input-only, fixed (default: eval.views)")
     p.add_argument("--data-root", default=None, help="default: data.data_root, $SLM_DATA, ../shared/data")
     p.add_argument("--max-train", type=int, default=400, help="training queries per task (keys)")
-    p.add_argument("--max-test", type=int, default=300, help="evaluation queries per task")
+    p.add_argument("--max-test", type=int, default=300, help="evaluation queries per task and view")
     p.add_argument("--eval-split", choices=("test", "dev"), default="test",
-                   help="dev: hold out part of train (for choosing settings without test)")
-    p.add_argument("--out", default=None, help="folder for router_eval.json, confusion.txt, confusion.png")
+                   help="dev: hold out part of train and the dev phrasings (for choosing settings without test)")
+    p.add_argument("--seeds", default="0", help="comma-separated seeds (data sample, phrasings, key init)")
+    p.add_argument("--off-domain", default="", help="comma-separated off-domain sets: ifeval and/or suite names")
+    p.add_argument("--ood-sweep", default="", help="comma-separated ood_percentile values to re-score")
+    p.add_argument("--out", default=None, help="folder for router_eval_seeds.json and per-seed confusions")
     p.set_defaults(fn=cmd_router_eval)
 
 
@@ -41,22 +45,38 @@ def cmd_route(args) -> int:
 
 
 def cmd_router_eval(args) -> int:
-    import numpy as np
-
     from slm_llm.config import load_config
     from slm_llm.dtkr.encoder import build_encoder
-    from slm_llm.dtkr.evaluate import format_confusion, router_eval
+    from slm_llm.dtkr.evaluate import router_eval_seeds
 
     cfg = load_config(args.config, args.overrides)
-    r = router_eval(args.suite or cfg.data.suite, args.data_root or cfg.data.data_root or None, cfg.dtkr,
-                    args.query_mode, args.max_train, args.max_test, slots_per_task=cfg.jare.slots_per_task,
-                    top_k=cfg.jare.top_k, order=cfg.data.order, tasks=cfg.data.tasks or None,
-                    eval_split=args.eval_split, encoder=build_encoder(cfg), out_dir=args.out, progress=True)
-    print(format_confusion(np.array(r["confusion"]), r["tasks"]))
-    pairs = ", ".join(f"{p['true']}->{p['routed']} {p['count']}" for p in r["confused_pairs"][:3])
-    print(f"{r['suite']} {r['query_mode']} ({r['eval_split']}): accuracy {r['overall']:.2%} "
-          f"(mean over tasks {r['mean_task']:.2%}); OOD flagged {r['ood_rate']:.1%}; "
-          f"p50 {r['latency_ms']['p50']:.3f} ms/query; most confused: {pairs or 'none'}")
+    if args.data_root:
+        cfg.data.data_root = args.data_root
+    views = _csv(args.query_view) or cfg.eval.views
+    r = router_eval_seeds(cfg, [int(s) for s in _csv(args.seeds)], suite=args.suite, views=views,
+                          max_train=args.max_train, max_test=args.max_test, eval_split=args.eval_split,
+                          off_domain=_csv(args.off_domain), ood_percentiles=[float(p) for p in _csv(args.ood_sweep)],
+                          encoder=build_encoder(cfg), out_dir=args.out, progress=True)
+    s = r["summary"]
+    print(f"{r['suite']} ({r['eval_split']}, seeds {','.join(map(str, r['seeds']))}), mean ± sd:")
+    for view in views:
+        print(f"  {view:>10}: served by own task {_pct(s, view + '.served')}  top-1 {_pct(s, view + '.top1')}  "
+              f"OOD {_pct(s, view + '.ood_rate')}")
+    for name in _csv(args.off_domain):
+        print(f"  off-domain {name}: flagged OOD {_pct(s, 'off_domain.' + name)}")
+    for p in _csv(args.ood_sweep):
+        cells = "  ".join(f"{k} {_pct(s, f'sweep.{float(p)}.{k}')}" for k in [*views, *(f"off:{n}" for n in
+                                                                                     _csv(args.off_domain))])
+        print(f"  ood_percentile {p}: {cells}")
     if args.out:
-        print(f"written: {args.out}/router_eval.json, confusion.txt, confusion.png")
+        print(f"written: {args.out}/router_eval_seeds.json")
     return 0
+
+
+def _csv(text: str | None) -> list[str]:
+    return [x.strip() for x in (text or "").split(",") if x.strip()]
+
+
+def _pct(summary: dict, key: str) -> str:
+    v = summary.get(key)
+    return "n/a" if v is None else f"{100 * v['mean']:.1f} ± {100 * v['sd']:.1f}"

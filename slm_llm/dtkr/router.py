@@ -1,4 +1,4 @@
-"""Router: per-query top-K slot selection over every task's DTKR keys.
+"""Router: per-query task and slot selection over every task's DTKR keys.
 
 The router holds a SlotIndex over all tasks' keys plus a slot table. Each task owns
 P consecutive global slot ids (task i: i*P .. i*P+P-1 when every task has P slots;
@@ -6,19 +6,19 @@ the table is stored anyway), the same numbering JareModel uses. With
 ``keys_per_slot`` = m > 1 a task brings P*m keys and key j belongs to its slot j // m;
 a slot's score is the best score of its keys.
 
-Routing is per query. For each query q:
-  1. score every slot: s(q, slot) = max over the slot's keys of (1/G) Σ_g cos(q_g, key_g)
-     (the index returns the best ``n_candidates`` keys; flat search is exact);
-  2. keep the top K slots, with weights w_k = max(s_k, ε) / Σ_j max(s_j, ε);
-  3. the routed task is the best slot's task; the query is out of distribution (OOD)
-     when the best slot's score is below that task's threshold.
-
-With ``whiten=True`` step 1 only picks the task: the best key after the whitening map T
-of ``slm_llm.dtkr.whiten`` (pooled within-task covariance, applied to q and keys). Steps
-2-3 then run on that task's own slots with plain scores. T changes with every new task,
-plain scores never do, so a query routed to an old task gets exactly the slots and
-weights it got when that task was trained: the old task's behaviour cannot drift.
-``restrict_task`` (training, oracle) always scores plainly within the task.
+One slot rule, the same in training and at inference, for each query q:
+  1. pick the task: the task of the best key in the index (plain mean group cosine
+     s(q, key) = (1/G) Σ_g cos(q_g, key_g); with ``whiten=True``, the best key after the
+     whitening map T of ``slm_llm.dtkr.whiten``);
+  2. score that task's own slots plainly (a slot's score: the best of its keys) and keep
+     its top K, with weights w_k = max(s_k, ε) / Σ_j max(s_j, ε);
+  3. the query is out of distribution (OOD) when the best plain score is below the
+     task's threshold.
+Training knows the task and runs steps 2-3 only (``restrict_task``), so a query routed to
+the right task gets exactly the mix of slots its task was trained with, never half a slot
+of another task. Plain scores depend only on frozen keys and the frozen encoder, while T
+changes with every new task; so a query routed to an old task gets the slots and weights
+it got when that task was trained: the old task's behaviour cannot drift.
 
 OOD calibration: a task's threshold is the ``ood_percentile``-th percentile (default
 1.0) of the plain best scores of its own training queries against its own keys,
@@ -29,7 +29,6 @@ threshold.
 from __future__ import annotations
 
 import json
-from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -77,17 +76,15 @@ class Router:
         whiten_shrinkage: float = 0.05,
         index: str = "auto",
         hnsw_threshold: int = 20000,
-        n_candidates: int = 64,
         device: str = "cpu",
     ):
         check_groups(dim, groups)
-        if top_k <= 0 or keys_per_slot <= 0 or n_candidates <= 0:
-            raise ValueError("top_k, keys_per_slot and n_candidates must be > 0")
+        if top_k <= 0 or keys_per_slot <= 0:
+            raise ValueError("top_k and keys_per_slot must be > 0")
         self.dim, self.groups, self.top_k = dim, groups, top_k
         self.encoder_id = encoder_id
         self.keys_per_slot = keys_per_slot
         self.ood_percentile = ood_percentile
-        self.n_candidates = n_candidates
         self.whitener = Whitener(dim, groups, whiten_shrinkage) if whiten else None
         self._index_args = (index, hnsw_threshold, device)
         self.index = SlotIndex(dim, groups, index, hnsw_threshold, device=device)
@@ -205,15 +202,10 @@ class Router:
         return self._pos[task]
 
     # ---- routing -----------------------------------------------------------------
-    def route(
-        self, embeddings, k: int | None = None, restrict_task: str | None = None, batch_vote: bool = False
-    ) -> list[RouteDecision]:
+    def route(self, embeddings, k: int | None = None, restrict_task: str | None = None) -> list[RouteDecision]:
         """Route each row of ``embeddings`` [B, D] on its own; return B decisions.
 
-        restrict_task: training-time mode, top-K among that task's slots only, scored
-        exactly (not through the index). batch_vote: NOT the default and not the
-        method; for comparison only, every row gets the batch's majority task (then
-        that task's top-K slots).
+        restrict_task: training (and the oracle): the task is given, steps 2-3 only.
         """
         if not self.tasks:
             raise RouterError("the router is empty: add a task (or build the run's router) before routing")
@@ -224,20 +216,15 @@ class Router:
         k = self.top_k if k is None else int(k)
         if k <= 0:
             raise RouterError(f"k must be > 0, got {k}")
-        if batch_vote:
-            per_row = self.route(emb, k)
-            majority = Counter(d.task for d in per_row).most_common(1)[0][0]
-            return self.route(emb, k, restrict_task=majority)
         if restrict_task is not None:
             return self._route_within(emb, np.full(len(emb), self._task_pos(restrict_task)), k)
-        if self.whitener is not None:
-            # Whitened scores choose the task; that task's own slots are then chosen and weighted by
-            # plain scores, which later tasks cannot move (the whitening changes with every task).
-            _, ids = self.index.search(self.whitener.transform_queries(emb), 1)
-            return self._route_within(emb, self._slot_task[self._row_slot[ids[:, 0]]], k)
-        n = max(self.n_candidates, k * self.keys_per_slot)
-        scores, ids = self.index.search(emb, n)  # [B, n], best first
-        return [self._decide(scores[b], ids[b], k) for b in range(len(emb))]
+        return self._route_within(emb, self.pick_tasks(emb), k)
+
+    def pick_tasks(self, emb: np.ndarray) -> np.ndarray:
+        """Step 1: the task position of each row's best key ([B] ints)."""
+        queries = self.whitener.transform_queries(emb) if self.whitener is not None else emb
+        _, ids = self.index.search(queries, 1)
+        return self._slot_task[self._row_slot[ids[:, 0]]]
 
     def _route_within(self, emb: np.ndarray, task_pos: np.ndarray, k: int) -> list[RouteDecision]:
         """Row b among the slots of task ``task_pos[b]`` only, by exact plain mean group cosines."""
@@ -305,7 +292,6 @@ class Router:
             "whiten": self.whitener is not None,
             "whiten_shrinkage": self.whitener.shrinkage if self.whitener is not None else None,
             "index": {"kind": self._index_args[0], "hnsw_threshold": self._index_args[1]},
-            "n_candidates": self.n_candidates,
             "tasks": self.tasks, "slots": slots,
         })
 
@@ -321,7 +307,7 @@ class Router:
                    keys_per_slot=meta["keys_per_slot"], ood_percentile=meta["ood_percentile"],
                    whiten=meta["whiten"], whiten_shrinkage=meta["whiten_shrinkage"] or 0.05,
                    index=meta["index"]["kind"], hnsw_threshold=meta["index"]["hnsw_threshold"],
-                   n_candidates=meta["n_candidates"], device=device)
+                   device=device)
         if encoder_id is not None:
             self.check_encoder(encoder_id)
         if not meta["tasks"]:

@@ -22,7 +22,7 @@ import torch
 
 from slm_llm.config import SHARED_ADAPTER as SHARED
 from slm_llm.config import Config, shared_adapter_config
-from slm_llm.data import Collator, load_suite, load_task_split, query_text, tokenize_example
+from slm_llm.data import Collator, load_suite, load_task_split, query_text, task_split, tokenize_example, training_records
 from slm_llm.dtkr import Router, init_keys, load_keys, routing_tensors, save_keys, score_matrix, train_keys
 from slm_llm.dtkr.encoder import Encoder, build_encoder
 from slm_llm.jare import JareModel
@@ -71,14 +71,20 @@ def run_continual(cfg: Config) -> RunDir:
     encoder = build_encoder(cfg)
     run = RunDir(cfg.run_dir)
     if rank == 0:
-        run.init(cfg, model_id(cfg.model), encoder.id, stages, suite_tasks=tasks)
+        phrasings = {t: task_split(suite.tasks[t], cfg.data).record() for t in tasks} \
+            if cfg.data.phrasing == "pool" else None
+        run.init(cfg, model_id(cfg.model), encoder.id, stages, suite_tasks=tasks, phrasings=phrasings)
     barrier()
     ds = load_ds_config(cfg.train.deepspeed, cfg.train, world)
     tokenizer = load_tokenizer(cfg.model)
     collate = Collator(tokenizer.pad_token_id)
 
     def load(task: str):
-        return load_task_split(suite, task, "train", cfg.data.data_root or None, cfg.data.max_train_samples, cfg.data.seed)
+        """The task's training records, worded as users word them (data.phrasing); held-out
+        phrasings never reach this point."""
+        records = load_task_split(suite, task, "train", cfg.data.data_root or None, cfg.data.max_train_samples,
+                                  cfg.data.seed)
+        return training_records(records, suite.tasks[task], cfg.data)
 
     for t, stage in enumerate(stages):
         tag = f"[{t + 1}/{len(stages)}] {stage}"
@@ -91,7 +97,7 @@ def run_continual(cfg: Config) -> RunDir:
 
         if method == "slm":
             # 1. DTKR keys on this task's queries only (old tasks' keys are frozen; no old data).
-            emb = encoder.encode([query_text(r, cfg.dtkr.query_mode) for r in records])  # [N, D]
+            emb = encoder.encode([query_text(r) for r in records])  # [N, D]
             router = _open_router(run, cfg, encoder)
             if rank == 0 and not (tdir / "keys.safetensors").exists():
                 keys = init_keys(emb, cfg.jare.slots_per_task * cfg.dtkr.keys_per_slot, cfg.dtkr.groups,
