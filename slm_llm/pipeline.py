@@ -4,11 +4,11 @@ Shared by the serving backends and the evaluation harness, so both answer a quer
 the same way: encode the raw query, route it (per query), and generate with that
 query's own slots and weights in a batched, KV-cached ``generate``.
 
-Routing modes for a batch of records:
-    "slm"      DTKR routing (top-K over all slots); OOD rows fall back to the base
-    "oracle"   the true task's own top-K slots (needs ``record.task``)
+Routing modes (:func:`route_queries`, shared by serving and evaluation):
+    "slm"      DTKR: the routed task's top-K slots; OOD rows fall back to the base
+    "oracle"   the true task's own top-K slots (needs the true task of each query)
     "base"     no increments (weights 0)
-    <task>     force that task's slots
+    <task>     force that task's top-K slots
 
 A seq_lora or multitask run holds one shared adapter (a one-slot JARe task); every
 mode but "base" uses it.
@@ -29,6 +29,41 @@ from slm_llm.dtkr.encoder import Encoder, build_encoder
 from slm_llm.jare import JareModel
 from slm_llm.models import load_base_model, model_id
 from slm_llm.run import RunDir, RunError
+
+
+MODES = ("slm", "oracle", "base")  # plus any task name
+
+
+@dataclass
+class Routed:
+    """One query's routing in one mode: ``decision`` drives generation (None = the base model);
+    ``raw`` is the router's own decision (for reports: the task, score and OOD flag even
+    when the base model answers; None for mode "base")."""
+
+    decision: RouteDecision | None
+    raw: RouteDecision | None
+
+
+def route_queries(router: Router, encoder: Encoder, queries: list[str], mode: str, ood_fallback: bool,
+                  true_tasks: list[str] | None = None) -> list[Routed]:
+    """Route raw query texts in ``mode``; the one routing-mode function of serving and evaluation."""
+    if mode == "base":
+        return [Routed(None, None) for _ in queries]
+    if mode not in ("slm", "oracle") and mode not in router.task_names:
+        raise RunError(f"unknown model/adapter {mode!r}; known: slm, base, oracle, {', '.join(router.task_names)}")
+    emb = encoder.encode(list(queries))  # [B, D]
+    if mode == "slm":
+        return [Routed(None if (d.ood and ood_fallback) else d, d) for d in router.route(emb)]
+    if mode == "oracle":
+        if true_tasks is None or len(true_tasks) != len(queries):
+            raise RunError("mode 'oracle' needs the true task of every query")
+        out = [None] * len(queries)
+        for task in dict.fromkeys(true_tasks):
+            rows = [i for i, t in enumerate(true_tasks) if t == task]
+            for i, d in zip(rows, router.route(emb[rows], restrict_task=task)):
+                out[i] = Routed(d, d)
+        return out
+    return [Routed(d, d) for d in router.route(emb, restrict_task=mode)]
 
 
 @dataclass
@@ -92,24 +127,21 @@ class RunPipeline:
 
     # ---- routing ---------------------------------------------------------------------
     def queries(self, records: list[Record]) -> list[str]:
-        return [query_text(r, self.cfg.dtkr.query_mode) for r in records]
+        return [query_text(r) for r in records]
+
+    def route_records(self, records: list[Record], mode: str = "slm") -> list[Routed]:
+        """One :class:`Routed` per record; a baseline run's shared adapter serves every mode but base."""
+        if self.router is None:
+            if mode == "base":
+                return [Routed(None, None) for _ in records]
+            shared = RouteDecision(slots=[0], weights=[1.0], task=SHARED, score=1.0, ood=False, scores=[1.0])
+            return [Routed(shared, shared) for _ in records]
+        return route_queries(self.router, self.encoder, self.queries(records), mode, self.cfg.serve.ood_fallback,
+                             [r.task for r in records])
 
     def route(self, records: list[Record], mode: str = "slm") -> list[RouteDecision | None]:
         """One decision per record (None = base model)."""
-        if mode == "base":
-            return [None] * len(records)
-        if self.router is None:
-            shared = RouteDecision(slots=[0], weights=[1.0], task=SHARED, score=1.0, ood=False, scores=[1.0])
-            return [shared] * len(records)
-        emb = self.encoder.encode(self.queries(records))
-        if mode == "slm":
-            decisions = self.router.route(emb)
-            return [None if (d.ood and self.cfg.serve.ood_fallback) else d for d in decisions]
-        if mode == "oracle":
-            return [self.router.route(emb[i : i + 1], restrict_task=r.task)[0] for i, r in enumerate(records)]
-        if mode in self.router.task_names:
-            return self.router.route(emb, restrict_task=mode)
-        raise RunError(f"unknown model/adapter {mode!r}; known: slm, base, oracle, {', '.join(self.router.task_names)}")
+        return [r.decision for r in self.route_records(records, mode)]
 
     # ---- generation ------------------------------------------------------------------
     def prompts(self, records: list[Record]) -> list[str]:

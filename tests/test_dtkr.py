@@ -400,14 +400,28 @@ def test_ood_flag_on_foreign_text(real_encoder):
 
 
 def test_router_eval_end_to_end(real_encoder, data_root, tmp_path):
-    from slm_llm.dtkr.evaluate import router_eval
+    """Keys learn from train phrasings (and input-only queries); held-out paraphrases and bare inputs
+    are routed per query; IFEval prompts and another suite's queries measure the OOD flag."""
+    from slm_llm.dtkr.evaluate import router_eval_seeds
 
-    report = router_eval("instruct6", data_root, DtkrConfig(epochs=1), "input-only", max_train=24, max_test=10,
-                         tasks=["math_gsm8k", "code_codealpaca", "finance_phrasebank"], encoder=real_encoder,
-                         out_dir=tmp_path)
-    assert report["tasks"] == ["math_gsm8k", "code_codealpaca", "finance_phrasebank"]
-    assert np.array(report["confusion"]).sum() == 30 and report["overall"] >= 0.8
-    assert {p.name for p in tmp_path.iterdir()} >= {"router_eval.json", "confusion.txt", "confusion.png"}
+    cfg = Config()
+    cfg.dtkr.epochs = 1
+    cfg.data.tasks = ["math_gsm8k", "code_codealpaca", "finance_phrasebank"]
+    report = router_eval_seeds(cfg, [0, 1], views=["paraphrase", "input-only"], max_train=24, max_test=10,
+                               off_domain=["ifeval"], ood_percentiles=[1.0, 50.0], encoder=real_encoder,
+                               out_dir=tmp_path)
+    run = report["runs"]["0"]
+    assert run["tasks"] == cfg.data.tasks and set(run["views"]) == {"paraphrase", "input-only"}
+    for view in run["views"].values():
+        assert np.array(view["confusion"]).sum() == 30 and len(view["confusion"][0]) == 4  # 3 tasks + OOD
+        assert view["top1"] >= 0.8 and view["served"] <= view["top1"]
+    assert run["n_off_domain"]["ifeval"] == 541 and 0.0 <= run["off_domain"]["ifeval"] <= 1.0
+    low, high = run["ood_sweep"]["1.0"], run["ood_sweep"]["50.0"]  # a higher percentile flags more
+    assert high["paraphrase"] <= low["paraphrase"] and high["off:ifeval"] >= low["off:ifeval"]
+    assert report["summary"]["paraphrase.served"]["sd"] >= 0.0 and len(report["runs"]) == 2
+    assert (tmp_path / "router_eval_seeds.json").exists()
+    assert {p.name for p in (tmp_path / "seed1").iterdir()} >= {"router_eval.json", "confusion-paraphrase.txt",
+                                                                  "confusion-input-only.png"}
 
 
 def test_cli_route_prints_decisions(real_encoder, tmp_path, capsys):

@@ -8,6 +8,7 @@ def register(sub, add_config_args) -> None:
     """Add this package's subparsers to ``sub``; each sets ``fn`` to a function(args) -> exit code."""
     p = sub.add_parser("eval", help="fill the continual-learning matrix row of a run's last finished stage")
     p.add_argument("--run", required=True, help="run folder")
+    _add_view_arg(p)
     p.add_argument("overrides", nargs="*", help="eval.* overrides, e.g. eval.max_samples=20")
     p.set_defaults(fn=cmd_eval)
 
@@ -17,11 +18,13 @@ def register(sub, add_config_args) -> None:
                    help="comma-separated subset of slm,oracle,seq_lora,multitask,base")
     p.add_argument("--out", default=None, help="table path (.json; a .md is written beside it); "
                                                 "default <run_dir>-compare.json")
+    _add_view_arg(p)
     p.set_defaults(fn=cmd_compare)
 
     p = sub.add_parser("report", help="eval/report.md and plots of a run (and a compare table)")
     p.add_argument("--run", required=True, help="run folder")
     p.add_argument("--compare", default=None, help="a compare table JSON to plot beside the run")
+    _add_view_arg(p, "the view the report leads with (default: the matrix's first, the run's headline)")
     p.set_defaults(fn=cmd_report)
 
     p = sub.add_parser("ifeval", help="verifiable instruction following: base vs routed slm on our prompts")
@@ -32,11 +35,21 @@ def register(sub, add_config_args) -> None:
     p.set_defaults(fn=cmd_ifeval)
 
 
+def _add_view_arg(p, help_: str | None = None) -> None:
+    p.add_argument("--query-view", default=None, help=help_ or "comma-separated query views to score, headline first: "
+                   "paraphrase (held-out phrasings), input-only, fixed (the dataset's instruction); "
+                   "default eval.views")
+
+
+def _view_overrides(args) -> list[str]:
+    return [f"eval.views={args.query_view}"] if args.query_view else []
+
+
 def cmd_eval(args) -> int:
     from slm_llm.eval.continual import evaluate_run
     from slm_llm.eval.matrix import metrics_of
 
-    m = evaluate_run(args.run, args.overrides)
+    m = evaluate_run(args.run, [*args.overrides, *_view_overrides(args)])
     print(json.dumps(metrics_of(m), indent=1))
     return 0
 
@@ -45,7 +58,7 @@ def cmd_compare(args) -> int:
     from slm_llm.config import load_config
     from slm_llm.eval.compare import compare, parse_methods
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_config(args.config, [*args.overrides, *_view_overrides(args)])
     table = compare(cfg, parse_methods(args.methods), args.out)
     print(open(table["paths"]["markdown"]).read())
     print(f"table: {table['paths']['json']}  {table['paths']['markdown']}")
@@ -55,7 +68,7 @@ def cmd_compare(args) -> int:
 def cmd_report(args) -> int:
     from slm_llm.eval.report import write_report
 
-    path = write_report(args.run, args.compare)
+    path = write_report(args.run, args.compare, args.query_view)
     print(f"report: {path}")
     return 0
 
