@@ -72,6 +72,11 @@ class DataConfig:
     input_only_share: float = 0.25
     heldout_share: float = 0.25  # share of each task's phrasing pool held out for the paraphrase view
     phrasing_seed: int = 0  # seed of the train / held-out split of the pools (recorded in the manifest)
+    # Choosing settings on dev: every run keeps dev_samples records per task out of training (the dev
+    # pool). eval_split "dev" evaluates on that pool, and on dev phrasings split off the train
+    # phrasings (training then uses the rest), so selection never sees test records or held-out phrasings.
+    dev_samples: int = 100
+    eval_split: str = "test"  # test | dev
 
     def validate(self) -> None:
         _choice("data.template", self.template, ("alpaca", "llama2", "chat"))
@@ -80,6 +85,8 @@ class DataConfig:
             raise ConfigError("data.input_only_share must be in [0, 1]")
         if not 0.0 < self.heldout_share < 1.0:
             raise ConfigError("data.heldout_share must be in (0, 1)")
+        _non_negative("data.dev_samples", self.dev_samples)
+        _choice("data.eval_split", self.eval_split, ("test", "dev"))
         _choice("data.truncation", self.truncation, ("middle", "left"))
         if self.max_length < 16:
             raise ConfigError("data.max_length must be >= 16")

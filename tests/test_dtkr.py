@@ -407,7 +407,8 @@ def test_router_eval_end_to_end(real_encoder, data_root, tmp_path):
     cfg = Config()
     cfg.dtkr.epochs = 1
     cfg.data.tasks = ["math_gsm8k", "code_codealpaca", "finance_phrasebank"]
-    report = router_eval_seeds(cfg, [0, 1], views=["paraphrase", "input-only"], max_train=24, max_test=10,
+    cfg.data.max_train_samples = 24
+    report = router_eval_seeds(cfg, [0, 1], views=["paraphrase", "input-only"], max_test=10,
                                off_domain=["ifeval"], ood_percentiles=[1.0, 50.0], encoder=real_encoder,
                                out_dir=tmp_path)
     run = report["runs"]["0"]

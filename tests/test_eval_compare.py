@@ -65,6 +65,9 @@ def test_compare_all_methods_then_report(tmp_path, data_root):
     multi_m = json.loads((Path(f"{prefix}-multitask") / "eval" / "matrix.json").read_text())
     multi = multi_m["views"]["paraphrase"]["strict"]["R"]["multitask"]
     assert len(multi) == 1 and None not in multi[0] and cells["multitask"]["bwt"] is None
+    steps = {m: [t["steps"] for t in json.loads((Path(f"{prefix}-{m}") / "manifest.json").read_text())["tasks"].values()]
+             for m in ("seq_lora", "multitask")}
+    assert sum(steps["multitask"]) == sum(steps["seq_lora"]) > 0  # the upper bound trains as long as the others
 
     preds = Path(f"{prefix}-slm") / "eval" / "predictions" / "paraphrase" / "stage1-law_overruling.jsonl"
     rows = [json.loads(line) for line in preds.read_text().splitlines()]

@@ -63,6 +63,30 @@ def test_length_grouping_keeps_each_step_and_cuts_padding():
     assert padded(grouped) < padded(plain)
 
 
+def test_multitask_gets_as_many_steps_as_the_continual_methods():
+    from slm_llm.train.loop import total_steps
+
+    capped = load_config(None, ["train.max_steps=5"]).train
+    assert total_steps(400, capped, 1) == 5 and total_steps(1200, capped, 1, stages_covered=3) == 15
+    by_epoch = load_config(None, ["train.micro_batch_size=4", "train.epochs=2"]).train
+    per_task = [total_steps(n, by_epoch, 1) for n in (40, 36, 44)]
+    assert total_steps(120, by_epoch, 1, stages_covered=3) == sum(per_task) == 60
+
+
+def test_dev_pool_is_never_trained_on_and_is_what_dev_runs_evaluate(data_root):
+    from slm_llm.data import load_suite, run_records
+
+    suite = load_suite("cl9")
+    test_cfg = load_config(None, ["data.max_train_samples=0", "data.dev_samples=50"]).data
+    dev_cfg = load_config(None, ["data.max_train_samples=0", "data.dev_samples=50", "data.eval_split=dev"]).data
+    train = run_records(suite, "copa", "train", test_cfg)
+    dev = run_records(suite, "copa", "eval", dev_cfg)
+    assert len(dev) == 50 and len(train) == 400 - 50
+    assert not {r.id for r in dev} & {r.id for r in train}
+    assert run_records(suite, "copa", "train", dev_cfg) == train  # a dev run trains exactly like a test run
+    assert all(r.id.startswith("copa-test-") for r in run_records(suite, "copa", "eval", test_cfg, 10))
+
+
 def test_lr_schedule_warms_up_then_decays():
     f = lr_lambda(total_steps=100, warmup_ratio=0.1, min_lr_ratio=0.1)
     assert f(0) < f(5) < f(10) == pytest.approx(1.0)

@@ -158,8 +158,10 @@ def _draw(phrasings, seed: int, salt: str, record: Record) -> str:
 
 
 def task_split(spec, data) -> PhrasingSplit:
-    """The run's split of ``spec``'s pool (``data`` is a DataConfig)."""
-    return phrasing_split(spec, data.phrasing_seed, data.heldout_share)
+    """The run's split of ``spec``'s pool (``data`` is a DataConfig); a dev-selection run
+    (``data.eval_split`` "dev") trains on and evaluates with the dev split of the train phrasings."""
+    split = phrasing_split(spec, data.phrasing_seed, data.heldout_share)
+    return dev_split(split) if data.eval_split == "dev" else split
 
 
 def training_records(records: list[Record], spec, data) -> list[Record]:

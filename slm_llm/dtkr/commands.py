@@ -19,10 +19,11 @@ def register(sub, add_config_args) -> None:
     p.add_argument("--query-view", default=None,
                    help="comma-separated views: paraphrase, input-only, fixed (default: eval.views)")
     p.add_argument("--data-root", default=None, help="default: data.data_root, $SLM_DATA, ../shared/data")
-    p.add_argument("--max-train", type=int, default=400, help="training queries per task (keys)")
+    p.add_argument("--max-train", type=int, default=400, help="training queries per task (data.max_train_samples)")
     p.add_argument("--max-test", type=int, default=300, help="evaluation queries per task and view")
-    p.add_argument("--eval-split", choices=("test", "dev"), default="test",
-                   help="dev: hold out part of train and the dev phrasings (for choosing settings without test)")
+    p.add_argument("--eval-split", choices=("test", "dev"), default=None,
+                   help="dev: each task's dev pool and dev phrasings (choosing settings without test); "
+                        "default data.eval_split")
     p.add_argument("--seeds", default="0", help="comma-separated seeds (data sample, phrasings, key init)")
     p.add_argument("--off-domain", default="", help="comma-separated off-domain sets: ifeval and/or suite names")
     p.add_argument("--ood-sweep", default="", help="comma-separated ood_percentile values to re-score")
@@ -52,9 +53,11 @@ def cmd_router_eval(args) -> int:
     cfg = load_config(args.config, args.overrides)
     if args.data_root:
         cfg.data.data_root = args.data_root
+    cfg.data.max_train_samples = args.max_train
+    cfg.data.eval_split = args.eval_split or cfg.data.eval_split
     views = _csv(args.query_view) or cfg.eval.views
     r = router_eval_seeds(cfg, [int(s) for s in _csv(args.seeds)], suite=args.suite, views=views,
-                          max_train=args.max_train, max_test=args.max_test, eval_split=args.eval_split,
+                          max_test=args.max_test,
                           off_domain=_csv(args.off_domain), ood_percentiles=[float(p) for p in _csv(args.ood_sweep)],
                           encoder=build_encoder(cfg), out_dir=args.out, progress=True)
     s = r["summary"]

@@ -12,11 +12,12 @@ the OOD flag rejects what no task covers.
     top-1       routed to its own task, flagged or not
     ood_rate    share of in-domain queries flagged OOD (answered by the base model)
 
-``eval_split="dev"`` chooses settings without touching test: evaluation records come from
-the training split (held out from key training), and the paraphrase view uses *dev*
-phrasings, split off the train phrasings (``slm_llm.data.views.dev_split``); the held-out
-phrasings stay unseen. Several seeds (data sample, phrasing draws, key init) give mean
-and sd.
+``data.eval_split=dev`` chooses settings without touching test: evaluation records come
+from each task's dev pool (held out of the train split, never trained on), and the
+paraphrase view uses *dev* phrasings, split off the train phrasings
+(``slm_llm.data.views.dev_split``); the held-out phrasings stay unseen. The training
+queries are ``data.max_train_samples`` per task, as in a training run. Several seeds (data
+sample, phrasing draws, key init) give mean and sd.
 
     slm-llm router-eval --suite cl9 --views paraphrase,input-only --seeds 0,1,2 --off-domain ifeval,instruct6
 """
@@ -32,8 +33,8 @@ from typing import Any
 import numpy as np
 
 from slm_llm.config import Config
-from slm_llm.data import (Suite, dev_split, load_suite, load_task_split, query_text, resolve_data_root,
-                          task_split, training_record, view_records)
+from slm_llm.data import (Suite, load_suite, load_task_split, query_text, records_in_view, resolve_data_root,
+                          run_records, training_records, view_records)
 from slm_llm.dtkr.encoder import Encoder
 from slm_llm.dtkr.keys import init_keys, score_matrix, train_keys
 from slm_llm.dtkr.router import Router
@@ -42,36 +43,19 @@ from slm_llm.utils.io import atomic_path, write_json, write_text
 OOD = "<ood>"
 
 
-def suite_queries(cfg: Config, suite: Suite, task: str, views: list[str], max_train: int, max_test: int,
-                  eval_split: str = "test", dev_fraction: float = 0.25) -> tuple[list[str], dict[str, list[str]]]:
-    """(training query texts, {view: evaluation query texts}) of one task.
-
-    eval_split="test": up to ``max_train`` training and ``max_test`` test records; the
-    paraphrase view draws the held-out phrasings. eval_split="dev": the training split
-    (up to max_train + max_test records) shuffled, ``dev_fraction`` of it (at most
-    max_test) evaluated, the rest (at most max_train) trains; phrasings: the dev split.
-    """
-    data, spec, root = cfg.data, suite.tasks[task], cfg.data.data_root or None
-    split = task_split(spec, data) if data.phrasing == "pool" or "paraphrase" in views else None
-    if eval_split == "test":
-        train = load_task_split(suite, task, "train", root, max_samples=max_train, seed=data.seed)
-        test = load_task_split(suite, task, "test", root, max_samples=max_test, seed=data.seed)
-    elif eval_split == "dev":
-        records = list(load_task_split(suite, task, "train", root, max_samples=max_train + max_test, seed=data.seed))
-        random.Random(data.seed).shuffle(records)
-        n_dev = min(max_test, max(1, int(round(len(records) * dev_fraction))))
-        test, train = records[:n_dev], records[n_dev:][:max_train]
-        split = dev_split(split) if split is not None else None
-    else:
-        raise ValueError(f"eval_split {eval_split!r} is not one of test, dev")
-    if data.phrasing == "pool":
-        train = [training_record(r, split.train, data.input_only_share, spec.content, data.seed) for r in train]
-    evals = {v: [query_text(r) for r in view_records(test, v, split.heldout if v == "paraphrase" else (),
-                                                      spec.content, data.seed)] for v in views}
+def suite_queries(cfg: Config, suite: Suite, task: str, views: list[str], max_test: int
+                  ) -> tuple[list[str], dict[str, list[str]]]:
+    """(training query texts, {view: evaluation query texts}) of one task, as a run with ``cfg``
+    trains and evaluates (``slm_llm.data.run_records``; ``data.eval_split`` "dev" evaluates on the
+    dev pool and dev phrasings)."""
+    data, spec = cfg.data, suite.tasks[task]
+    train = training_records(run_records(suite, task, "train", data), spec, data)
+    sample = run_records(suite, task, "eval", data, max_test)
+    evals = {v: [query_text(r) for r in records_in_view(sample, spec, v, data)] for v in views}
     return [query_text(r) for r in train], evals
 
 
-def off_domain_queries(name: str, cfg: Config, max_test: int, eval_split: str = "test") -> list[str]:
+def off_domain_queries(name: str, cfg: Config, max_test: int) -> list[str]:
     """Texts no task of the evaluated suite covers: ``ifeval`` (the official IFEval prompts) or
     another suite's queries (its records in its own phrasings, half of them input-only)."""
     root = resolve_data_root(cfg.data.data_root or None)
@@ -82,7 +66,7 @@ def off_domain_queries(name: str, cfg: Config, max_test: int, eval_split: str = 
         except OSError as e:
             raise FileNotFoundError(f"{path}: cannot read the IFEval prompts ({e.strerror})") from None
     suite = load_suite(name)
-    split = "test" if eval_split == "test" else "train"
+    split = "test" if cfg.data.eval_split == "test" else "train"
     out = []
     for task, spec in suite.tasks.items():
         records = load_task_split(suite, task, split, str(root), max_samples=max_test, seed=cfg.data.seed)
@@ -114,9 +98,7 @@ def router_eval(
     *,
     suite: str | Suite | None = None,
     views: list[str] | None = None,
-    max_train: int = 400,
     max_test: int = 300,
-    eval_split: str = "test",
     off_domain: list[str] = (),
     ood_percentiles: list[float] = (),
     encoder: Encoder | None = None,
@@ -140,10 +122,10 @@ def router_eval(
 
     train_emb, eval_emb = {}, {}
     for task in names:
-        train_q, evals = suite_queries(cfg, suite, task, views, max_train, max_test, eval_split)
+        train_q, evals = suite_queries(cfg, suite, task, views, max_test)
         train_emb[task] = encoder.encode(train_q, progress=progress)
         eval_emb[task] = {v: encoder.encode(q, progress=progress) for v, q in evals.items()}
-    off_emb = {n: encoder.encode(off_domain_queries(n, cfg, max_test, eval_split), progress=progress)
+    off_emb = {n: encoder.encode(off_domain_queries(n, cfg, max_test), progress=progress)
                for n in off_domain}
 
     t0 = time.perf_counter()
@@ -152,7 +134,7 @@ def router_eval(
     train_best = {t: score_matrix(e, router.task_keys(t)).max(1) for t, e in train_emb.items()}
 
     index = {t: i for i, t in enumerate(names)}
-    report: dict[str, Any] = {"suite": suite.name, "eval_split": eval_split, "tasks": names, "views": {},
+    report: dict[str, Any] = {"suite": suite.name, "eval_split": cfg.data.eval_split, "tasks": names, "views": {},
                               "off_domain": {}, "ood_sweep": {}, "build_s": build_s}
     decided: dict[str, list[tuple[str, float, str]]] = {}  # view -> (true task, score, routed task)
     latencies = []
@@ -183,7 +165,7 @@ def router_eval(
     report["n_train"] = {t: len(e) for t, e in train_emb.items()}
     report["n_eval"] = {t: {v: len(e) for v, e in ev.items()} for t, ev in eval_emb.items()}
     report["n_off_domain"] = {n: len(e) for n, e in off_emb.items()}
-    report["settings"] = {"encoder": encoder.id, "max_train": max_train, "max_test": max_test,
+    report["settings"] = {"encoder": encoder.id, "max_test": max_test,
                           "slots_per_task": cfg.jare.slots_per_task, "top_k": cfg.jare.top_k,
                           "data": vars(cfg.data).copy(), "dtkr": vars(cfg.dtkr).copy()}
     if out_dir is not None:

@@ -33,7 +33,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from slm_llm.config import Config, load_config
-from slm_llm.data import Record, TaskSpec, load_suite, load_task_split, records_in_view
+from slm_llm.data import Record, TaskSpec, load_suite, records_in_view, run_records
 from slm_llm.eval.matrix import (SCORINGS, get_cell, load_matrix, metrics_of, new_matrix, new_view, save_matrix,
                                  set_cell, view_matrix)
 from slm_llm.eval.metrics import OOD, answer_labels, extract, routing_accuracy, score
@@ -94,7 +94,7 @@ def eval_settings(cfg: Config) -> dict:
     e, d = cfg.eval, cfg.data
     return {"max_samples": e.max_samples, "max_new_tokens": e.max_new_tokens,
             "max_new_tokens_open": e.max_new_tokens_open, "seed": d.seed, "phrasing_seed": d.phrasing_seed,
-            "heldout_share": d.heldout_share}
+            "heldout_share": d.heldout_share, "eval_split": d.eval_split, "dev_samples": d.dev_samples}
 
 
 def check_settings(m: dict, cfg: Config, path: Path) -> None:
@@ -136,7 +136,7 @@ def evaluate_stage(pipe, cfg: Config, run: RunDir, t: int) -> dict:
         if not views:
             continue
         spec = suite.tasks[task]
-        sample = load_task_split(suite, task, "test", cfg.data.data_root or None, cfg.eval.max_samples, cfg.data.seed)
+        sample = run_records(suite, task, "eval", cfg.data, cfg.eval.max_samples)
         for view in views:
             todo = [md for v, md, tk in todo_cells if v == view and tk == task]
             records = records_in_view(sample, spec, view, cfg.data)

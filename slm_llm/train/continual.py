@@ -22,7 +22,7 @@ import torch
 
 from slm_llm.config import SHARED_ADAPTER as SHARED
 from slm_llm.config import Config, shared_adapter_config
-from slm_llm.data import Collator, load_suite, load_task_split, query_text, task_split, tokenize_example, training_records
+from slm_llm.data import Collator, load_suite, query_text, run_records, task_split, tokenize_example, training_records
 from slm_llm.dtkr import Router, init_keys, load_keys, routing_tensors, save_keys, score_matrix, train_keys
 from slm_llm.dtkr.encoder import Encoder, build_encoder
 from slm_llm.jare import JareModel
@@ -82,9 +82,7 @@ def run_continual(cfg: Config) -> RunDir:
     def load(task: str):
         """The task's training records, worded as users word them (data.phrasing); held-out
         phrasings never reach this point."""
-        records = load_task_split(suite, task, "train", cfg.data.data_root or None, cfg.data.max_train_samples,
-                                  cfg.data.seed)
-        return training_records(records, suite.tasks[task], cfg.data)
+        return training_records(run_records(suite, task, "train", cfg.data), suite.tasks[task], cfg.data)
 
     for t, stage in enumerate(stages):
         tag = f"[{t + 1}/{len(stages)}] {stage}"
@@ -123,10 +121,10 @@ def run_continual(cfg: Config) -> RunDir:
              "slot_ids": routing.slot_ids[i].tolist(), "slot_weights": routing.weights[i].tolist()}
             for i, r in enumerate(records)
         ]
-        steps = total_steps(len(examples), cfg.train, world)
+        steps = total_steps(len(examples), cfg.train, world, len(tasks) if stage == MULTITASK else 1)
         engine = build_engine(model, cfg.train, ds, steps)
         result = train_task(engine, examples, collate, cfg.train, tdir / "ckpt", tdir / "train_log.jsonl",
-                            rank, world, desc=tag)
+                            rank, world, steps, desc=tag)
         _save_increments(model, name, tdir / "increments.safetensors", ds, rank)
 
         # 3. Router, manifest and the CL-matrix row (rank 0), then everyone moves on.

@@ -65,9 +65,12 @@ def global_micro_batches(n: int, cfg: TrainConfig, world: int, rank: int, epoch:
     return out
 
 
-def total_steps(n: int, cfg: TrainConfig, world: int) -> int:
+def total_steps(n: int, cfg: TrainConfig, world: int, stages_covered: int = 1) -> int:
+    """Optimizer steps of one stage over ``n`` samples. ``train.max_steps`` is per task, so a
+    stage that covers several tasks at once (multitask: all of them) gets it that many times:
+    every method then takes the same total number of steps."""
     if cfg.max_steps:
-        return cfg.max_steps
+        return cfg.max_steps * stages_covered
     per_epoch = math.ceil(n / (cfg.micro_batch_size * cfg.grad_accum * world))
     return max(1, int(math.ceil(per_epoch * cfg.epochs)))
 
@@ -89,9 +92,9 @@ def train_task(
     log_path: Path,
     rank: int,
     world: int,
+    steps: int,
     desc: str = "train",
 ) -> TaskResult:
-    steps = total_steps(len(examples), cfg, world)
     per_epoch = math.ceil(len(examples) / (cfg.micro_batch_size * cfg.grad_accum * world))
     step = _resume(engine, ckpt_dir)
     if rank == 0:
