@@ -19,7 +19,7 @@ from typing import Any
 import yaml
 
 
-METHODS = ("slm", "seq_lora", "multitask")
+METHODS = ("slm", "seq_lora", "multitask", "olora")
 VIEWS = ("fixed", "paraphrase", "input-only")  # query views (slm_llm/data/views.py)
 PHRASING_MODES = ("pool", "fixed")  # data.phrasing
 
@@ -164,7 +164,8 @@ class DtkrConfig:
 class TrainConfig:
     # slm: JARe + DTKR (oracle and base are inference modes of an slm run);
     # seq_lora: one LoRA of the same trainable size (rank P*r) trained through the tasks in order;
-    # multitask: that LoRA trained once on all tasks together (the upper bound).
+    # multitask: that LoRA trained once on all tasks together (the upper bound);
+    # olora: O-LoRA (Wang et al. 2023), a new LoRA per task kept orthogonal to the frozen old ones (train/olora.py).
     method: str = "slm"
     deepspeed: str = "ds_configs/zero2.json"  # a ds_configs JSON; "" -> plain torch loop, one process
     precision: str = "fp32"  # fp32 | bf16
@@ -181,9 +182,15 @@ class TrainConfig:
     log_every: int = 1
     tensorboard: bool = False
     seed: int = 42
+    # O-LoRA's loss weights (their src/run_uie_lora.py defaults): olora_lambda on the orthogonality term
+    # sum |A_new A_old^T|, olora_l2 on the sum of the new LoRA's A and B Frobenius norms.
+    olora_lambda: float = 0.5
+    olora_l2: float = 0.0
 
     def validate(self) -> None:
         _choice("train.method", self.method, METHODS)
+        _non_negative("train.olora_lambda", self.olora_lambda)
+        _non_negative("train.olora_l2", self.olora_l2)
         _choice("train.precision", self.precision, ("fp32", "bf16"))
         _positive("train.micro_batch_size", self.micro_batch_size)
         _positive("train.grad_accum", self.grad_accum)

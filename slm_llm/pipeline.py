@@ -11,7 +11,8 @@ Routing modes (:func:`route_queries`, shared by serving and evaluation):
     <task>     force that task's top-K slots
 
 A seq_lora or multitask run holds one shared adapter (a one-slot JARe task); every
-mode but "base" uses it.
+mode but "base" uses it. An olora run holds one such LoRA per finished task; every mode but
+"base" uses all of them at weight 1 (O-LoRA needs no task id).
 """
 from __future__ import annotations
 
@@ -94,6 +95,11 @@ class RunPipeline:
             raise RunError(f"{run.root}: no finished task to serve (manifest status {manifest['status']!r})")
         base, tokenizer = load_base_model(cfg.model)
         encoder = build_encoder(cfg)
+        if manifest["method"] == "olora":  # every finished task's LoRA, summed (slm_llm/train/olora.py)
+            model = JareModel(base, shared_adapter_config(cfg.jare))
+            for task in done:
+                model.load_task(task, run.task_dir(task) / "increments.safetensors")
+            return cls(cfg, run, model.eval(), tokenizer, None, encoder)
         if manifest["method"] != "slm":
             model = JareModel(base, shared_adapter_config(cfg.jare))
             model.load_task(SHARED, run.task_dir(done[-1]) / "increments.safetensors")
@@ -134,7 +140,9 @@ class RunPipeline:
         if self.router is None:
             if mode == "base":
                 return [Routed(None, None) for _ in records]
-            shared = RouteDecision(slots=[0], weights=[1.0], task=SHARED, score=1.0, ood=False, scores=[1.0])
+            n = len(self.model.tasks)  # one shared adapter, or (olora) every task's LoRA: all at weight 1
+            shared = RouteDecision(slots=list(range(n)), weights=[1.0] * n, score=1.0, ood=False, scores=[1.0] * n,
+                                   task="olora" if self.method == "olora" else SHARED)
             return [Routed(shared, shared) for _ in records]
         return route_queries(self.router, self.encoder, self.queries(records), mode, self.cfg.serve.ood_fallback,
                              [r.task for r in records])

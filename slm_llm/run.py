@@ -21,7 +21,7 @@ from slm_llm.utils.io import sha256_file, write_json, write_text
 # (data.tasks / data.order may grow: a run continues on new tasks.)
 FROZEN_KEYS = (
     "model", "jare", "dtkr", "train.method", "train.lr", "train.epochs", "train.max_steps", "train.seed",
-    "train.weight_decay", "train.warmup_ratio", "train.min_lr_ratio", "train.olora_lambda",
+    "train.weight_decay", "train.warmup_ratio", "train.min_lr_ratio", "train.olora_lambda", "train.olora_l2",
     "data.suite", "data.template", "data.max_length", "data.truncation", "data.max_train_samples", "data.seed",
     "data.phrasing", "data.input_only_share", "data.heldout_share", "data.phrasing_seed", "data.dev_samples",
     "data.eval_split",

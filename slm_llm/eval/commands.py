@@ -15,7 +15,7 @@ def register(sub, add_config_args) -> None:
     p = sub.add_parser("compare", help="train/evaluate slm, oracle, seq_lora, multitask and base; write one table")
     add_config_args(p)
     p.add_argument("--methods", default="slm,oracle,seq_lora,multitask,base",
-                   help="comma-separated subset of slm,oracle,seq_lora,multitask,base")
+                   help="comma-separated subset of slm,oracle,seq_lora,multitask,base,olora")
     p.add_argument("--out", default=None, help="table path (.json; a .md is written beside it); "
                                                 "default <run_dir>-compare.json")
     _add_view_arg(p)

@@ -5,6 +5,7 @@
     base       the slm run with no increments (zero-shot)
     seq_lora   one LoRA trained through the tasks     run <run_dir>-seq_lora
     multitask  one LoRA trained on all tasks at once  run <run_dir>-multitask
+    olora      a LoRA per task, orthogonal (O-LoRA)   run <run_dir>-olora (all summed: no task id)
 
 Each training method's run is trained (or resumed) in process by the continual driver,
 which fills its matrix after every stage; a run that is already complete is only
@@ -24,8 +25,9 @@ from slm_llm.run import RunDir
 from slm_llm.utils.io import write_json, write_text
 
 log = logging.getLogger("slm_llm.eval")
-METHODS = ("slm", "oracle", "seq_lora", "multitask", "base")
-TRAINED_BY = {"slm": "slm", "oracle": "slm", "base": "slm", "seq_lora": "seq_lora", "multitask": "multitask"}
+METHODS = ("slm", "oracle", "seq_lora", "multitask", "base", "olora")
+TRAINED_BY = {"slm": "slm", "oracle": "slm", "base": "slm", "seq_lora": "seq_lora", "multitask": "multitask",
+              "olora": "olora"}
 
 
 def parse_methods(text: str) -> list[str]:

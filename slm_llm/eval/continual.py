@@ -11,6 +11,7 @@ the run's method has:
                    routed task of every query (routing accuracy, confusion), plus
                    "base" (zero-shot, no increments) once per task
     seq_lora run   the shared adapter as it stands after stage t
+    olora run      the sum of every task's LoRA as it stands after stage t (mode "olora")
     multitask run  one row after its single stage, over every suite task
 
 A cell already in ``eval/matrix.json`` is not recomputed, so a resumed run (or a rerun

@@ -9,6 +9,7 @@ Rank 0 writes every artifact; the other ranks wait at barriers.
     slm        each task gets its own P slots, routed by its own DTKR keys
     seq_lora   one shared adapter (rank P*r) trained on each task in turn: forgets
     multitask  that adapter trained once on every task's data: the upper bound
+    olora      O-LoRA: a new LoRA per task, orthogonal to the frozen old ones, all summed (train/olora.py)
 """
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ from slm_llm.run import RunDir
 from slm_llm.train.distributed import barrier, init_distributed
 from slm_llm.train.engine import build_engine, load_ds_config, zero_stage
 from slm_llm.train.loop import install_stop_handlers, total_steps, train_task
+from slm_llm.train.olora import OLoraObjective, olora_model
 
 log = logging.getLogger("slm_llm.train")
 MULTITASK = "multitask"
@@ -58,6 +60,11 @@ def task_routing(router: Router, task: str, emb: np.ndarray) -> TaskRouting:
 def shared_routing(n: int) -> TaskRouting:
     """The baselines: every sample uses the one shared slot with weight 1."""
     return TaskRouting(np.zeros((n, 1), dtype=np.int64), np.ones((n, 1), dtype=np.float32), np.ones(1))
+
+
+def all_tasks_routing(n: int, tasks: int) -> TaskRouting:
+    """O-LoRA: every sample uses every task's one slot (the new one and the frozen old ones) at weight 1."""
+    return TaskRouting(np.tile(np.arange(tasks), (n, 1)), np.ones((n, tasks), dtype=np.float32), np.ones(1))
 
 
 def run_continual(cfg: Config) -> RunDir:
@@ -112,6 +119,9 @@ def run_continual(cfg: Config) -> RunDir:
             model, name = _jare_model(cfg, run, stages[:t]), stage
             torch.manual_seed(cfg.train.seed + t)  # the same slot init on every rank and world size
             model.add_task(name)
+        elif method == "olora":
+            routing = all_tasks_routing(len(records), t + 1)
+            model, name = olora_model(cfg, run, stages[:t], stage, cfg.train.seed + t), stage
         else:
             routing = shared_routing(len(records))
             model, name = _shared_model(cfg, run, stages[t - 1] if t else None, cfg.train.seed), SHARED
@@ -122,7 +132,7 @@ def run_continual(cfg: Config) -> RunDir:
             for i, r in enumerate(records)
         ]
         steps = total_steps(len(examples), cfg.train, world, len(tasks) if stage == MULTITASK else 1)
-        engine = build_engine(model, cfg.train, ds, steps)
+        engine = build_engine(OLoraObjective(model, cfg.train) if method == "olora" else model, cfg.train, ds, steps)
         result = train_task(engine, examples, collate, cfg.train, tdir / "ckpt", tdir / "train_log.jsonl",
                             rank, world, steps, desc=tag)
         _save_increments(model, name, tdir / "increments.safetensors", ds, rank)
