@@ -130,7 +130,12 @@ class DtkrConfig:
     centrifugal: float = 0.0  # weight of the push away from old tasks' frozen keys
     index: str = "auto"  # flat | hnsw | auto (hnsw past hnsw_threshold slots)
     hnsw_threshold: int = 20000
-    ood_percentile: float = 1.0  # per-task threshold: this percentile of in-task training scores
+    # Out of distribution (slm_llm/dtkr/ood.py): "keys" thresholds the best key score, "gaussian" the
+    # distance to a per-task Gaussian; either flags about ood_percentile % of in-task queries.
+    ood_rule: str = "keys"
+    ood_percentile: float = 1.0
+    ood_shrinkage: float = 0.3  # gaussian: covariance shrinkage towards a scaled identity, in [0, 1]
+    ood_rank: int = 64  # gaussian: eigen-directions kept per task
     encode_batch_size: int = 64
     keys_per_slot: int = 1  # routing keys per slot: a task has slots_per_task * keys_per_slot keys
     whiten: bool = False  # rank by cosines after whitening with the pooled within-task covariance
@@ -156,6 +161,10 @@ class DtkrConfig:
             raise ConfigError("dtkr.mask_prob must be in [0, 1)")
         if not 0.0 <= self.ood_percentile <= 100.0:
             raise ConfigError("dtkr.ood_percentile must be in [0, 100]")
+        _choice("dtkr.ood_rule", self.ood_rule, ("keys", "gaussian"))
+        if not 0.0 < self.ood_shrinkage <= 1.0:
+            raise ConfigError("dtkr.ood_shrinkage must be in (0, 1]")
+        _positive("dtkr.ood_rank", self.ood_rank)
         _positive("dtkr.top_n", self.top_n)
         _non_negative("dtkr.epochs", self.epochs)
 

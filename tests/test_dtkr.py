@@ -234,6 +234,34 @@ def test_whitening_never_changes_an_old_tasks_slots_or_weights():
         np.testing.assert_allclose(d.scores, np.sort(plain)[::-1][:2], atol=1e-5)
 
 
+def test_gaussian_ood_rule_is_calibrated_out_of_fold_frozen_and_persisted(tmp_path):
+    """The Gaussian OOD test flags queries from elsewhere, keeps about ood_percentile % of in-task
+    queries flagged on fresh queries (an in-sample threshold would flag far more), never moves
+    when a task is added, and survives save/load."""
+    from slm_llm.dtkr.ood import calibrate
+
+    rng = np.random.default_rng(5)
+    data = clusters(2, 300, noise=0.6, seed=31)
+    router = Router(D, G, 2, ood_rule="gaussian", ood_percentile=2.0, ood_rank=16)
+    router.add_task("task0", init_keys(data["task0"], P, G), train_emb=data["task0"])
+    fresh = clusters(2, 400, noise=0.6, seed=31)["task0"]  # the same distribution, other draws
+    fresh_rate = np.mean([d.ood for d in router.route(fresh)])
+    g = router.gaussian("task0")
+    in_sample = np.percentile(g.distance(data["task0"], G), 98)
+    assert g.threshold > in_sample  # out-of-fold distances are larger than in-sample ones
+    assert fresh_rate < 0.08
+    far = rng.normal(size=(50, D)).astype(np.float32) * 3
+    assert np.mean([d.ood for d in router.route(far)]) > 0.9
+    before = router.route(fresh[:20])
+    router.add_task("task1", init_keys(data["task1"], P, G), train_emb=data["task1"])
+    assert [d.ood for d in router.route(fresh[:20])] == [d.ood for d in before]  # frozen per task
+    router.save(tmp_path / "r")
+    loaded = Router.load(tmp_path / "r")
+    assert loaded.route(fresh[:50]) == router.route(fresh[:50])
+    with pytest.raises(ValueError, match="at least 10 training queries"):
+        calibrate(data["task0"][:5], G, 0.3, 16, 1.0)
+
+
 def test_persistence_round_trip(tmp_path):
     data = clusters(4, 40, seed=12)
     for kind in ("flat", "hnsw"):

@@ -122,7 +122,7 @@ def test_two_task_run_folder_contract_and_skip_on_rerun(tmp_path):
 def test_base_model_encoder_trains_keys_and_routes_from_the_cli(tmp_path):
     """dtkr.encoder=base end to end: the run's router is built on the base model's own hidden
     states, the manifest names that encoder, and `slm-llm route` rebuilds it from run.yaml."""
-    from slm_llm.data import load_suite, load_task_split, query_text, records_in_view
+    from slm_llm.data import load_suite, query_text, run_records, training_records
 
     run = tmp_path / "run"
     train(run, "dtkr.encoder=base", "dtkr.encoder_layer=1", "dtkr.groups=4", "dtkr.whiten=true",
@@ -130,9 +130,9 @@ def test_base_model_encoder_trains_keys_and_routes_from_the_cli(tmp_path):
     m = json.loads((run / "manifest.json").read_text())
     assert m["encoder"].startswith("base:tiny-llama-") and m["encoder"].endswith("@layer1")
     cfg = load_config(run / "run.yaml")
-    suite = load_suite(cfg.data.suite)
-    queries = {t: [query_text(r) for r in records_in_view(load_task_split(suite, t, "test", None, 4, 0), suite.tasks[t],
-                                                        "paraphrase", cfg.data)] for t in m["order"]}
+    suite = load_suite(cfg.data.suite)  # queries as trained: this checks the encoder's plumbing, not accuracy
+    queries = {t: [query_text(r) for r in training_records(run_records(suite, t, "train", cfg.data)[:4],
+                                                           suite.tasks[t], cfg.data)] for t in m["order"]}
     out = subprocess.run([str(VENV_BIN / "slm-llm"), "route", "--run", str(run), "--json",
                           *queries[m["order"][0]], *queries[m["order"][1]]],
                          cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)

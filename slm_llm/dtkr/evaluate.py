@@ -136,7 +136,7 @@ def router_eval(
     index = {t: i for i, t in enumerate(names)}
     report: dict[str, Any] = {"suite": suite.name, "eval_split": cfg.data.eval_split, "tasks": names, "views": {},
                               "off_domain": {}, "ood_sweep": {}, "build_s": build_s}
-    decided: dict[str, list[tuple[str, float, str]]] = {}  # view -> (true task, score, routed task)
+    decided: dict[str, list[tuple[str, float, str]]] = {}  # view -> (true task, OOD statistic, routed task)
     latencies = []
     for view in views:
         confusion = np.zeros((len(names), len(names) + 1), dtype=np.int64)  # last column: OOD
@@ -146,19 +146,24 @@ def router_eval(
                 t1 = time.perf_counter()
                 d = router.route(row[None, :])[0]  # batch size 1: each query on its own
                 latencies.append(time.perf_counter() - t1)
-                rows.append((task, d.score, d.task))
+                rows.append((task, _ood_statistic(router, row[None, :], d), d.task))
                 confusion[index[task], len(names) if d.ood else index[d.task]] += 1
         decided[view] = rows
         report["views"][view] = view_summary(confusion, names, rows)
+    off_decided = {}
     for name, emb in off_emb.items():
-        report["off_domain"][name] = float(np.mean([d.ood for d in router.route(emb)])) if len(emb) else None
-    for p in ood_percentiles:
-        thr = {t: float(np.percentile(s, p)) for t, s in train_best.items()}
-        sweep = {view: float(np.mean([routed == true and score >= thr[routed] for true, score, routed in rows]))
+        ds = router.route(emb)
+        report["off_domain"][name] = float(np.mean([d.ood for d in ds])) if ds else None
+        off_decided[name] = [(_ood_statistic(router, emb[i : i + 1], d), d.task) for i, d in enumerate(ds)]
+    for p in ood_percentiles:  # the same decisions, other thresholds: larger statistic = farther out
+        if router.ood_rule == "gaussian":
+            thr = {t: float(np.percentile(router.gaussian(t).oof, 100 - p)) for t in names}
+        else:
+            thr = {t: -float(np.percentile(s, p)) for t, s in train_best.items()}
+        sweep = {view: float(np.mean([routed == true and stat <= thr[routed] for true, stat, routed in rows]))
                  for view, rows in decided.items()}
-        for name, emb in off_emb.items():
-            ds = router.route(emb)
-            sweep[f"off:{name}"] = float(np.mean([d.score < thr[d.task] for d in ds])) if ds else None
+        for name, rows in off_decided.items():
+            sweep[f"off:{name}"] = float(np.mean([stat > thr[routed] for stat, routed in rows])) if rows else None
         report["ood_sweep"][str(p)] = sweep
     report["latency_ms"] = {"p50": float(np.percentile(latencies, 50) * 1e3),
                             "p99": float(np.percentile(latencies, 99) * 1e3)}
@@ -177,6 +182,13 @@ def router_eval(
             plot_confusion(conf, names, out_dir / f"confusion-{view}.png",
                            f"{suite.name} {view}: served by own task {r['served']:.1%}")
     return report
+
+
+def _ood_statistic(router: Router, emb: np.ndarray, d) -> float:
+    """How far out the query is for its routed task, larger = farther (the rule's own measure)."""
+    if router.ood_rule == "gaussian":
+        return float(router.gaussian(d.task).distance(emb, router.groups)[0])
+    return -d.score
 
 
 def view_summary(confusion: np.ndarray, names: list[str], rows: list[tuple[str, float, str]]) -> dict[str, Any]:

@@ -20,11 +20,11 @@ of another task. Plain scores depend only on frozen keys and the frozen encoder,
 changes with every new task; so a query routed to an old task gets the slots and weights
 it got when that task was trained: the old task's behaviour cannot drift.
 
-OOD calibration: a task's threshold is the ``ood_percentile``-th percentile (default
-1.0) of the plain best scores of its own training queries against its own keys,
-computed when the task is added. So about ood_percentile % of in-task training
-queries would be flagged; text far from every task scores well below every
-threshold.
+OOD calibration (``slm_llm.dtkr.ood``), once, when the task is added, from its own
+training queries: with ``ood_rule="keys"`` the threshold is the ``ood_percentile``-th
+percentile of their plain best scores against the task's keys; with ``"gaussian"`` a
+Gaussian of the task's queries flags the ``ood_percentile`` % farthest (measured out of
+fold). Either way about ood_percentile % of in-task queries would be flagged.
 """
 from __future__ import annotations
 
@@ -39,6 +39,7 @@ from safetensors.torch import load_file, save_file
 
 from slm_llm.dtkr.index import SlotIndex, check_groups, group_normalise
 from slm_llm.dtkr.keys import load_keys, save_keys, score_matrix
+from slm_llm.dtkr.ood import OOD_RULES, TaskGaussian, calibrate
 from slm_llm.dtkr.whiten import Whitener
 from slm_llm.utils.io import atomic_path, write_json
 
@@ -55,7 +56,7 @@ class RouteDecision:
     weights: list[float]  # w_k = s_k / Σ s_j over the chosen slots (sums to 1)
     task: str  # task of the best slot: the adapter a single-adapter backend serves
     score: float  # best slot's raw mean group cosine
-    ood: bool  # score < the routed task's calibrated threshold
+    ood: bool  # the routed task's OOD test flags the query (slm_llm.dtkr.ood)
     scores: list[float]  # raw scores of ``slots``
 
     def to_dict(self) -> dict:
@@ -74,6 +75,9 @@ class Router:
         ood_percentile: float = 1.0,
         whiten: bool = False,
         whiten_shrinkage: float = 0.05,
+        ood_rule: str = "keys",
+        ood_shrinkage: float = 0.3,
+        ood_rank: int = 64,
         index: str = "auto",
         hnsw_threshold: int = 20000,
         device: str = "cpu",
@@ -81,11 +85,15 @@ class Router:
         check_groups(dim, groups)
         if top_k <= 0 or keys_per_slot <= 0:
             raise ValueError("top_k and keys_per_slot must be > 0")
+        if ood_rule not in OOD_RULES:
+            raise ValueError(f"ood_rule {ood_rule!r} is not one of {', '.join(OOD_RULES)}")
         self.dim, self.groups, self.top_k = dim, groups, top_k
         self.encoder_id = encoder_id
         self.keys_per_slot = keys_per_slot
         self.ood_percentile = ood_percentile
         self.whitener = Whitener(dim, groups, whiten_shrinkage) if whiten else None
+        self.ood_rule, self.ood_shrinkage, self.ood_rank = ood_rule, ood_shrinkage, ood_rank
+        self._gaussians: list[TaskGaussian | None] = []  # per task, with ood_rule "gaussian"
         self._index_args = (index, hnsw_threshold, device)
         self.index = SlotIndex(dim, groups, index, hnsw_threshold, device=device)
         self.tasks: list[dict] = []  # name, first_slot, n_slots, first_row, n_rows, threshold
@@ -101,6 +109,7 @@ class Router:
         """Build from a DtkrConfig (``cfg``) and K (``jare.top_k``)."""
         return cls(dim, cfg.groups, top_k, encoder_id=encoder_id, keys_per_slot=cfg.keys_per_slot,
                    ood_percentile=cfg.ood_percentile, whiten=cfg.whiten, whiten_shrinkage=cfg.whiten_shrinkage,
+                   ood_rule=cfg.ood_rule, ood_shrinkage=cfg.ood_shrinkage, ood_rank=cfg.ood_rank,
                    index=cfg.index, hnsw_threshold=cfg.hnsw_threshold, device=device)
 
     # ---- building ----------------------------------------------------------------
@@ -115,6 +124,10 @@ class Router:
     def task_slots(self, task: str) -> range:
         t = self.tasks[self._task_pos(task)]
         return range(t["first_slot"], t["first_slot"] + t["n_slots"])
+
+    def gaussian(self, task: str) -> TaskGaussian | None:
+        """The task's OOD Gaussian (ood_rule "gaussian"), else None."""
+        return self._gaussians[self._task_pos(task)]
 
     def task_keys(self, task: str) -> torch.Tensor:
         return self._keys[self._task_pos(task)]
@@ -145,8 +158,9 @@ class Router:
         rows = keys.shape[0]
         if rows % self.keys_per_slot:
             raise RouterError(f"{task!r} has {rows} keys, not a multiple of keys_per_slot={self.keys_per_slot}")
-        if self.whitener is not None and train_emb is None:
-            raise RouterError(f"whiten=True: add_task({task!r}) needs train_emb, the task's training embeddings")
+        if (self.whitener is not None or self.ood_rule == "gaussian") and train_emb is None:
+            raise RouterError(f"whiten=True or ood_rule='gaussian': add_task({task!r}) needs train_emb, the task's "
+                              "training embeddings")
         if train_emb is not None:
             train_emb = np.asarray(train_emb, dtype=np.float32)
             if train_emb.ndim != 2 or train_emb.shape[1] != self.dim:
@@ -158,6 +172,11 @@ class Router:
                  "n_rows": rows, "threshold": None}
         if train_scores is not None and len(train_scores):
             entry["threshold"] = float(np.percentile(np.asarray(train_scores, dtype=np.float64), self.ood_percentile))
+        gaussian = None
+        if self.ood_rule == "gaussian":
+            gaussian = calibrate(train_emb, self.groups, self.ood_shrinkage, self.ood_rank, self.ood_percentile)
+            entry["threshold"] = gaussian.threshold
+        self._gaussians.append(gaussian)
         self._pos[task] = len(self.tasks)
         self.tasks.append(entry)
         self._keys.append(keys)
@@ -230,10 +249,14 @@ class Router:
         """Row b among the slots of task ``task_pos[b]`` only, by exact plain mean group cosines."""
         plain_q = group_normalise(emb, self.groups)
         out = []
-        for q, pos in zip(plain_q, task_pos):
+        for b, (q, pos) in enumerate(zip(plain_q, task_pos)):
             scores = self._plain_keys[pos] @ q  # [R_t]
             order = np.argsort(-scores, kind="stable")
-            out.append(self._decide(scores[order], self.tasks[pos]["first_row"] + order, k))
+            d = self._decide(scores[order], self.tasks[pos]["first_row"] + order, k)
+            gaussian = self._gaussians[pos]
+            if gaussian is not None:
+                d.ood = bool(gaussian.distance(emb[b : b + 1], self.groups)[0] > gaussian.threshold)
+            out.append(d)
         return out
 
     def _decide(self, row_scores: np.ndarray, row_ids: np.ndarray, k: int) -> RouteDecision:
@@ -278,6 +301,10 @@ class Router:
             with atomic_path(router_dir / "whitening.safetensors") as tmp:
                 save_file({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in self.whitener.state().items()},
                           str(tmp))
+        if self.ood_rule == "gaussian" and self.tasks:
+            state = {k: v for pos, g in enumerate(self._gaussians) for k, v in g.state(f"task{pos}").items()}
+            with atomic_path(router_dir / "ood.safetensors") as tmp:
+                save_file({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state.items()}, str(tmp))
         sizes = {t["n_slots"] for t in self.tasks}
         slots = []
         for pos, t in enumerate(self.tasks):
@@ -291,6 +318,7 @@ class Router:
             "keys_per_slot": self.keys_per_slot, "ood_percentile": self.ood_percentile,
             "whiten": self.whitener is not None,
             "whiten_shrinkage": self.whitener.shrinkage if self.whitener is not None else None,
+            "ood": {"rule": self.ood_rule, "shrinkage": self.ood_shrinkage, "rank": self.ood_rank},
             "index": {"kind": self._index_args[0], "hnsw_threshold": self._index_args[1]},
             "tasks": self.tasks, "slots": slots,
         })
@@ -306,6 +334,7 @@ class Router:
         self = cls(meta["dim"], meta["groups"], meta["top_k"], encoder_id=meta["encoder_id"],
                    keys_per_slot=meta["keys_per_slot"], ood_percentile=meta["ood_percentile"],
                    whiten=meta["whiten"], whiten_shrinkage=meta["whiten_shrinkage"] or 0.05,
+                   ood_rule=meta["ood"]["rule"], ood_shrinkage=meta["ood"]["shrinkage"], ood_rank=meta["ood"]["rank"],
                    index=meta["index"]["kind"], hnsw_threshold=meta["index"]["hnsw_threshold"],
                    device=device)
         if encoder_id is not None:
@@ -317,6 +346,11 @@ class Router:
         self.tasks = meta["tasks"]
         self._keys = [keys[t["first_row"] : t["first_row"] + t["n_rows"]] for t in self.tasks]
         self._plain_keys = [group_normalise(k.reshape(len(k), -1).numpy(), self.groups) for k in self._keys]
+        if self.ood_rule == "gaussian":
+            ood = {k: v.numpy() for k, v in load_file(str(router_dir / "ood.safetensors")).items()}
+            self._gaussians = [TaskGaussian.from_state(ood, f"task{pos}") for pos in range(len(self.tasks))]
+        else:
+            self._gaussians = [None] * len(self.tasks)
         if meta["whiten"]:
             state = load_file(str(router_dir / "whitening.safetensors"))
             self.whitener = Whitener.from_state(self.dim, self.groups, meta["whiten_shrinkage"],
