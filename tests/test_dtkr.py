@@ -241,10 +241,11 @@ def test_gaussian_ood_rule_is_calibrated_out_of_fold_frozen_and_persisted(tmp_pa
     from slm_llm.dtkr.ood import calibrate
 
     rng = np.random.default_rng(5)
-    data = clusters(2, 300, noise=0.6, seed=31)
+    pool = clusters(2, 700, noise=0.6, seed=31)
+    data = {t: e[:300] for t, e in pool.items()}
+    fresh = pool["task0"][300:]  # the same distribution, never fitted on
     router = Router(D, G, 2, ood_rule="gaussian", ood_percentile=2.0, ood_rank=16)
     router.add_task("task0", init_keys(data["task0"], P, G), train_emb=data["task0"])
-    fresh = clusters(2, 400, noise=0.6, seed=31)["task0"]  # the same distribution, other draws
     fresh_rate = np.mean([d.ood for d in router.route(fresh)])
     g = router.gaussian("task0")
     in_sample = np.percentile(g.distance(data["task0"], G), 98)
