@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from slm_llm.eval.compare import headline
@@ -98,3 +99,28 @@ def test_compare_all_methods_then_report(tmp_path, data_root):
 
         assert matplotlib.image.imread(out / png).ndim == 3
     assert "| seq_lora |" in report
+
+
+@pytest.mark.slow
+def test_compare_over_seeds_writes_intervals_and_paired_differences(tmp_path, data_root):
+    prefix = tmp_path / "sd"
+    slm_llm("compare", "--config", "configs/tiny.yaml", "--methods", "slm,seq_lora,base", "--seeds", "0,1",
+            "--query-view", "paraphrase,input-only", f"run_dir={prefix}", "data.max_train_samples=8",
+            f"eval.max_samples={SAMPLES}", "eval.max_new_tokens=2", timeout=900)
+    table = json.loads(Path(f"{prefix}-seeds.json").read_text())
+    assert table["seeds"] == [0, 1] and table["views"] == ["paraphrase", "input-only"]
+    for seed in (0, 1):  # every method once per seed, each seed its own runs
+        cfg = __import__("yaml").safe_load(Path(f"{prefix}-s{seed}-slm/run.yaml").read_text())
+        assert cfg["data"]["seed"] == cfg["train"]["seed"] == cfg["dtkr"]["seed"] == seed
+    cell = table["cells"]["paraphrase"]["strict"]
+    per_seed = [json.loads(Path(f"{prefix}-s{s}-compare.json").read_text())["cells"]["paraphrase"]["strict"]
+                for s in (0, 1)]
+    for m in ("slm", "seq_lora", "base"):
+        aps = [t[m]["ap"] for t in per_seed]
+        assert cell[m]["ap"]["mean"] == pytest.approx(np.mean(aps))
+        assert cell[m]["ap"]["lo"] <= cell[m]["ap"]["mean"] <= cell[m]["ap"]["hi"]
+    diff = cell["slm_minus"]["seq_lora"]
+    assert diff["mean"] == pytest.approx(cell["slm"]["ap"]["mean"] - cell["seq_lora"]["ap"]["mean"])
+    md = Path(f"{prefix}-seeds.md").read_text()
+    assert "| slm − seq_lora |" in md and "### input-only, lenient" in md
+    assert Path(f"{prefix}-seeds.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -18,6 +18,8 @@ def register(sub, add_config_args) -> None:
                    help="comma-separated subset of slm,oracle,seq_lora,multitask,base,olora")
     p.add_argument("--out", default=None, help="table path (.json; a .md is written beside it); "
                                                 "default <run_dir>-compare.json")
+    p.add_argument("--seeds", default=None, help="comma-separated seeds: every method once per seed "
+                   "(<run_dir>-s<seed>-<method>), then <run_dir>-seeds.{json,md,png} with 95%% intervals")
     _add_view_arg(p)
     p.set_defaults(fn=cmd_compare)
 
@@ -59,6 +61,13 @@ def cmd_compare(args) -> int:
     from slm_llm.eval.compare import compare, parse_methods
 
     cfg = load_config(args.config, [*args.overrides, *_view_overrides(args)])
+    if args.seeds:
+        from slm_llm.eval.seeds import compare_seeds
+
+        table = compare_seeds(cfg, parse_methods(args.methods), [int(x) for x in args.seeds.split(",") if x.strip()])
+        print(open(table["paths"]["markdown"]).read())
+        print(f"table: {table['paths']['json']}  {table['paths']['markdown']}  {table['paths']['plot']}")
+        return 0
     table = compare(cfg, parse_methods(args.methods), args.out)
     print(open(table["paths"]["markdown"]).read())
     print(f"table: {table['paths']['json']}  {table['paths']['markdown']}")
