@@ -119,3 +119,19 @@ def test_run_ifeval_scores_every_mode_and_writes_the_report(served_run, tmp_path
         if x["mode"] == "slm" and x["routed_task"] is None:
             assert x["response"] == base[x["key"]]
     assert not list((run / "eval").rglob(".*tmp"))  # no half-written file left behind
+
+    # a rerun resumes from the journal: a generation found there is not redone, a torn line is skipped
+    journal = run / "eval" / I.JOURNAL
+    entries = [json.loads(x) for x in journal.read_text().splitlines()]
+    assert len(entries) == result["generations"]
+    entries[0]["text"] = "REUSED"
+    journal.write_text("".join(json.dumps(e) + "\n" for e in entries) + '{"fingerprint": "torn')
+    again = I.run_ifeval(run, max_new_tokens=6, limit=3, batch_size=2)
+    reused = [json.loads(x) for x in (run / "eval" / "predictions" / "ifeval.jsonl").read_text().splitlines()]
+    assert sum(x["response"] == "REUSED" for x in reused) >= 1
+    assert len(journal.read_text().splitlines()) == len(entries)
+    assert again["prompts"] == 3
+    I.run_ifeval(run, max_new_tokens=5, limit=3, batch_size=2)  # another token limit: nothing reused
+    fresh = [json.loads(x) for x in (run / "eval" / "predictions" / "ifeval.jsonl").read_text().splitlines()]
+    assert all(x["response"] != "REUSED" and x["new_tokens"] <= 5 for x in fresh)
+    assert len(journal.read_text().splitlines()) == len(entries)  # the old limit's lines are dropped

@@ -27,7 +27,8 @@ def register(sub, add_config_args) -> None:
     p = sub.add_parser("ifeval", help="IFEval (541 prompts, lm-eval's checkers): base, routed slm, each task forced")
     p.add_argument("--run", required=True, help="run folder")
     p.add_argument("--max-new-tokens", type=int, default=None,
-                   help="cap on IFEval's 1280-token budget (CPU: e.g. 256); default eval.ifeval_max_new_tokens, 0 = none")
+                   help="cap on IFEval's 1280-token budget (CPU: e.g. 256); "
+                        "default eval.ifeval_max_new_tokens, 0 = none")
     p.add_argument("--limit", type=int, default=0, help="first N prompts only (0 = all 541)")
     p.add_argument("--batch-size", type=int, default=None, help="generation batch; default eval.batch_size")
     p.add_argument("--data-root", default=None, help="holds ifeval/ and nltk_data/; default data.data_root, "
@@ -79,9 +80,10 @@ def cmd_ifeval(args) -> int:
     from slm_llm.eval.ifeval import SCORES, run_ifeval
 
     result = run_ifeval(args.run, args.overrides, args.max_new_tokens, args.limit, args.data_root, args.batch_size)
-    print(f"{'mode':>24}  " + "  ".join(f"{k:>18}" for k in SCORES))
+    width = max(len(m) for m in result["modes"])
+    print(f"{'mode':<{width}}  " + "  ".join(f"{k:>18}" for k in SCORES))
     for mode, r in result["modes"].items():
-        print(f"{mode:>24}  " + "  ".join(f"{r[k]:>18.1f}" for k in SCORES))
+        print(f"{mode:<{width}}  " + "  ".join(f"{r[k]:>18.1f}" for k in SCORES))
     print(f"results: {result['path']}")
     return 0
 

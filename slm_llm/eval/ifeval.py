@@ -26,10 +26,14 @@ with the prompt's key before each check, and langdetect with 0, so a score depen
 on the prompt and the response (not on ``--limit`` or on the order of checks).
 
 Results: ``eval/ifeval.json`` and ``eval/ifeval.md``; every response, with its
-per-instruction verdicts, in ``eval/predictions/ifeval.jsonl``.
+per-instruction verdicts, in ``eval/predictions/ifeval.jsonl``. Generations are also appended
+to ``eval/ifeval-generations.jsonl`` batch by batch, so a killed run (541 prompts per mode
+take hours on a CPU) resumes, and a larger ``--limit`` reuses what a smaller one generated.
 """
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import os
 import random
@@ -42,15 +46,17 @@ from typing import Any
 import yaml
 from tqdm import tqdm
 
-from slm_llm.config import ConfigError
+from slm_llm.config import ConfigError, load_config
 from slm_llm.data import DataError, Record, render_prompt, resolve_data_root
 from slm_llm.data.suites import REPO_ROOT
 from slm_llm.eval.metrics import OOD
+from slm_llm.pipeline import Generation, RunPipeline
 from slm_llm.run import RunDir
 from slm_llm.utils.io import sha256_file, write_json, write_text
 
 BENCHMARK = REPO_ROOT / "eval" / "ifeval.yaml"
 _FIELDS = {"data": str, "sha256": str, "nltk_data": str, "max_new_tokens": int}
+JOURNAL = "ifeval-generations.jsonl"  # in the run's eval/: generations so far, for resuming
 SCORES = ("prompt_strict", "instruction_strict", "prompt_loose", "instruction_loose")
 
 
@@ -108,7 +114,7 @@ def use_nltk_data(folder: Path) -> None:
     cannot find it; refusing here first means nothing is ever downloaded."""
     if not (folder / "tokenizers" / "punkt_tab" / "english").is_dir():
         raise DataError(f"nltk's punkt_tab tables are missing: {folder}/tokenizers/punkt_tab/english is not a "
-                        f"folder ({BENCHMARK.name}: nltk_data). IFEval's sentence counts need them; copy nltk's "
+                        f"folder ({BENCHMARK}: nltk_data). IFEval's sentence counts need them; copy nltk's "
                         f"punkt_tab package there (they are never downloaded at run time)")
     os.environ["NLTK_DATA"] = str(folder)
     import nltk
@@ -162,17 +168,17 @@ def run_ifeval(run_dir: str | Path, overrides: list[str] | None = None, max_new_
     ``max_new_tokens`` caps the benchmark's budget (default ``eval.ifeval_max_new_tokens``, 0 = no
     cap); ``limit`` keeps the first N prompts (0 = all 541).
     """
-    from slm_llm.pipeline import RunPipeline
-
     if limit < 0 or (max_new_tokens or 0) < 0 or (batch_size is not None and batch_size < 1):
         raise ConfigError(f"ifeval: --limit ({limit}) and --max-new-tokens ({max_new_tokens}) must be >= 0, "
                           f"--batch-size ({batch_size}) >= 1")
     spec = load_spec()
-    pipe = RunPipeline.load(run_dir, overrides)
-    root = resolve_data_root(data_root or pipe.cfg.data.data_root or None)
-    rows = load_prompts(spec, root)
+    run = RunDir(run_dir)
+    cfg = load_config(run.root / "run.yaml", overrides)
+    root = resolve_data_root(data_root or cfg.data.data_root or None)
+    rows = load_prompts(spec, root)  # data problems show before the model loads
     rows = rows[:limit] if limit else rows
     ifeval = checkers(root / spec.nltk_data)
+    pipe = RunPipeline.load(run_dir, overrides)
     cap = pipe.cfg.eval.ifeval_max_new_tokens if max_new_tokens is None else max_new_tokens
     n_new = min(cap, spec.max_new_tokens) if cap else spec.max_new_tokens
 
@@ -191,14 +197,16 @@ def run_ifeval(run_dir: str | Path, overrides: list[str] | None = None, max_new_
         decisions[pipe.method] = pipe.route(records, pipe.method)
 
     prompts = [render_prompt(r, "chat", pipe.tokenizer) for r in records]
+    journal = Journal(run.eval_dir / JOURNAL, fingerprint(pipe, spec, n_new))
     t0 = time.time()
-    gens = generate_modes(pipe, prompts, decisions, n_new, batch_size or pipe.cfg.eval.batch_size)
+    gens = generate_modes(pipe, [r.id for r in records], prompts, decisions, n_new,
+                          batch_size or pipe.cfg.eval.batch_size, journal)
     seconds = time.time() - t0
     result: dict[str, Any] = {
         "benchmark": str(spec.source), "data": str(root / spec.data), "sha256": spec.sha256,
         "prompts": len(rows), "instructions": sum(len(r["instruction_id_list"]) for r in rows),
         "max_new_tokens": n_new, "budget": spec.max_new_tokens, "template": "chat", "lm_eval": version("lm_eval"),
-        "generations": len({_signature(j, d) for ds in decisions.values() for j, d in enumerate(ds)}),
+        "generations": len({_signature(r.id, d) for ds in decisions.values() for r, d in zip(records, ds)}),
         "generation_seconds": round(seconds, 1), "modes": {}}
     lines = []
     for md, outs in gens.items():
@@ -210,7 +218,6 @@ def run_ifeval(run_dir: str | Path, overrides: list[str] | None = None, max_new_
         lines += [json.dumps({"mode": md, "key": row["key"], "response": g.text, "new_tokens": g.new_tokens,
                               "routed_task": None if d is None else d.task, "strict": s, "loose": lo})
                   for row, g, d, (s, lo) in zip(rows, outs, decisions[md], verdicts)]
-    run = RunDir(run_dir)
     write_text(run.eval_dir / "predictions" / "ifeval.jsonl", "\n".join(lines) + "\n")
     path = run.eval_dir / "ifeval.json"
     write_json(path, result)
@@ -219,29 +226,75 @@ def run_ifeval(run_dir: str | Path, overrides: list[str] | None = None, max_new_
     return result
 
 
-def generate_modes(pipe, prompts: list[str], decisions: dict[str, list], max_new: int, batch_size: int
-                   ) -> dict[str, list]:
+def generate_modes(pipe, ids: list[str], prompts: list[str], decisions: dict[str, list], max_new: int,
+                   batch_size: int, journal: Journal | None = None) -> dict[str, list[Generation]]:
     """``{mode: [Generation per prompt]}``. A (prompt, slots, weights) triple shared by several
     modes is generated once (an OOD slm row is a base row); prompts are sorted by token length
-    so a batch pads little."""
-    jobs: dict[tuple, Any] = {}  # (prompt index, slots, weights) -> decision
+    so a batch pads little. Generations already in ``journal`` are reused, and each batch is
+    added to it as soon as it is done."""
+    jobs: dict[tuple, tuple[int, Any]] = {}  # (id, slots, weights) -> (prompt index, decision)
     for rows in decisions.values():
         for j, d in enumerate(rows):
-            jobs.setdefault(_signature(j, d), d)
-    lengths = [len(pipe.tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts]
-    keys = sorted(jobs, key=lambda k: (lengths[k[0]], k[0]))
-    done: dict[tuple, Any] = {}
-    with tqdm(total=len(keys), desc="ifeval", unit="gen", dynamic_ncols=True) as bar:
-        for s in range(0, len(keys), batch_size):
-            chunk = keys[s: s + batch_size]
-            gens = pipe.generate([prompts[k[0]] for k in chunk], [jobs[k] for k in chunk], max_new, batch_size)
+            jobs.setdefault(_signature(ids[j], d), (j, d))
+    done = journal.load() if journal else {}
+    todo = [k for k in jobs if k not in done]
+    lengths = {k: len(pipe.tokenizer(prompts[jobs[k][0]], add_special_tokens=False)["input_ids"]) for k in todo}
+    todo.sort(key=lambda k: (lengths[k], jobs[k][0]))
+    with tqdm(total=len(jobs), initial=len(jobs) - len(todo), desc="ifeval", unit="gen", dynamic_ncols=True) as bar:
+        for s in range(0, len(todo), batch_size):
+            chunk = todo[s: s + batch_size]
+            gens = pipe.generate([prompts[jobs[k][0]] for k in chunk], [jobs[k][1] for k in chunk], max_new, batch_size)
             done.update(zip(chunk, gens))
+            if journal:
+                journal.add(zip(chunk, gens))
             bar.update(len(chunk))
-    return {md: [done[_signature(j, d)] for j, d in enumerate(rows)] for md, rows in decisions.items()}
+    return {md: [dataclasses.replace(done[_signature(ids[j], d)], route=d) for j, d in enumerate(rows)]
+            for md, rows in decisions.items()}
 
 
-def _signature(j: int, d) -> tuple:
-    return (j, None, None) if d is None else (j, tuple(d.slots), tuple(round(w, 6) for w in d.weights))
+def _signature(prompt_id: str, d) -> tuple:
+    return (prompt_id, None, None) if d is None else (prompt_id, tuple(d.slots), tuple(round(w, 6) for w in d.weights))
+
+
+@dataclass
+class Journal:
+    """Generations of an unfinished ``slm-llm ifeval``, one JSON line each, so a killed run
+    resumes where it stopped. A line counts only under the same ``fingerprint`` (base model,
+    increments, model/jare config, prompts file, token limit); a line cut by a kill is skipped."""
+    path: Path
+    fingerprint: str
+
+    def load(self) -> dict[tuple, Generation]:
+        kept, out = [], {}
+        for line in self.path.read_text().splitlines() if self.path.is_file() else []:
+            try:
+                e = json.loads(line)
+            except ValueError:
+                continue
+            if e.get("fingerprint") == self.fingerprint:
+                kept.append(line)
+                sig = (e["id"], None, None) if e["slots"] is None else (e["id"], tuple(e["slots"]), tuple(e["weights"]))
+                out[sig] = Generation(e["text"], None, e["new_tokens"])
+        write_text(self.path, "".join(x + "\n" for x in kept))  # drop stale and torn lines
+        return out
+
+    def add(self, items) -> None:
+        with self.path.open("a") as f:
+            for (pid, slots, weights), g in items:
+                f.write(json.dumps({"fingerprint": self.fingerprint, "id": pid, "slots": slots, "weights": weights,
+                                    "text": g.text, "new_tokens": g.new_tokens}) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def fingerprint(pipe, spec: IFEvalSpec, max_new_tokens: int) -> str:
+    """What a journal line's generation depends on, besides its prompt and slots."""
+    m = pipe.run.manifest()
+    increments = {t: sha for t in pipe.tasks for path, sha in m["tasks"][t]["artifacts"].items()
+                  if path.endswith("increments.safetensors")}
+    blob = json.dumps({"base": m["base_model"], "config": pipe.cfg.hash(), "increments": increments,
+                       "data": spec.sha256, "max_new_tokens": max_new_tokens, "template": "chat"}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 def ifeval_markdown(result: dict[str, Any]) -> str:

@@ -26,7 +26,6 @@ import json
 import re
 import shutil
 from pathlib import Path
-from typing import Any
 
 import yaml
 
@@ -114,7 +113,8 @@ def adapter_commands(run: RunDir, cfg: Config, include_path: Path, tasks: dict[s
 
     chat = " --apply_chat_template" if cfg.data.template == "chat" else ""
     base = f"pretrained={base_model_folder(cfg, run)},dtype={cfg.model.dtype}"
-    common = f"--include_path {include_path} --batch_size 8 --log_samples --output_path {include_path}/results{chat}"
+    results = include_path.parent / "results" / include_path.name  # outside the folder a rerun replaces
+    common = f"--include_path {include_path} --batch_size 8 --log_samples --output_path {results}{chat}"
     out = [("base model", f"lm_eval --model hf --model_args {base} --tasks {tag} {common}")]
     for task in run.done_tasks():
         adapter = run.task_dir(task) / "adapter"
