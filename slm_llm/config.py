@@ -257,7 +257,7 @@ class EvalConfig:
     batch_size: int = 8
     fwt: bool = False  # also evaluate the next task, for forward transfer
     during_training: bool = True  # fill the CL matrix after every task
-    ifeval_max_new_tokens: int = 128  # `slm-llm ifeval`: responses are paragraphs and lists
+    ifeval_max_new_tokens: int = 0  # `slm-llm ifeval`: cap on IFEval's 1280-token budget (eval/ifeval.yaml); 0 = none
     # Query views scored (slm_llm/data/views.py); the first is the headline. Never headline "fixed":
     # its constant instruction names the task.
     views: list[str] = field(default_factory=lambda: ["paraphrase", "input-only", "fixed"])
@@ -272,7 +272,7 @@ class EvalConfig:
         _non_negative("eval.max_samples", self.max_samples)
         _positive("eval.max_new_tokens", self.max_new_tokens)
         _positive("eval.max_new_tokens_open", self.max_new_tokens_open)
-        _positive("eval.ifeval_max_new_tokens", self.ifeval_max_new_tokens)
+        _non_negative("eval.ifeval_max_new_tokens", self.ifeval_max_new_tokens)
         _positive("eval.batch_size", self.batch_size)
 
 

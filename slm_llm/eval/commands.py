@@ -1,4 +1,4 @@
-"""`slm-llm` subcommands of this package: eval, compare, report, ifeval."""
+"""`slm-llm` subcommands of this package: eval, compare, report, ifeval, lm-eval-tasks."""
 from __future__ import annotations
 
 import json
@@ -29,12 +29,28 @@ def register(sub, add_config_args) -> None:
     _add_view_arg(p, "the view the report leads with (default: the matrix's first, the run's headline)")
     p.set_defaults(fn=cmd_report)
 
-    p = sub.add_parser("ifeval", help="verifiable instruction following: base vs routed slm on our prompts")
+    p = sub.add_parser("ifeval", help="IFEval (541 prompts, lm-eval's checkers): base, routed slm, each task forced")
     p.add_argument("--run", required=True, help="run folder")
-    p.add_argument("--max-new-tokens", type=int, default=None, help="default eval.ifeval_max_new_tokens")
-    p.add_argument("--limit", type=int, default=0, help="first N prompts only (0 = all)")
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help="cap on IFEval's 1280-token budget (CPU: e.g. 256); "
+                        "default eval.ifeval_max_new_tokens, 0 = none")
+    p.add_argument("--limit", type=int, default=0, help="first N prompts only (0 = all 541)")
+    p.add_argument("--batch-size", type=int, default=None, help="generation batch; default eval.batch_size")
+    p.add_argument("--data-root", default=None, help="holds ifeval/ and nltk_data/; default data.data_root, "
+                                                     "$SLM_DATA, ../shared/data")
     p.add_argument("overrides", nargs="*", help="key=value overrides of the run's config")
     p.set_defaults(fn=cmd_ifeval)
+
+    p = sub.add_parser("lm-eval-tasks", help="lm-evaluation-harness task YAMLs for a suite's test records, "
+                                             "scored as we score them, and the lm_eval commands per adapter")
+    p.add_argument("--run", required=True, help="run folder (its eval settings, template and adapters)")
+    p.add_argument("--suite", required=True, help="suite name (eval/suites/) or YAML path")
+    p.add_argument("--query-view", default="fixed", choices=("fixed", "paraphrase", "input-only"),
+                   help="how each test record is worded (slm_llm/data/views.py)")
+    p.add_argument("--tasks", default=None, help="comma-separated subset of the suite's tasks (default all)")
+    p.add_argument("--data-root", default=None, help="default data.data_root, $SLM_DATA, ../shared/data")
+    p.add_argument("overrides", nargs="*", help="key=value overrides of the run's config, e.g. eval.max_samples=0")
+    p.set_defaults(fn=cmd_lm_eval_tasks)
 
 
 def _add_view_arg(p, help_: str | None = None) -> None:
@@ -83,10 +99,22 @@ def cmd_report(args) -> int:
 
 
 def cmd_ifeval(args) -> int:
-    from slm_llm.eval.ifeval import run_ifeval
+    from slm_llm.eval.ifeval import SCORES, run_ifeval
 
-    result = run_ifeval(args.run, args.overrides, args.max_new_tokens, args.limit)
+    result = run_ifeval(args.run, args.overrides, args.max_new_tokens, args.limit, args.data_root, args.batch_size)
+    width = max(len(m) for m in result["modes"])
+    print(f"{'mode':<{width}}  " + "  ".join(f"{k:>18}" for k in SCORES))
     for mode, r in result["modes"].items():
-        print(f"{mode:>10}: prompt-level {r['prompt_strict']:.1f}  instruction-level {r['instruction_strict']:.1f}")
+        print(f"{mode:<{width}}  " + "  ".join(f"{r[k]:>18.1f}" for k in SCORES))
     print(f"results: {result['path']}")
+    return 0
+
+
+def cmd_lm_eval_tasks(args) -> int:
+    from slm_llm.eval.lm_eval_tasks import write_lm_eval_tasks
+
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else None
+    out = write_lm_eval_tasks(args.run, args.suite, args.query_view, tasks, args.overrides, args.data_root)
+    print((out / "README.md").read_text())
+    print(f"lm-eval tasks: {out}")
     return 0
