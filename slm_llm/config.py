@@ -99,7 +99,10 @@ class JareConfig:
     targets: list[str] = field(default_factory=lambda: ["o_proj"])
     rank: int = 8
     slots_per_task: int = 4  # P: slots (and DTKR keys) each task owns
-    top_k: int = 2  # K: slots mixed per query at inference
+    top_k: int = 2  # K: slots of the routed task mixed per query (training and inference alike)
+    # How the K slots are weighted: "similarity" (w = s / Σ s, the paper) or "uniform" (1/K); uniform
+    # mixes are what an exported adapter holds exactly (the vLLM backend), see docs/routing.md.
+    slot_weights: str = "similarity"
     alpha: float = 0.0  # 0 -> no alpha/r scaling (scale 1), as in the paper
 
     def validate(self) -> None:
@@ -111,6 +114,10 @@ class JareConfig:
         _positive("jare.rank", self.rank)
         _positive("jare.slots_per_task", self.slots_per_task)
         _positive("jare.top_k", self.top_k)
+        _choice("jare.slot_weights", self.slot_weights, ("similarity", "uniform"))
+        if self.top_k > self.slots_per_task:
+            raise ConfigError(f"jare.top_k={self.top_k} is more than jare.slots_per_task={self.slots_per_task}: "
+                              "a query mixes slots of its own task only")
         _non_negative("jare.alpha", self.alpha)
 
 

@@ -11,7 +11,9 @@ One slot rule, the same in training and at inference, for each query q:
      s(q, key) = (1/G) Σ_g cos(q_g, key_g); with ``whiten=True``, the best key after the
      whitening map T of ``slm_llm.dtkr.whiten``);
   2. score that task's own slots plainly (a slot's score: the best of its keys) and keep
-     its top K, with weights w_k = max(s_k, ε) / Σ_j max(s_j, ε);
+     its top K, with weights w_k = max(s_k, ε) / Σ_j max(s_j, ε) (``slot_weights="similarity"``,
+     the paper's) or w_k = 1/K (``"uniform"``: a mix a plain LoRA adapter can hold exactly, so
+     the vLLM backend serves what exact JARe computes);
   3. the query is out of distribution (OOD) when the best plain score is below the
      task's threshold.
 Training knows the task and runs steps 2-3 only (``restrict_task``), so a query routed to
@@ -44,6 +46,7 @@ from slm_llm.dtkr.whiten import Whitener
 from slm_llm.utils.io import atomic_path, write_json
 
 WEIGHT_EPS = 1e-4  # scores are clamped to this before w = s / Σ s, so weights stay valid
+SLOT_WEIGHTS = ("similarity", "uniform")
 
 
 class RouterError(ValueError):
@@ -53,7 +56,7 @@ class RouterError(ValueError):
 @dataclass
 class RouteDecision:
     slots: list[int]  # global slot ids, best first (K of them)
-    weights: list[float]  # w_k = s_k / Σ s_j over the chosen slots (sums to 1)
+    weights: list[float]  # over the chosen slots, summing to 1 (slot_weights: s_k / Σ s_j, or 1/K)
     task: str  # task of the best slot: the adapter a single-adapter backend serves
     score: float  # best slot's raw mean group cosine
     ood: bool  # the routed task's OOD test flags the query (slm_llm.dtkr.ood)
@@ -75,6 +78,7 @@ class Router:
         ood_percentile: float = 1.0,
         whiten: bool = False,
         whiten_shrinkage: float = 0.05,
+        slot_weights: str = "similarity",
         ood_rule: str = "keys",
         ood_shrinkage: float = 0.3,
         ood_rank: int = 64,
@@ -85,6 +89,8 @@ class Router:
         check_groups(dim, groups)
         if top_k <= 0 or keys_per_slot <= 0:
             raise ValueError("top_k and keys_per_slot must be > 0")
+        if slot_weights not in SLOT_WEIGHTS:
+            raise ValueError(f"slot_weights {slot_weights!r} is not one of {', '.join(SLOT_WEIGHTS)}")
         if ood_rule not in OOD_RULES:
             raise ValueError(f"ood_rule {ood_rule!r} is not one of {', '.join(OOD_RULES)}")
         self.dim, self.groups, self.top_k = dim, groups, top_k
@@ -92,6 +98,7 @@ class Router:
         self.keys_per_slot = keys_per_slot
         self.ood_percentile = ood_percentile
         self.whitener = Whitener(dim, groups, whiten_shrinkage) if whiten else None
+        self.slot_weights = slot_weights
         self.ood_rule, self.ood_shrinkage, self.ood_rank = ood_rule, ood_shrinkage, ood_rank
         self._gaussians: list[TaskGaussian | None] = []  # per task, with ood_rule "gaussian"
         self._index_args = (index, hnsw_threshold, device)
@@ -105,9 +112,10 @@ class Router:
         self._invalidate_table()
 
     @classmethod
-    def from_config(cls, dim: int, cfg, top_k: int, encoder_id: str = "", device: str = "cpu") -> Router:
-        """Build from a DtkrConfig (``cfg``) and K (``jare.top_k``)."""
-        return cls(dim, cfg.groups, top_k, encoder_id=encoder_id, keys_per_slot=cfg.keys_per_slot,
+    def from_config(cls, dim: int, cfg, jare, encoder_id: str = "", device: str = "cpu") -> Router:
+        """Build from a DtkrConfig (``cfg``) and a JareConfig (``jare``: K and the slot weights)."""
+        return cls(dim, cfg.groups, jare.top_k, encoder_id=encoder_id, keys_per_slot=cfg.keys_per_slot,
+                   slot_weights=jare.slot_weights,
                    ood_percentile=cfg.ood_percentile, whiten=cfg.whiten, whiten_shrinkage=cfg.whiten_shrinkage,
                    ood_rule=cfg.ood_rule, ood_shrinkage=cfg.ood_shrinkage, ood_rank=cfg.ood_rank,
                    index=cfg.index, hnsw_threshold=cfg.hnsw_threshold, device=device)
@@ -268,8 +276,11 @@ class Router:
         raw = row_scores[first]
         top = np.argsort(-raw, kind="stable")[:k]
         slots, raw = slots[top], raw[top]
-        clamped = np.maximum(raw, WEIGHT_EPS)
-        weights = clamped / clamped.sum()
+        if self.slot_weights == "uniform":
+            weights = np.full(len(raw), 1.0 / len(raw))
+        else:
+            clamped = np.maximum(raw, WEIGHT_EPS)
+            weights = clamped / clamped.sum()
         best = int(self._slot_task[slots[0]])
         return RouteDecision(
             slots=[int(s) for s in slots], weights=[float(w) for w in weights], task=self.tasks[best]["name"],
@@ -319,6 +330,7 @@ class Router:
             "whiten": self.whitener is not None,
             "whiten_shrinkage": self.whitener.shrinkage if self.whitener is not None else None,
             "ood": {"rule": self.ood_rule, "shrinkage": self.ood_shrinkage, "rank": self.ood_rank},
+            "slot_weights": self.slot_weights,
             "index": {"kind": self._index_args[0], "hnsw_threshold": self._index_args[1]},
             "tasks": self.tasks, "slots": slots,
         })
@@ -335,6 +347,7 @@ class Router:
                    keys_per_slot=meta["keys_per_slot"], ood_percentile=meta["ood_percentile"],
                    whiten=meta["whiten"], whiten_shrinkage=meta["whiten_shrinkage"] or 0.05,
                    ood_rule=meta["ood"]["rule"], ood_shrinkage=meta["ood"]["shrinkage"], ood_rank=meta["ood"]["rank"],
+                   slot_weights=meta["slot_weights"],
                    index=meta["index"]["kind"], hnsw_threshold=meta["index"]["hnsw_threshold"],
                    device=device)
         if encoder_id is not None:

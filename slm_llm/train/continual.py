@@ -161,7 +161,7 @@ def run_continual(cfg: Config) -> RunDir:
 def _open_router(run: RunDir, cfg: Config, encoder: Encoder) -> Router:
     if (run.router_dir / "slots.json").exists():
         return Router.load(run.router_dir, encoder_id=encoder.id)
-    return Router.from_config(encoder.dim, cfg.dtkr, cfg.jare.top_k, encoder_id=encoder.id)
+    return Router.from_config(encoder.dim, cfg.dtkr, cfg.jare, encoder_id=encoder.id)
 
 
 def _jare_model(cfg: Config, run: RunDir, done: list[str]) -> JareModel:
