@@ -18,13 +18,15 @@ from typing import Any
 
 import yaml
 
+from slm_llm.errors import SlmError
 
-METHODS = ("slm", "seq_lora", "multitask", "olora")
+
+TRAIN_METHODS = ("slm", "seq_lora", "multitask", "olora")
 VIEWS = ("fixed", "paraphrase", "input-only")  # query views (slm_llm/data/views.py)
 PHRASING_MODES = ("pool", "fixed")  # data.phrasing
 
 
-class ConfigError(ValueError):
+class ConfigError(SlmError, ValueError):
     """A config file, override or value is invalid; the message names the key."""
 
 
@@ -208,7 +210,7 @@ class TrainConfig:
     olora_l2: float = 0.0
 
     def validate(self) -> None:
-        _choice("train.method", self.method, METHODS)
+        _choice("train.method", self.method, TRAIN_METHODS)
         _non_negative("train.olora_lambda", self.olora_lambda)
         _non_negative("train.olora_l2", self.olora_l2)
         _choice("train.precision", self.precision, ("fp32", "bf16"))
@@ -338,7 +340,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
         try:
             raw = yaml.safe_load(text) or {}
         except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: invalid YAML: {e}") from None
+            raise ConfigError(yaml_error(path, e)) from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: top level must be a mapping, got {type(raw).__name__}")
     for item in overrides or []:
@@ -346,6 +348,14 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
     cfg = _build(Config, raw, prefix="", source=source)
     cfg.validate()
     return cfg
+
+
+def yaml_error(path, e: Exception) -> str:
+    """A YAML parse error as one line: ``file:line:column: invalid YAML: problem``."""
+    mark = getattr(e, "problem_mark", None)
+    where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+    what = getattr(e, "problem", None) or str(e).splitlines()[0]
+    return f"{where}: invalid YAML: {what}"
 
 
 def _apply_override(raw: dict[str, Any], item: str) -> None:

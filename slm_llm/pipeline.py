@@ -25,7 +25,7 @@ from slm_llm.config import SHARED_ADAPTER as SHARED
 from slm_llm.config import Config, load_config, shared_adapter_config
 from slm_llm.data import Record, query_text, render_prompt
 from slm_llm.data.templates import end_of_turn_text
-from slm_llm.dtkr import RouteDecision, Router, routing_tensors
+from slm_llm.dtkr import RouteDecision, Router, open_router, routing_tensors
 from slm_llm.dtkr.encoder import Encoder, build_encoder
 from slm_llm.jare import JareModel
 from slm_llm.models import load_base_model, model_id
@@ -107,7 +107,7 @@ class RunPipeline:
         model = JareModel(base, cfg.jare)
         for task in done:
             model.load_task(task, run.task_dir(task) / "increments.safetensors")
-        router = Router.load(run.router_dir, encoder_id=encoder.id)
+        router = open_router(run, cfg, encoder)
         if router.task_names != done:
             raise RunError(f"{run.router_dir}: router tasks {router.task_names} != finished tasks {done}")
         return cls(cfg, run, model.eval(), tokenizer, router, encoder)
@@ -129,7 +129,7 @@ class RunPipeline:
         if task not in self.run.done_tasks():
             raise RunError(f"{self.run.manifest_path}: task {task!r} is not finished")
         self.model.load_task(task, self.run.task_dir(task) / "increments.safetensors")
-        self.router = Router.load(self.run.router_dir, encoder_id=self.encoder.id)
+        self.router = open_router(self.run, self.cfg, self.encoder)
 
     # ---- routing ---------------------------------------------------------------------
     def queries(self, records: list[Record]) -> list[str]:

@@ -13,7 +13,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from slm_llm.config import Config
+from slm_llm.config import Config, yaml_error
+from slm_llm.errors import SlmError
 from slm_llm.utils.io import sha256_file, write_json, write_text
 
 
@@ -54,7 +55,7 @@ def _lookup(d: dict[str, Any], dotted: str) -> Any:
     return d
 
 
-class RunError(RuntimeError):
+class RunError(SlmError, RuntimeError):
     """The run folder is missing, incomplete or made for another base model."""
 
 
@@ -158,7 +159,7 @@ class RunDir:
         except FileNotFoundError:
             raise RunError(f"{self.root}: run.yaml is missing") from None
         except yaml.YAMLError as e:
-            raise RunError(f"{self.root / 'run.yaml'}: invalid YAML: {e}") from None
+            raise RunError(yaml_error(self.root / "run.yaml", e)) from None
 
     def check_base(self, base_model: str) -> None:
         have = self.manifest()["base_model"]

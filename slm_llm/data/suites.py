@@ -41,6 +41,8 @@ from typing import Any
 
 import yaml
 
+from slm_llm.config import yaml_error
+
 from .readers import read_alpaca, read_cl_benchmark, read_hf_dataset
 from .schema import DataError, Record
 from .views import CONTENT_KINDS, PLACEHOLDER
@@ -125,7 +127,7 @@ def load_suite(name_or_path: str | os.PathLike) -> Suite:
     except OSError as e:
         raise DataError(f"{path}: cannot read suite: {e.strerror}") from None
     except yaml.YAMLError as e:
-        raise DataError(f"{path}: invalid YAML: {e}") from None
+        raise DataError(yaml_error(path, e)) from None
     return _build_suite(raw, path)
 
 

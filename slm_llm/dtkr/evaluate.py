@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from slm_llm.config import Config
-from slm_llm.data import (Suite, load_suite, load_task_split, query_text, records_in_view, resolve_data_root,
+from slm_llm.data import (DataError, Suite, load_suite, load_task_split, query_text, records_in_view, resolve_data_root,
                           run_records, training_records, view_records)
 from slm_llm.dtkr.encoder import Encoder
 from slm_llm.dtkr.keys import init_keys, score_matrix, train_keys
@@ -64,7 +64,7 @@ def off_domain_queries(name: str, cfg: Config, max_test: int) -> list[str]:
         try:
             return [json.loads(line)["prompt"] for line in path.read_text().splitlines() if line.strip()]
         except OSError as e:
-            raise FileNotFoundError(f"{path}: cannot read the IFEval prompts ({e.strerror})") from None
+            raise DataError(f"{path}: cannot read the IFEval prompts ({e.strerror})") from None
     suite = load_suite(name)
     split = "test" if cfg.data.eval_split == "test" else "train"
     out = []

@@ -22,12 +22,13 @@ from pathlib import Path
 
 import numpy as np
 
+from slm_llm.errors import SlmError
 from slm_llm.utils.io import atomic_path, write_json
 
 KINDS = ("flat", "hnsw", "auto")
 
 
-class DtkrIndexError(RuntimeError):
+class DtkrIndexError(SlmError, RuntimeError):
     """The index was asked for something it cannot do (bad shape, no GPU, empty)."""
 
 

@@ -43,13 +43,15 @@ from slm_llm.dtkr.index import SlotIndex, check_groups, group_normalise
 from slm_llm.dtkr.keys import load_keys, save_keys, score_matrix
 from slm_llm.dtkr.ood import OOD_RULES, TaskGaussian, calibrate
 from slm_llm.dtkr.whiten import Whitener
+from slm_llm.errors import SlmError
+from slm_llm.run import RunDir
 from slm_llm.utils.io import atomic_path, write_json
 
 WEIGHT_EPS = 1e-4  # scores are clamped to this before w = s / Σ s, so weights stay valid
 SLOT_WEIGHTS = ("similarity", "uniform")
 
 
-class RouterError(ValueError):
+class RouterError(SlmError, ValueError):
     """The router cannot answer: empty, unknown task, wrong shapes or a mismatched encoder."""
 
 
@@ -377,6 +379,19 @@ class Router:
             self._slot_task_list[s["slot"]] = pos[s["task"]]
         self._invalidate_table()
         return self
+
+
+def open_router(run: RunDir, cfg, encoder, create: bool = False) -> Router:
+    """The router of a run folder (``cfg`` its Config, ``encoder`` the run's encoder): loaded from
+    ``<run>/router`` and refused if built with another encoder, or, with ``create`` and none saved
+    yet, a new empty one. The run's manifest must be readable (a RunError names it otherwise)."""
+    run.manifest()
+    if (run.router_dir / "slots.json").exists():
+        return Router.load(run.router_dir, encoder_id=encoder.id, device=cfg.dtkr.index_device)
+    if create:
+        return Router.from_config(encoder.dim, cfg.dtkr, cfg.jare, encoder_id=encoder.id, device=cfg.dtkr.index_device)
+    raise RouterError(f"{run.root} has no router yet ({run.router_dir / 'slots.json'} is missing): "
+                      "no slm task has finished training")
 
 
 def routing_tensors(decisions: list[RouteDecision | None], k: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:

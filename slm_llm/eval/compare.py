@@ -1,4 +1,4 @@
-"""Methods side by side in one harness: SLM, its oracle and zero-shot modes, and the baselines.
+"""The comparison table of methods side by side (``slm_llm.recipes.compare`` runs them).
 
     slm        JARe + DTKR, routed per query          run <run_dir>-slm
     oracle     the slm run with the true task's slots (the routing upper bound)
@@ -7,34 +7,30 @@
     multitask  one LoRA trained on all tasks at once  run <run_dir>-multitask
     olora      a LoRA per task, orthogonal (O-LoRA)   run <run_dir>-olora (all summed: no task id)
 
-Each training method's run is trained (or resumed) in process by the continual driver,
-which fills its matrix after every stage; a run that is already complete is only
-evaluated where its matrix lacks a cell. The table (``<run_dir>-compare.{json,md}``) holds
-each method's final per-task scores, AP, BWT, forgetting, FWT and routing accuracy.
+The table (``<run_dir>-compare.{json,md}``) holds each method's final per-task scores, AP,
+BWT, forgetting, FWT and routing accuracy, per query view and scoring, from the runs' CL matrices.
 """
 from __future__ import annotations
 
 import copy
-import logging
 from pathlib import Path
 from typing import Any
 
 from slm_llm.config import Config, ConfigError
 from slm_llm.eval.matrix import SCORINGS, cl_metrics, final_row, load_matrix, view_matrix
-from slm_llm.run import RunDir
+from slm_llm.run import RunDir, RunError
 from slm_llm.utils.io import write_json, write_text
 
-log = logging.getLogger("slm_llm.eval")
-METHODS = ("slm", "oracle", "seq_lora", "multitask", "base", "olora")
+COMPARE_METHODS = ("slm", "oracle", "seq_lora", "multitask", "base", "olora")  # trained methods + inference modes
 TRAINED_BY = {"slm": "slm", "oracle": "slm", "base": "slm", "seq_lora": "seq_lora", "multitask": "multitask",
               "olora": "olora"}
 
 
 def parse_methods(text: str) -> list[str]:
     methods = [m.strip() for m in text.split(",") if m.strip()]
-    unknown = [m for m in methods if m not in METHODS]
+    unknown = [m for m in methods if m not in COMPARE_METHODS]
     if unknown or not methods:
-        raise ConfigError(f"--methods: {unknown or text!r} not in {', '.join(METHODS)}")
+        raise ConfigError(f"--methods: {unknown or text!r} not in {', '.join(COMPARE_METHODS)}")
     return methods
 
 
@@ -51,31 +47,6 @@ def method_config(cfg: Config, method: str) -> Config:
     return c
 
 
-def compare(cfg: Config, methods: list[str], out: str | Path | None = None) -> dict[str, Any]:
-    """Train/evaluate what ``methods`` need, then write and return the comparison table."""
-    from slm_llm.eval.continual import evaluate_run
-    from slm_llm.train.continual import run_continual
-
-    for train_method in dict.fromkeys(TRAINED_BY[m] for m in methods):
-        mcfg = method_config(cfg, train_method)
-        log.info(f"compare: {train_method} -> {mcfg.run_dir}")
-        run = run_continual(mcfg)
-        evaluate_run(run.root, _eval_overrides(cfg))  # fills the last row where it is missing
-    table = build_table(cfg, methods)
-    out = Path(out) if out else Path(f"{cfg.run_dir}-compare.json")
-    write_json(out, table)
-    write_text(out.with_suffix(".md"), table_markdown(table))
-    table["paths"] = {"json": str(out), "markdown": str(out.with_suffix(".md"))}
-    return table
-
-
-def _eval_overrides(cfg: Config) -> list[str]:
-    e = cfg.eval
-    return [f"eval.max_samples={e.max_samples}", f"eval.max_new_tokens={e.max_new_tokens}",
-            f"eval.max_new_tokens_open={e.max_new_tokens_open}", f"eval.batch_size={e.batch_size}",
-            f"eval.fwt={str(e.fwt).lower()}", f"eval.views={','.join(e.views)}"]
-
-
 def build_table(cfg: Config, methods: list[str]) -> dict[str, Any]:
     """The table from the runs' matrices: ``{"tasks", "views", "cells": {view: {scoring: {method:
     {scores, ap, bwt, forgetting, fwt, routing_accuracy}}}}, "runs"}``; the first view is the headline."""
@@ -86,7 +57,7 @@ def build_table(cfg: Config, methods: list[str]) -> dict[str, Any]:
         run = RunDir(run_dir_of(cfg, method))
         m = load_matrix(run.eval_dir / "matrix.json")
         if m is None:
-            raise FileNotFoundError(f"{run.eval_dir / 'matrix.json'}: no matrix for {method}; train/evaluate it first")
+            raise RunError(f"{run.eval_dir / 'matrix.json'}: no matrix for {method}; train/evaluate it first")
         table["tasks"] = table["tasks"] or m["tasks"]
         if m["tasks"] != table["tasks"]:
             raise ConfigError(f"{run.root}: tasks {m['tasks']} differ from {table['tasks']}; compare needs one suite")

@@ -32,6 +32,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from slm_llm.errors import SlmError
 from slm_llm.utils.io import write_json
 
 Row = list[float | None]
@@ -41,7 +42,7 @@ def _mean(xs: list[float]) -> float | None:
     return sum(xs) / len(xs) if xs else None
 
 
-class MatrixError(ValueError):
+class MatrixError(SlmError, ValueError):
     """A matrix lacks a cell a metric needs: the metric is refused, never averaged over fewer cells."""
 
 
@@ -93,7 +94,8 @@ def view_matrix(m: dict[str, Any], view: str, scoring: str = "strict") -> dict[s
     """One view and scoring of ``m`` as a flat matrix ``{method, tasks, stages, samples, R, base,
     routing_accuracy, routing_confusion}``; its R and base are ``m``'s own (set_cell writes through)."""
     if view not in m["views"]:
-        raise KeyError(f"the matrix has no view {view!r} (views: {', '.join(m['views'])})")
+        raise MatrixError(f"the matrix has no view {view!r} (views: {', '.join(m['views'])}); evaluate it with "
+                          f"--query-view {view}")
     v = m["views"][view]
     return {"method": m["method"], "tasks": m["tasks"], "stages": m["stages"], "samples": m["samples"],
             "R": v[scoring]["R"], "base": v[scoring]["base"], "routing_accuracy": v["routing_accuracy"],
@@ -107,9 +109,9 @@ def load_matrix(path: str | Path) -> dict[str, Any] | None:
     try:
         m = json.loads(path.read_text())
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from None
+        raise MatrixError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from None
     if m.get("format") != FORMAT:
-        raise ValueError(f"{path}: matrix format {m.get('format', 1)} predates query views (format {FORMAT}); "
+        raise MatrixError(f"{path}: matrix format {m.get('format', 1)} predates query views (format {FORMAT}); "
                          "move this eval/ folder aside and evaluate again")
     return m
 

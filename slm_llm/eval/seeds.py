@@ -1,4 +1,5 @@
-"""The comparison over several seeds: every method per seed, then intervals (``slm_llm.eval.stats``).
+"""The comparison over several seeds as a table with intervals (``slm_llm.eval.stats``);
+``slm_llm.recipes.compare.compare_seeds`` runs the seeds.
 
 Seed s runs the whole comparison with ``data.seed = train.seed = dtkr.seed = s`` (training
 sample, test sample, phrasing draws, slot init, key init) in ``<run_dir>-s<s>-<method>``; the
@@ -12,20 +13,17 @@ from __future__ import annotations
 
 import copy
 import json
-import logging
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from slm_llm.config import Config
-from slm_llm.eval.compare import compare, run_dir_of
+from slm_llm.eval.compare import run_dir_of
 from slm_llm.eval.matrix import SCORINGS
 from slm_llm.eval.stats import paired_difference, summarise
 from slm_llm.run import RunDir, RunError
-from slm_llm.utils.io import atomic_path, write_json, write_text
-
-log = logging.getLogger("slm_llm.eval")
+from slm_llm.utils.io import atomic_path
 
 
 def seed_config(cfg: Config, seed: int) -> Config:
@@ -33,21 +31,6 @@ def seed_config(cfg: Config, seed: int) -> Config:
     c.data.seed = c.train.seed = c.dtkr.seed = seed
     c.run_dir = f"{cfg.run_dir}-s{seed}"
     return c
-
-
-def compare_seeds(cfg: Config, methods: list[str], seeds: list[int]) -> dict[str, Any]:
-    """Run (or resume) the comparison once per seed, then write and return the interval table."""
-    tables = {}
-    for s in seeds:
-        log.info(f"compare: seed {s}")
-        tables[s] = compare(seed_config(cfg, s), methods)
-    table = seeds_table(cfg, methods, seeds, tables)
-    out = Path(f"{cfg.run_dir}-seeds.json")
-    write_json(out, table)
-    write_text(out.with_suffix(".md"), seeds_markdown(table))
-    plot_seeds(table, out.with_suffix(".png"))
-    table["paths"] = {"json": str(out), "markdown": str(out.with_suffix(".md")), "plot": str(out.with_suffix(".png"))}
-    return table
 
 
 def final_scores(run_dir: Path, mode: str, view: str, scoring: str) -> dict[str, np.ndarray]:

@@ -17,6 +17,7 @@ import logging
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -24,14 +25,14 @@ import torch
 from slm_llm.config import SHARED_ADAPTER as SHARED
 from slm_llm.config import Config, shared_adapter_config
 from slm_llm.data import Collator, load_suite, query_text, run_records, task_split, tokenize_example, training_records
-from slm_llm.dtkr import Router, init_keys, load_keys, routing_tensors, save_keys, score_matrix, train_keys
+from slm_llm.dtkr import Router, init_keys, load_keys, open_router, routing_tensors, save_keys, score_matrix, train_keys
 from slm_llm.dtkr.encoder import Encoder, build_encoder
 from slm_llm.jare import JareModel
 from slm_llm.models import load_base_model, load_tokenizer, model_id
 from slm_llm.run import RunDir
-from slm_llm.train.distributed import barrier, init_distributed
+from slm_llm.train.distributed import barrier, rank_and_world
 from slm_llm.train.engine import build_engine, load_ds_config, zero_stage
-from slm_llm.train.loop import install_stop_handlers, total_steps, train_task
+from slm_llm.train.loop import total_steps, train_task
 from slm_llm.train.olora import OLoraObjective, olora_model
 
 log = logging.getLogger("slm_llm.train")
@@ -67,10 +68,11 @@ def all_tasks_routing(n: int, tasks: int) -> TaskRouting:
     return TaskRouting(np.tile(np.arange(tasks), (n, 1)), np.ones((n, tasks), dtype=np.float32), np.ones(1))
 
 
-def run_continual(cfg: Config) -> RunDir:
-    rank, world, _ = init_distributed()
-    install_stop_handlers()
-    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="%(message)s")
+def run_continual(cfg: Config, after_task: Callable[[Config, RunDir, int], object] | None = None) -> RunDir:
+    """Train every stage of ``cfg`` not yet done in its run folder. ``after_task(cfg, run, t)`` runs on
+    rank 0 after stage t is saved (the recipes fill the CL-matrix row there). The process group,
+    signal handlers and logging are the entry point's (``slm_llm.recipes.continual.setup_process``)."""
+    rank, world = rank_and_world()
     method = cfg.train.method
     suite = load_suite(cfg.data.suite)
     tasks = suite.order_tasks(cfg.data.order, cfg.data.tasks or None)
@@ -103,7 +105,7 @@ def run_continual(cfg: Config) -> RunDir:
         if method == "slm":
             # 1. DTKR keys on this task's queries only (old tasks' keys are frozen; no old data).
             emb = encoder.encode([query_text(r) for r in records])  # [N, D]
-            router = _open_router(run, cfg, encoder)
+            router = open_router(run, cfg, encoder, create=True)
             if rank == 0 and not (tdir / "keys.safetensors").exists():
                 keys = init_keys(emb, cfg.jare.slots_per_task * cfg.dtkr.keys_per_slot, cfg.dtkr.groups,
                                  cfg.dtkr.key_init, cfg.dtkr.seed + t)
@@ -149,19 +151,11 @@ def run_continual(cfg: Config) -> RunDir:
                 "mean_weights": routing.mean_weights.round(6).tolist(),
             })
             log.info(f"{tag}: trained, loss {result.losses[-1] if result.losses else float('nan'):.4f}")
-            if cfg.eval.during_training:
-                from slm_llm.eval.continual import evaluate_after_task
-
-                evaluate_after_task(cfg, run, t)
+            if after_task is not None:
+                after_task(cfg, run, t)
         del engine, model
         barrier()
     return run
-
-
-def _open_router(run: RunDir, cfg: Config, encoder: Encoder) -> Router:
-    if (run.router_dir / "slots.json").exists():
-        return Router.load(run.router_dir, encoder_id=encoder.id)
-    return Router.from_config(encoder.dim, cfg.dtkr, cfg.jare, encoder_id=encoder.id)
 
 
 def _jare_model(cfg: Config, run: RunDir, done: list[str]) -> JareModel:

@@ -22,10 +22,11 @@ import torch
 from tqdm import tqdm
 
 from slm_llm.config import TrainConfig
+from slm_llm.errors import SlmError
 from slm_llm.train.distributed import all_mean
 
 
-class StopRequested(Exception):
+class StopRequested(SlmError):
     """Training stopped on SIGTERM/SIGUSR1 after writing a checkpoint (SLURM preemption)."""
 
 

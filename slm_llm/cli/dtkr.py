@@ -1,4 +1,4 @@
-"""`slm-llm` subcommands of this package: route, router-eval."""
+"""`slm-llm` subcommands of routing: route, router-eval."""
 from __future__ import annotations
 
 import json
@@ -36,10 +36,12 @@ def cmd_route(args) -> int:
 
     from slm_llm.config import load_config
     from slm_llm.dtkr.encoder import build_encoder
-    from slm_llm.dtkr.router import Router, format_decision
+    from slm_llm.dtkr.router import format_decision, open_router
+    from slm_llm.run import RunDir
 
-    encoder = build_encoder(load_config(Path(args.run) / "run.yaml"), cache=False)
-    router = Router.load(Path(args.run) / "router", encoder_id=encoder.id)
+    cfg = load_config(Path(args.run) / "run.yaml")
+    encoder = build_encoder(cfg, cache=False)
+    router = open_router(RunDir(args.run), cfg, encoder)
     for text, d in zip(args.queries, router.route_texts(args.queries, encoder, k=args.k)):
         print(json.dumps({"query": text, **d.to_dict()}) if args.json else format_decision(d, text))
     return 0

@@ -1,4 +1,4 @@
-"""`slm-llm` subcommands of this package: eval, compare, report, ifeval, lm-eval-tasks."""
+"""`slm-llm` subcommands of evaluation: eval, compare, report, ifeval, lm-eval-tasks."""
 from __future__ import annotations
 
 import json
@@ -74,11 +74,12 @@ def cmd_eval(args) -> int:
 
 def cmd_compare(args) -> int:
     from slm_llm.config import load_config
-    from slm_llm.eval.compare import compare, parse_methods
+    from slm_llm.eval.compare import parse_methods
+    from slm_llm.recipes.compare import compare
 
     cfg = load_config(args.config, [*args.overrides, *_view_overrides(args)])
     if args.seeds:
-        from slm_llm.eval.seeds import compare_seeds
+        from slm_llm.recipes.compare import compare_seeds
 
         table = compare_seeds(cfg, parse_methods(args.methods), [int(x) for x in args.seeds.split(",") if x.strip()])
         print(open(table["paths"]["markdown"]).read())
