@@ -105,7 +105,7 @@ def synthetic_run(cfg, root: Path, model, tok):
 
     encoder = Encoder(cfg.dtkr.encoder, cache=False)
     emb = encoder.encode(QUERIES)  # [4, D]: task t's keys sit around query t
-    router = Router.from_config(encoder.dim, cfg.dtkr, cfg.jare, encoder_id=encoder.id)
+    router = Router(encoder.dim, cfg.dtkr, cfg.jare, encoder_id=encoder.id)
     rng = np.random.default_rng(0)
     P, G = cfg.jare.slots_per_task, cfg.dtkr.groups
     for t in range(N_TASKS):

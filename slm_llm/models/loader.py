@@ -59,7 +59,6 @@ def load_tokenizer(cfg: ModelConfig) -> Any:
 def load_base_model(cfg: ModelConfig) -> tuple[torch.nn.Module, Any]:
     """``(model, tokenizer)`` for ``cfg``: frozen, in ``cfg.dtype``, optionally with
     gradient checkpointing and a 4-bit (nf4, bitsandbytes) base."""
-    cfg.validate()
     tokenizer = load_tokenizer(cfg)
     dtype = _DTYPES[cfg.dtype]
     if cfg.name == TINY:
