@@ -119,6 +119,11 @@ class JareConfig(Section):
     slot_weights: str = "uniform"
     alpha: float = 0.0  # 0 -> no alpha/r scaling (scale 1), as in the paper
 
+    @property
+    def scale(self) -> float:
+        """The increment's scale: alpha / rank, or 1 when alpha is 0 (no scaling, as in the paper)."""
+        return self.alpha / self.rank if self.alpha else 1.0
+
     def validate(self) -> None:
         allowed = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
         if not self.targets:

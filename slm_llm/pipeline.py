@@ -24,7 +24,7 @@ import torch
 from slm_llm.config import SHARED_ADAPTER as SHARED
 from slm_llm.config import Config, load_config, shared_adapter_config
 from slm_llm.data import Record, query_text, render_prompt
-from slm_llm.data.templates import end_of_turn_text
+from slm_llm.data.templates import stop_token_ids
 from slm_llm.dtkr import RouteDecision, Router, open_router, routing_tensors
 from slm_llm.dtkr.encoder import Encoder, build_encoder
 from slm_llm.jare import JareModel
@@ -79,7 +79,7 @@ class RunPipeline:
     def __init__(self, cfg: Config, run: RunDir, model: JareModel, tokenizer, router: Router | None, encoder: Encoder):
         self.cfg, self.run, self.model, self.tokenizer = cfg, run, model, tokenizer
         self.router, self.encoder = router, encoder  # router is None for the shared-adapter baselines
-        self.stop_ids = _stop_ids(tokenizer)
+        self.stop_ids = stop_token_ids(tokenizer)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.model.to(self.device)
 
@@ -191,11 +191,3 @@ class RunPipeline:
                     break
             results.append(Generation(tok.decode(row[:n], skip_special_tokens=True).strip(), d, n, row[:n].tolist()))
         return results
-
-
-def _stop_ids(tokenizer) -> list[int]:
-    ids = {tokenizer.eos_token_id}
-    eot = tokenizer(end_of_turn_text(tokenizer), add_special_tokens=False)["input_ids"]
-    if len(eot) == 1:
-        ids.add(eot[0])
-    return sorted(i for i in ids if i is not None)

@@ -80,6 +80,16 @@ def end_of_turn_text(tokenizer: Any) -> str:
     return tail or (tokenizer.eos_token or "")
 
 
+def stop_token_ids(tokenizer: Any) -> list[int]:
+    """The token ids that end an answer: EOS and the chat template's end-of-turn token."""
+    ids = {tokenizer.eos_token_id}
+    if getattr(tokenizer, "chat_template", None):
+        eot = tokenizer(end_of_turn_text(tokenizer), add_special_tokens=False)["input_ids"]
+        if len(eot) == 1:
+            ids.add(eot[0])
+    return sorted(i for i in ids if i is not None)
+
+
 def query_text(record: Record) -> str:
     """The raw text the DTKR encoder embeds: the user turn as typed (never the templated prompt).
 

@@ -101,7 +101,7 @@ def export_task_adapter(run: RunDir, task: str, cfg: Config | None = None, peft_
     if "mean_weights" not in info:
         raise AdapterError(f"{run.manifest_path}: task {task!r} has no mean_weights to export with")
     tdir = run.task_dir(task)
-    scale = cfg.jare.alpha / cfg.jare.rank if cfg.jare.alpha else 1.0
+    scale = cfg.jare.scale
     factors = lora_factors(load_file(str(tdir / "increments.safetensors")), info["mean_weights"], scale)
     base_folder = base_model_folder(cfg, run)
     if peft_model is None:
@@ -135,7 +135,7 @@ def export_olora_adapter(run: RunDir, task: str, cfg: Config | None = None) -> P
     if task not in done:
         raise AdapterError(f"{run.manifest_path}: task {task!r} is not finished; nothing to export")
     tasks = done[: done.index(task) + 1]
-    scale = cfg.jare.alpha / cfg.jare.rank if cfg.jare.alpha else 1.0
+    scale = cfg.jare.scale
     each = [lora_factors(load_file(str(run.task_dir(t) / "increments.safetensors")), [1.0], scale) for t in tasks]
     factors = {layer: (torch.cat([f[layer][0] for f in each]), torch.cat([f[layer][1] for f in each], dim=1))
                for layer in each[0]}  # A' [T*P*r, in], B' [out, T*P*r]

@@ -80,8 +80,6 @@ def total_steps(n: int, cfg: TrainConfig, world: int, stages_covered: int = 1) -
 class TaskResult:
     steps: int
     losses: list[float] = field(default_factory=list)
-    tokens: int = 0
-    seconds: float = 0.0
 
 
 def train_task(
@@ -122,7 +120,6 @@ def train_task(
         tokens = int(round(tokens_mean * world))
         stop = stop_any > 0
         result.losses.append(loss_mean)
-        result.tokens += tokens
         window_tokens += tokens
         if rank == 0:
             now = time.time()
@@ -142,7 +139,6 @@ def train_task(
             got = f"signal {_stop['signal']}" if _stop["signal"] else "a signal to another rank"
             raise StopRequested(f"stopped by {got} at step {step}/{steps}; checkpoint saved")
     bar.close()
-    result.seconds = time.time() - t0
     return result
 
 
