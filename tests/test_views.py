@@ -96,3 +96,31 @@ def test_a_task_without_a_pool_is_a_clear_error(tmp_path):
                                        "    phrasings: ['{input} {input}', 'b']\n")
     with pytest.raises(DataError, match=r"bad.yaml: tasks.t.phrasings\[0\]: holds \{input\} more than once"):
         load_suite(tmp_path / "bad.yaml")
+
+
+@pytest.mark.slow
+def test_a_paraphrased_query_is_routed_to_its_task_and_not_flagged(served_run, data_root):
+    """End to end on the tiny run: test records worded with held-out phrasings (never trained on),
+    routed by the run's router as the server routes them, reach their own task and are not OOD."""
+    import json
+
+    from slm_llm.config import load_config
+    from slm_llm.dtkr.encoder import build_encoder
+    from slm_llm.dtkr.router import open_router
+    from slm_llm.pipeline import route_queries
+    from slm_llm.run import RunDir
+
+    cfg = load_config(served_run / "run.yaml")
+    manifest = json.loads((served_run / "manifest.json").read_text())
+    suite = load_suite(cfg.data.suite)
+    router = open_router(RunDir(served_run), cfg, build_encoder(cfg, cache=False))
+    for task in manifest["order"]:
+        heldout = manifest["phrasings"][task]["heldout"]
+        records = records_in_view(load_task_split(suite, task, "test", str(data_root), 6, 0), suite.tasks[task],
+                                  "paraphrase", cfg.data)
+        assert all(any(all(part.strip() in r.instruction for part in p.split("{input}") if part.strip())
+                       for p in heldout) for r in records)  # worded with held-out phrasings only
+        routed = route_queries(router, build_encoder(cfg, cache=False), [query_text(r) for r in records], "slm",
+                               ood_fallback=True)
+        assert [r.raw.task for r in routed] == [task] * len(records)
+        assert sum(r.decision is not None for r in routed) >= len(records) - 1  # at most one OOD flag
