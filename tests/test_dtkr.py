@@ -469,7 +469,11 @@ def test_cli_route_prints_decisions(real_encoder, tmp_path, capsys):
     router = make_router(real_encoder.dim, groups=6, encoder_id=real_encoder.id)
     router.add_task("math", init_keys(emb, P, 6), train_emb=emb)
     router.save(tmp_path / "router")
-    (tmp_path / "run.yaml").write_text(Config().to_yaml())  # its dtkr.encoder names the encoder
+    from slm_llm.run import RunDir
+
+    cfg = Config()
+    cfg.dtkr.encoder = real_encoder.name  # run.yaml names the encoder the command rebuilds
+    RunDir(tmp_path).init(cfg, "tiny", real_encoder.id, ["math"])
     assert main(["route", "--run", str(tmp_path), "--json", "Kim has 25 oranges. Her brother gives her 8 more and she eats 6. How many oranges are left?",
                  "asdf qwerty zxcv"]) == 0
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
