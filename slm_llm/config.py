@@ -362,6 +362,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
             raise ConfigError(f"{path}: top level must be a mapping, got {type(raw).__name__}")
     for item in overrides or []:
         _apply_override(raw, item)
+    _check_keys(Config, raw, prefix="", source=source)  # a misspelt key is named before any value is judged
     return _build(Config, raw, prefix="", source=source)  # every section validates itself
 
 
@@ -392,14 +393,20 @@ def _apply_override(raw: dict[str, Any], item: str) -> None:
         node[parts[-1]] = value
 
 
-def _build(cls: type, raw: Any, prefix: str, source: str) -> Any:
+def _check_keys(cls: type, raw: Any, prefix: str, source: str) -> None:
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: {prefix.rstrip('.') or 'config'} must be a mapping")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
-    for key in raw:
+    for key, value in raw.items():
         if key not in names:
             raise ConfigError(f"{source}: unknown key '{prefix}{key}' (known: {', '.join(sorted(names))})")
+        if dataclasses.is_dataclass(hints[key]):
+            _check_keys(hints[key], value, f"{prefix}{key}.", source)
+
+
+def _build(cls: type, raw: dict[str, Any], prefix: str, source: str) -> Any:
+    hints = typing.get_type_hints(cls)
     kwargs = {}
     for key, value in raw.items():
         tp = hints[key]

@@ -269,6 +269,9 @@ def test_gaussian_ood_rule_is_calibrated_out_of_fold_frozen_and_persisted(tmp_pa
     assert loaded.route(fresh[:50]) == router.route(fresh[:50])
     with pytest.raises(ValueError, match="at least 10 training queries"):
         calibrate(data["task0"][:5], G, 0.3, 16, 1.0)
+    few = data["task0"][:8]
+    with pytest.raises(RouterError, match=r"'task9' has 8.*dtkr.ood_rule=keys"):
+        router.add_task("task9", init_keys(few, P, G), train_emb=few)
 
 
 def test_persistence_round_trip(tmp_path):

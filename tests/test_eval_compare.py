@@ -29,7 +29,7 @@ def slm_llm(*args, timeout=300):
 def test_compare_all_methods_then_report(tmp_path, data_root):
     prefix = tmp_path / "cmp"
     slm_llm("compare", "--config", "configs/tiny.yaml", "--methods", ",".join(METHODS), f"run_dir={prefix}",
-            "data.max_train_samples=8", f"eval.max_samples={SAMPLES}", "eval.max_new_tokens=2")
+            "data.max_train_samples=10", f"eval.max_samples={SAMPLES}", "eval.max_new_tokens=2")
     table = json.loads(Path(f"{prefix}-compare.json").read_text())
     assert table["views"] == ["paraphrase", "input-only", "fixed"]  # the headline view first
     cells = headline(table)
@@ -105,7 +105,7 @@ def test_compare_all_methods_then_report(tmp_path, data_root):
 def test_compare_over_seeds_writes_intervals_and_paired_differences(tmp_path, data_root):
     prefix = tmp_path / "sd"
     slm_llm("compare", "--config", "configs/tiny.yaml", "--methods", "slm,seq_lora,base", "--seeds", "0,1",
-            "--query-view", "paraphrase,input-only", f"run_dir={prefix}", "data.max_train_samples=8",
+            "--query-view", "paraphrase,input-only", f"run_dir={prefix}", "data.max_train_samples=10",
             f"eval.max_samples={SAMPLES}", "eval.max_new_tokens=2", timeout=900)
     table = json.loads(Path(f"{prefix}-seeds.json").read_text())
     assert table["seeds"] == [0, 1] and table["views"] == ["paraphrase", "input-only"]

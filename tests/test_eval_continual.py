@@ -177,7 +177,7 @@ def test_resume_with_changed_settings_is_refused_naming_the_key(tmp_path):
     cfg = load_config("configs/tiny.yaml", [f"run_dir={tmp_path / 'r'}"])
     run = RunDir(cfg.run_dir)
     run.init(cfg, "m", "e", TASKS)
-    for key, value in [("train.method", "seq_lora"), ("dtkr.whiten", True), ("data.template", "alpaca"),
+    for key, value in [("train.method", "seq_lora"), ("dtkr.whiten", False), ("data.template", "alpaca"),
                        ("data.input_only_share", 0.5)]:
         changed = load_config("configs/tiny.yaml", [f"run_dir={tmp_path / 'r'}", f"{key}={value}"])
         with pytest.raises(RunError, match=key.replace(".", r"\.") + " was"):

@@ -30,9 +30,11 @@ def test_process_results_is_our_score(tmp_path):
     (tmp_path / "specs.json").write_text(json.dumps(specs))
     utils = _utils(tmp_path)
     cases = [  # (task, gold answer, response, our score)
-        ("finance_phrasebank", "positive", "  The sentiment is positive.\n", 1.0),
+        ("finance_phrasebank", "positive", "  Positive. The outlook improved.\n", 1.0),
+        ("finance_phrasebank", "positive", "  The sentiment is positive.\n", 0.0),  # strict: starts with the label
         ("finance_phrasebank", "positive", "negative, not positive", 0.0),
-        ("medical_medmcqa", "C", "The answer is C.", 1.0),
+        ("medical_medmcqa", "C", "C. Hepatitis", 1.0),
+        ("medical_medmcqa", "C", "The answer is C.", 0.0),
         ("medical_medmcqa", "C", "A", 0.0),
         ("math_gsm8k", "1234", "so #### 1,234", 1.0),
     ]

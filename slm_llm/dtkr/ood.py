@@ -26,6 +26,7 @@ import numpy as np
 from slm_llm.dtkr.whiten import group_unit
 
 FOLDS = 5
+MIN_QUERIES = 2 * FOLDS  # two per fold, at least
 
 
 @dataclass
@@ -73,8 +74,8 @@ def calibrate(emb: np.ndarray, groups: int, shrinkage: float, rank: int, percent
               seed: int = 0) -> TaskGaussian:
     """The task's Gaussian from its training query embeddings [N, D], thresholded out of fold."""
     u = group_unit(emb, groups)
-    if len(u) < 2 * FOLDS:
-        raise ValueError(f"the gaussian OOD rule needs at least {2 * FOLDS} training queries, got {len(u)}")
+    if len(u) < MIN_QUERIES:
+        raise ValueError(f"the gaussian OOD rule needs at least {MIN_QUERIES} training queries, got {len(u)}")
     order = np.random.default_rng(seed).permutation(len(u))
     oof = np.zeros(len(u))
     for fold in np.array_split(order, FOLDS):

@@ -42,7 +42,7 @@ from safetensors.torch import load_file, save_file
 from slm_llm.dtkr.index import SlotIndex, check_groups, group_normalise
 from slm_llm.dtkr.keys import load_keys, save_keys, score_matrix
 from slm_llm.config import DtkrConfig, JareConfig
-from slm_llm.dtkr.ood import TaskGaussian, calibrate
+from slm_llm.dtkr.ood import MIN_QUERIES, TaskGaussian, calibrate
 from slm_llm.dtkr.whiten import Whitener
 from slm_llm.errors import SlmError
 from slm_llm.run import RunDir
@@ -158,6 +158,10 @@ class Router:
         gaussian = None
         if self.ood_rule == "gaussian":
             c = self.cfg
+            if len(train_emb) < MIN_QUERIES:
+                raise RouterError(f"dtkr.ood_rule=gaussian needs at least {MIN_QUERIES} training queries per task to "
+                                  f"calibrate its threshold out of fold; {task!r} has {len(train_emb)}. Train on more "
+                                  "samples (data.max_train_samples) or set dtkr.ood_rule=keys")
             gaussian = calibrate(train_emb, self.groups, c.ood_shrinkage, c.ood_rank, c.ood_percentile)
             entry["threshold"] = gaussian.threshold
         self._gaussians.append(gaussian)
