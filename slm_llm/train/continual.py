@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -133,7 +134,7 @@ def run_continual(cfg: Config, after_task: Callable[[Config, RunDir, int], objec
              "slot_ids": routing.slot_ids[i].tolist(), "slot_weights": routing.weights[i].tolist()}
             for i, r in enumerate(records)
         ]
-        steps = total_steps(len(examples), cfg.train, world, len(tasks) if stage == MULTITASK else 1)
+        steps = total_steps(list(Counter(r.task for r in records).values()), cfg.train, world)
         engine = build_engine(OLoraObjective(model, cfg.train) if method == "olora" else model, cfg.train, ds, steps)
         result = train_task(engine, examples, collate, cfg.train, tdir / "ckpt", tdir / "train_log.jsonl",
                             rank, world, steps, desc=tag)

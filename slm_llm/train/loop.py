@@ -66,14 +66,15 @@ def global_micro_batches(n: int, cfg: TrainConfig, world: int, rank: int, epoch:
     return out
 
 
-def total_steps(n: int, cfg: TrainConfig, world: int, stages_covered: int = 1) -> int:
-    """Optimizer steps of one stage over ``n`` samples. ``train.max_steps`` is per task, so a
-    stage that covers several tasks at once (multitask: all of them) gets it that many times:
-    every method then takes the same total number of steps."""
+def total_steps(task_sizes: list[int], cfg: TrainConfig, world: int) -> int:
+    """Optimizer steps of one stage, given the number of samples of each task it trains on.
+    Steps are counted per task (``train.max_steps``, or epochs over that task's samples) and
+    summed, so a stage covering several tasks at once (multitask) takes exactly as many steps
+    as the continual methods take over the same tasks."""
     if cfg.max_steps:
-        return cfg.max_steps * stages_covered
-    per_epoch = math.ceil(n / (cfg.micro_batch_size * cfg.grad_accum * world))
-    return max(1, int(math.ceil(per_epoch * cfg.epochs)))
+        return cfg.max_steps * len(task_sizes)
+    per_epoch = [math.ceil(n / (cfg.micro_batch_size * cfg.grad_accum * world)) for n in task_sizes]
+    return sum(max(1, int(math.ceil(p * cfg.epochs))) for p in per_epoch)
 
 
 @dataclass
