@@ -61,13 +61,13 @@ def jare_model(cfg):
 
 def dense_forward(self, x):
     """The seed's dense-ΔW path: each row materialises W + scale Σ_k w_k B_k A_k, every step."""
-    if self.slot_ids is None:
+    if self.routing is None:
         return self.base(x)
     A_all = torch.cat([getattr(self, f"A_{i}") for i in range(len(self.task_names))])
     B_all = torch.cat([getattr(self, f"B_{i}") for i in range(len(self.task_names))])
     rows = []
     for b in range(x.shape[0]):
-        s, w = self.slot_ids[b], self.slot_weights[b]
+        s, w = self.routing.slot_ids[b], self.routing.slot_weights[b]
         delta = torch.einsum("k,kor,kri->oi", self.scale * w, B_all[s], A_all[s])  # [out, in]
         rows.append(F.linear(x[b], self.base.weight + delta, self.base.bias))
     return torch.stack(rows)
