@@ -63,10 +63,10 @@ def test_mixed_task_batch_rows_equal_each_row_served_alone(hf_server, task_queri
     client, backend = hf_server
     jobs = [(m, q) for q in task_queries["finance_phrasebank"][:2] + task_queries["law_overruling"][:2]
             for m in ("slm", "finance_phrasebank", "law_overruling", "base")]
-    before = len(backend.batch_sizes)
+    backend.rows_per_step.clear()
     with ThreadPoolExecutor(len(jobs)) as pool:
         together = list(pool.map(lambda j: chat(client, *j), jobs))
-    assert max(backend.batch_sizes[before:]) > 1, backend.batch_sizes  # they really shared a forward
+    assert max(backend.rows_per_step) > 1, backend.rows_per_step  # they really shared decode steps
     alone = [chat(client, *j) for j in jobs]
     for (model, _), a, b in zip(jobs, together, alone):
         assert a["choices"][0]["message"] == b["choices"][0]["message"], model
