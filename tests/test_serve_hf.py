@@ -154,7 +154,7 @@ def test_validation_errors_are_openai_shaped_4xx(hf_server, body, status, param,
 def test_bad_json_chat_without_user_and_auth(hf_server):
     client, _ = hf_server
     r = client.post("/v1/completions", content=b"{not json", headers={"content-type": "application/json"})
-    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_parameter"
+    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json"
     r = client.post("/v1/chat/completions", json={"model": "slm", "messages": [{"role": "system", "content": "x"}]})
     assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
     bare = httpx.Client(base_url=client.base_url, timeout=30)
