@@ -58,6 +58,10 @@ class _Body(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)  # a misspelt parameter is a 400, not silently ignored
 
 
+class StreamOptions(_Body):
+    include_usage: bool = False  # one last chunk, with empty choices, carries the usage
+
+
 class _Sampling(_Body):
     model: Text
     max_tokens: int | None = Field(None, ge=1)
@@ -65,7 +69,7 @@ class _Sampling(_Body):
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     n: Literal[1] = 1
     stream: bool = False
-    stream_options: dict | None = None
+    stream_options: StreamOptions | None = None
     stop: Text | list[Text] | None = None
     seed: int | None = None
     user: Text | None = None
@@ -213,7 +217,7 @@ def build_app(backend: Backend, cfg: ServeConfig) -> FastAPI:
                 for p in prompts]
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         if body.stream:
-            return _sse(backend, reqs[0], rid, created, body.model, chat=False)
+            return _sse(backend, reqs[0], rid, created, body, chat=False)
         results = await asyncio.gather(*(backend.generate(r) for r in reqs))
         choices = [{"index": i, "text": r.text, "logprobs": None, "finish_reason": r.finish_reason,
                     "slm_route": r.route} for i, r in enumerate(results)]
@@ -233,7 +237,7 @@ def build_app(backend: Backend, cfg: ServeConfig) -> FastAPI:
         req = await asyncio.to_thread(_gen_request, backend, cfg, body, prompt, users[-1], limit, True)
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if body.stream:
-            return _sse(backend, req, rid, created, body.model, chat=True)
+            return _sse(backend, req, rid, created, body, chat=True)
         r = await backend.generate(req)
         return {"id": rid, "object": "chat.completion", "created": created, "model": body.model,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": r.text},
@@ -404,8 +408,9 @@ def _usage(reqs: list[GenRequest], results) -> dict:
     return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
 
 
-def _sse(backend: Backend, req: GenRequest, rid: str, created: int, model: str, chat: bool) -> StreamingResponse:
+def _sse(backend: Backend, req: GenRequest, rid: str, created: int, body: _Sampling, chat: bool) -> StreamingResponse:
     kind = "chat.completion.chunk" if chat else "text_completion"
+    head = {"id": rid, "object": kind, "created": created, "model": body.model}
 
     def chunk(text: str, finish: str | None, route, first: bool) -> str:
         if chat:
@@ -413,18 +418,21 @@ def _sse(backend: Backend, req: GenRequest, rid: str, created: int, model: str, 
             choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
         else:
             choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
-        body = {"id": rid, "object": kind, "created": created, "model": model, "choices": [choice],
-                "slm_route": route}
-        return f"data: {json.dumps(body)}\n\n"
+        return f"data: {json.dumps({**head, 'choices': [choice], 'slm_route': route})}\n\n"
 
     async def events():
-        route, first = None, True
+        route, first, tokens = None, True, 0
         try:
             async for d in backend.stream(req):
                 if first:
                     route = d.route
+                tokens = d.completion_tokens
                 yield chunk(d.text, d.finish_reason, route, first)
                 first = False
+            if body.stream_options is not None and body.stream_options.include_usage:
+                usage = {"prompt_tokens": len(req.prompt_ids), "completion_tokens": tokens,
+                         "total_tokens": len(req.prompt_ids) + tokens}
+                yield f"data: {json.dumps({**head, 'choices': [], 'usage': usage})}\n\n"
         except ServeError as e:
             yield f"data: {json.dumps(_error_body(e))}\n\n"
         except Exception as e:  # noqa: BLE001 (the status line is already sent)

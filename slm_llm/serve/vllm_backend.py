@@ -240,7 +240,7 @@ class VLLMBackend:
     def load_adapter(self, name: str, path: str) -> None:
         if name in (SLM, BASE) or name in self.tasks():
             raise ServeError(f"adapter name {name!r} is taken (slm, base and the run's tasks are reserved)",
-                             param="lora_name")
+                             param="lora_name", code="invalid_parameter")
         self._load_lora(name, path)
 
     def _load_lora(self, name: str, path: str) -> None:
