@@ -196,6 +196,7 @@ class ServeConfig:
     reload_poll_s: float = 0.0  # > 0: poll the manifest and hot-add newly finished tasks
     vllm_startup_timeout_s: int = 600
     max_prefill_tokens: int = 2048  # hf backend: padded prompt tokens prefilled per admission (at least one request)
+    step_chunk_rows: int = 32  # hf backend: rows per forward of a decode step; arrivals are prefilled in between
     max_inputs: int = 64  # items in one request: /v1/route inputs, /v1/completions prompts
     admin_key: str = ""  # bearer token for /v1/admin/* ("" -> api_key); off loopback, admin needs one of them
 
@@ -216,6 +217,7 @@ class ServeConfig:
         _non_negative("serve.batch_wait_ms", self.batch_wait_ms)
         _non_negative("serve.reload_poll_s", self.reload_poll_s)
         _positive("serve.max_prefill_tokens", self.max_prefill_tokens)
+        _positive("serve.step_chunk_rows", self.step_chunk_rows)
         _positive("serve.max_inputs", self.max_inputs)
 
 

@@ -50,13 +50,17 @@ def test_rows_joining_and_leaving_at_any_step_equal_each_row_alone():
     pending = list(rows)
     g = random.Random(1)
     widths = []
-    while pending or batch.rows:
-        k = min(g.randint(0, 3), 4 - len(batch.rows), len(pending))
+
+    def arrivals(events=None):  # between the forwards of a step, too
+        k = min(g.randint(0, 2), 4 - len(batch.rows), len(pending))
         if k:
             batch.admit(pending[:k])
             del pending[:k]
+
+    while pending or batch.rows:
+        arrivals()
         widths.append(len(batch.rows))
-        batch.step()
+        batch.step(chunk_rows=2, after_chunk=arrivals)
     assert max(widths) == 4 and min(widths) < 4  # the batch really filled, drained and refilled
     for row in rows:
         assert row.tokens == alone(model, row)

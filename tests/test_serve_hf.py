@@ -206,7 +206,7 @@ def test_a_client_that_disconnects_mid_stream_leaves_the_batch(hf_server, task_q
 
     client, backend = hf_server
     gate, step = threading.Event(), backend.batch.step
-    backend.batch.step = lambda: gate.wait() and step()
+    backend.batch.step = lambda *a, **kw: gate.wait() and step(*a, **kw)
     body = {"model": "slm", "prompt": task_queries["law_overruling"][0], "max_tokens": 64, "temperature": 0,
             "stream": True}
     try:

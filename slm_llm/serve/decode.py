@@ -17,7 +17,7 @@ and its sdpa path on CPU attends over every row's keys with a [tokens, all keys]
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -59,10 +59,11 @@ class _RowLayer(CacheLayerMixin):
         raise RuntimeError("RowCache layers are allocated by RowCache.admit")
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        c = self.cache  # decode: one new token per row, written at the row's own length
+        c = self.cache  # decode: one new token per row of the chunk, written at the row's own length
         self.keys[c.row_ids, :, c.columns] = key_states[:, :, 0]
         self.values[c.row_ids, :, c.columns] = value_states[:, :, 0]
-        return self.keys[: c.rows, :, : c.width], self.values[: c.rows, :, : c.width]
+        a, b = c.chunk
+        return self.keys[a:b, :, : c.width], self.values[a:b, :, : c.width]
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.cache.width, 0
@@ -77,14 +78,16 @@ class _RowLayer(CacheLayerMixin):
 class RowCache(Cache):
     """The KV cache of a running batch, preallocated and updated in place (a ``DynamicCache``
     copies itself on every step). Rows join (:meth:`admit`) and leave (:meth:`remove`) between
-    steps; a decode step attends over columns ``[0, width)`` with :meth:`step_inputs`' mask."""
+    forwards; a decode forward over rows ``[a, b)`` attends over columns ``[0, width)`` with
+    :meth:`step_inputs`' mask. The buffers grow by doubling and are freed when the batch empties."""
 
     def __init__(self, num_layers: int, max_rows: int, max_len: int):
         super().__init__(layers=[_RowLayer(self) for _ in range(num_layers)])
         self.max_rows, self.max_len = max_rows, max_len
         self.lengths: list[int] = []  # cached tokens per running row
-        self.row_ids = self.columns = None  # this step's write positions
-        self.width = 0  # columns the step attends over
+        self.chunk = (0, 0)  # the rows of the forward in progress
+        self.row_ids = self.columns = None  # its write positions
+        self.width = 0  # columns it attends over
 
     @property
     def rows(self) -> int:
@@ -120,34 +123,35 @@ class RowCache(Cache):
                 layer.keys = layer.values = None
         return order
 
-    def step_inputs(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(position_ids [rows, 1], attention mask [rows, 1, 1, width]) for the next decode step."""
+    def step_inputs(self, a: int, b: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(position_ids [b-a, 1], attention mask [b-a, 1, 1, width]) for a decode forward over rows [a, b)."""
+        lengths = self.lengths[a:b]
+        self._fit(self.rows, max(lengths) + 1, self.layers[0].keys)
         device = self.layers[0].keys.device
-        lengths = torch.tensor(self.lengths, device=device)
-        self._fit(self.rows, max(self.lengths) + 1, self.layers[0].keys)
-        self.row_ids, self.columns = torch.arange(self.rows, device=device), lengths
-        self.width = max(self.lengths) + 1
-        mask = torch.arange(self.width, device=device)[None, :] <= lengths[:, None]
-        return lengths[:, None], mask[:, None, None, :]
+        cached = torch.tensor(lengths, device=device)
+        self.chunk, self.width = (a, b), max(lengths) + 1
+        self.row_ids, self.columns = torch.arange(a, b, device=device), cached
+        mask = torch.arange(self.width, device=device)[None, :] <= cached[:, None]
+        return cached[:, None], mask[:, None, None, :]
 
-    def advance(self) -> None:
-        self.lengths = [n + 1 for n in self.lengths]
+    def advance(self, a: int, b: int) -> None:
+        self.lengths[a:b] = [n + 1 for n in self.lengths[a:b]]
 
     def _fit(self, rows: int, columns: int, like: torch.Tensor) -> None:
         """Grow the buffers (doubling, up to max_rows x max_len) to hold ``rows`` x ``columns``."""
-        keys = self.layers[0].keys
-        if keys is not None and rows <= keys.shape[0] and columns <= keys.shape[2]:
+        old = self.layers[0].keys
+        if old is not None and rows <= old.shape[0] and columns <= old.shape[2]:
             return
-        R = min(self.max_rows, max(rows, 2 * keys.shape[0] if keys is not None else 8))
-        C = min(self.max_len + 1, max(columns, 2 * keys.shape[2] if keys is not None else 128))
+        R = min(self.max_rows, max(rows, 2 * old.shape[0] if old is not None else 8))
+        C = min(self.max_len + 1, max(columns, 2 * old.shape[2] if old is not None else 256))
         for layer in self.layers:
             shape = (R, like.shape[1], C, like.shape[3])
             # zeros, not empty: masked columns still meet the values (0 * NaN garbage would be NaN)
             keys, values = (torch.zeros(shape, dtype=like.dtype, device=like.device) for _ in range(2))
             if layer.keys is not None:
-                for b, n in enumerate(self.lengths):
-                    keys[b, :, :n] = layer.keys[b, :, :n]
-                    values[b, :, :n] = layer.values[b, :, :n]
+                n, c = self.rows, layer.keys.shape[2]
+                keys[:n, :, :c] = layer.keys[:n]
+                values[:n, :, :c] = layer.values[:n]
             layer.keys, layer.values = keys, values
 
 
@@ -185,11 +189,14 @@ class DecodeBatch:
         self.max_rows = max_rows
         self.rows: list[Row] = []
         self.cache = RowCache(config.num_hidden_layers, max_rows, max_len)
+        self._leaving: set[int] = set()  # rows done or abandoned, removed at the end of the step
+        self._stepping = False
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
     @torch.no_grad()
     def admit(self, rows: list[Row]) -> list[Event]:
-        """Prefill ``rows`` together and sample their first tokens; they decode from the next step."""
+        """Prefill ``rows`` together and sample their first tokens; they decode from the next step.
+        May be called between the chunks of a step (the new rows are not part of it)."""
         if len(self.rows) + len(rows) > self.max_rows:
             raise ValueError(f"{len(self.rows)} rows run and {len(rows)} more would exceed {self.max_rows}")
         device = self.model.model.device
@@ -202,47 +209,62 @@ class DecodeBatch:
                                   past_key_values=prefill, use_cache=True, logits_to_keep=1).logits[:, -1]
         self.cache.admit(prefill, [len(r.prompt_ids) for r in rows])
         self.rows += rows
-        return self._advance(rows, logits, offset=len(self.rows) - len(rows))
+        events = self._advance(len(self.rows) - len(rows), len(self.rows), logits)
+        if not self._stepping:
+            self._settle()
+        return events
 
     @torch.no_grad()
-    def step(self) -> list[Event]:
-        """One token for every running row (rows whose client left are dropped first)."""
-        gone = {b for b, r in enumerate(self.rows) if r.cancelled}
-        if gone:
-            self._remove(gone)
-        if not self.rows:
-            return []
-        device = self.model.model.device
-        positions, mask = self.cache.step_inputs()
-        self._route(self.rows)
-        ids = torch.tensor([[r.tokens[-1]] for r in self.rows], device=device)
-        logits = self.model.model(input_ids=ids, attention_mask=mask, position_ids=positions,
-                                  past_key_values=self.cache, use_cache=True).logits[:, -1]
-        self.cache.advance()
-        return self._advance(self.rows, logits, offset=0)
+    def step(self, chunk_rows: int | None = None, after_chunk: Callable[[list[Event]], None] | None = None) -> list[Event]:
+        """One token for every running row, in forwards of at most ``chunk_rows`` rows; ``after_chunk``
+        gets each forward's events (and may :meth:`admit` requests that arrived meanwhile). Rows whose
+        client left are dropped first; rows that finish leave at the end of the step."""
+        self._leaving |= {b for b, r in enumerate(self.rows) if r.cancelled}
+        self._settle()
+        n, events = len(self.rows), []
+        size = chunk_rows or n
+        self._stepping = True
+        try:
+            for a in range(0, n, size):
+                chunk = self._step_rows(a, min(a + size, n))
+                events += chunk
+                if after_chunk is not None:
+                    after_chunk(chunk)
+        finally:
+            self._stepping = False
+            self._settle()
+        return events
 
     def clear(self) -> None:
         """Drop every row (after a failed step, when their state is unknown)."""
-        self.rows = []
+        self.rows, self._leaving, self._stepping = [], set(), False
         self.cache = RowCache(len(self.cache.layers), self.cache.max_rows, self.cache.max_len)
         self.model.set_routing(None, None)
+
+    def _step_rows(self, a: int, b: int) -> list[Event]:
+        device = self.model.model.device
+        positions, mask = self.cache.step_inputs(a, b)
+        self._route(self.rows[a:b])
+        ids = torch.tensor([[r.tokens[-1]] for r in self.rows[a:b]], device=device)
+        logits = self.model.model(input_ids=ids, attention_mask=mask, position_ids=positions,
+                                  past_key_values=self.cache, use_cache=True).logits[:, -1]
+        self.cache.advance(a, b)
+        return self._advance(a, b, logits)
 
     def _route(self, rows: list[Row]) -> None:
         slot_ids, weights = routing_tensors([r.decision for r in rows])
         device = self.model.model.device
         self.model.set_routing(slot_ids.to(device), weights.to(device))
 
-    def _advance(self, rows: list[Row], logits: torch.Tensor, offset: int) -> list[Event]:
-        """Sample one token per row, record it, and drop the rows that are done."""
-        tokens = _sample(logits.float(), rows).tolist()
-        events, done = [], set()
-        for b, (row, token) in enumerate(zip(rows, tokens)):
+    def _advance(self, a: int, b: int, logits: torch.Tensor) -> list[Event]:
+        """Sample one token for rows [a, b) and record it; the rows that are done will leave."""
+        rows = self.rows[a:b]
+        events = []
+        for i, (row, token) in enumerate(zip(rows, _sample(logits.float(), rows).tolist())):
             finish = self._finish(row, token)
             events.append(Event(row, None if token in self.stop_ids else token, finish))
             if finish or row.cancelled:
-                done.add(offset + b)
-        if done:
-            self._remove(done)
+                self._leaving.add(a + i)
         return events
 
     def _finish(self, row: Row, token: int) -> str | None:
@@ -253,9 +275,12 @@ class DecodeBatch:
             return "stop"
         return "length" if len(row.tokens) >= row.max_tokens else None
 
-    def _remove(self, leaving: set[int]) -> None:
-        order = self.cache.remove(leaving)
-        self.rows = [self.rows[b] for b in order]
+    def _settle(self) -> None:
+        """Remove the rows marked as leaving (never inside a step: row indices must hold until its end)."""
+        if not self._leaving:
+            return
+        order = self.cache.remove(self._leaving)
+        self.rows, self._leaving = [self.rows[b] for b in order], set()
         if not self.rows:
             self.model.set_routing(None, None)  # idle: the packs drop the slots they held
 

@@ -1,13 +1,14 @@
 """The embedded backend: exact per-query JARe through RunPipeline, with continuous batching.
 
-One decode thread drives a :class:`~slm_llm.serve.decode.DecodeBatch`. Between two
-decode steps it takes the requests that arrived (up to ``serve.max_batch_size`` running
+One decode thread drives a :class:`~slm_llm.serve.decode.DecodeBatch`. Before each
+decode step, and between its forwards (a step runs at most ``serve.step_chunk_rows`` rows
+per forward), it takes the requests that arrived (up to ``serve.max_batch_size`` running
 rows and ``serve.max_prefill_tokens`` prompt tokens per admission), routes them (one
 encoder call per ``model``), prefills them together and adds them to the running batch;
 their first token is sent right after that prefill. A row leaves as soon as it is done,
-so a request waits for at most one decode step (plus the prefills ahead of it), never
-for other requests' ``max_tokens``. Each row keeps its own top-K slots and weights, and
-its own sampling settings, in every step.
+so a request waits for at most one forward (plus the prefills ahead of it), never for
+other requests' ``max_tokens``. Each row keeps its own top-K slots and weights, and its
+own sampling settings, in every step.
 
 The decode thread holds the model lock while it admits or steps; hot-add takes the same
 lock between two steps.
@@ -163,7 +164,7 @@ class HFBackend:
                         self._admit(jobs)
                     if self.batch.rows:
                         self.rows_per_step.append(len(self.batch.rows))
-                        self._dispatch(self.batch.step())
+                        self.batch.step(self.cfg.step_chunk_rows, after_chunk=self._after_chunk)
             except Exception as e:  # noqa: BLE001 (every waiting request must hear about it)
                 log.exception("decode step failed")
                 running = [r.job for r in self.batch.rows]
@@ -173,6 +174,13 @@ class HFBackend:
         for job in [*self._pending, *(r.job for r in self.batch.rows)]:
             _fail(job, ServeError("the server is shutting down", status=503, code="server_unavailable",
                                   type_="server_error"))
+
+    def _after_chunk(self, events: list[Event]) -> None:
+        """Between two forwards of a step: send the tokens, and prefill whoever arrived meanwhile."""
+        self._dispatch(events)
+        jobs = self._take()
+        if jobs:
+            self._admit(jobs)
 
     def _take(self) -> list[_Job]:
         """Waiting jobs that fit: free rows, and the prompt-token budget of one prefill (at least one job)."""
@@ -211,7 +219,13 @@ class HFBackend:
                 job.row = Row(r.prompt_ids, route.decision, r.max_tokens, r.temperature, r.top_p, r.stop, job=job)
                 rows.append(job.row)
         if rows:
-            self._dispatch(self.batch.admit(rows))
+            try:
+                events = self.batch.admit(rows)
+            except Exception as e:  # noqa: BLE001 (these jobs are in no row yet: tell them here)
+                for row in rows:
+                    _fail(row.job, e)
+                raise
+            self._dispatch(events)
 
     def _dispatch(self, events: list[Event]) -> None:
         for e in events:
