@@ -15,10 +15,11 @@
 3. HTTP: ``slm-llm serve --backend hf`` in its own process over a synthetic run folder (the
    same random slots, a router whose keys sit around 4 task queries), and N closed-loop
    streaming clients in this process. Each client sends /v1/completions with stream=true,
-   max_tokens drawn from 8..256, temperature 0. For each N in --clients, ``slm`` and ``base``
-   are measured in turn on the same server (after --warmup s, for --duration s each):
-   throughput, time to first token and total latency (p50/p99), errors. The server is the
-   code on PYTHONPATH, so the same command measures another checkout (e.g. the old micro-batcher).
+   max_tokens drawn from 8..256 and ignore_eos (so it gets them all), temperature 0. For
+   each N in --clients, ``slm`` and ``base`` are measured in turn on the same server (after
+   --warmup s, for --duration s each): throughput, time to first token and total latency
+   (p50/p99), errors. The server is the code on PYTHONPATH, so the same command measures
+   another checkout (e.g. the old micro-batcher, with --eos).
 """
 from __future__ import annotations
 
@@ -49,6 +50,7 @@ from slm_llm.models import load_base_model, model_id  # noqa: E402
 N_TASKS = 4
 ALL_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 MAX_TOKENS = (8, 16, 32, 64, 128, 256)
+MIN_REQUESTS = 8  # HTTP: requests started in a window, at least (a single client is slow)
 QUERIES = ["What is the sentiment of this financial news: profits rose 12% in the third quarter.",
            "Does this sentence overrule a previous case? The court expressly overrules Smith v. Jones.",
            "Summarise the following paragraph about climate policy in one sentence.",
@@ -191,15 +193,24 @@ def start_server(root: Path, max_rows: int, log_path: Path):
     raise TimeoutError("the server did not start in 900 s")
 
 
-async def load_phase(url: str, model: str, clients: int, warmup: float, duration: float, seed: int) -> dict:
-    """``clients`` closed-loop streaming clients for ``warmup + duration`` s (then up to ``duration`` s more
-    for the requests in flight, which are then dropped). Throughput counts the tokens that arrived in
-    the window; time to first token covers requests started in it; latency those that also finished."""
+async def load_phase(url: str, model: str, clients: int, warmup: float, duration: float, seed: int,
+                     ignore_eos: bool) -> dict:
+    """``clients`` closed-loop streaming clients: ``warmup`` s, then a window of ``duration`` s (longer,
+    up to 3x, until MIN_REQUESTS requests started in it), then up to ``duration`` s more for the
+    requests in flight, which are then dropped. Throughput counts the tokens that arrived in the
+    window; time to first token covers the requests started in it; latency those that also finished."""
     import httpx
 
     t0 = time.perf_counter() + warmup
     t1 = t0 + duration
     records = []  # dict(start, first, end, chunks=[times], tokens, done, error)
+
+    def open_window() -> bool:
+        nonlocal t1
+        now = time.perf_counter()
+        if now >= t1 and sum(r["start"] >= t0 for r in records) < MIN_REQUESTS and now < t0 + 3 * duration:
+            t1 = now + 1.0  # a slow single client: keep the window open for more requests
+        return now < t1
 
     async def one(http: httpx.AsyncClient, body: dict, rec: dict) -> None:
         async with http.stream("POST", "/v1/completions", json=body) as r:
@@ -219,10 +230,12 @@ async def load_phase(url: str, model: str, clients: int, warmup: float, duration
     async def client_loop(k: int, http: httpx.AsyncClient) -> None:
         rng = random.Random(seed * 1000 + k)
         i = 0
-        while time.perf_counter() < t1:
+        while open_window():
             body = {"model": model, "prompt": QUERIES[(k + i) % len(QUERIES)] + f" (client {k}, request {i})",
                     "max_tokens": rng.choice(MAX_TOKENS), "temperature": 0, "stream": True,
                     "stream_options": {"include_usage": True}}
+            if ignore_eos:
+                body["ignore_eos"] = True
             rec = {"start": time.perf_counter(), "chunks": [], "tokens": 0, "done": False, "error": None}
             records.append(rec)
             try:
@@ -235,7 +248,8 @@ async def load_phase(url: str, model: str, clients: int, warmup: float, duration
     limits = httpx.Limits(max_connections=clients + 4, max_keepalive_connections=clients + 4)
     async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as http:
         tasks = [asyncio.create_task(client_loop(k, http)) for k in range(clients)]
-        await asyncio.wait(tasks, timeout=t1 + duration - time.perf_counter())
+        while any(not t.done() for t in tasks) and time.perf_counter() < t1 + duration:
+            await asyncio.wait(tasks, timeout=1.0)
         for t in tasks:  # still in flight: the clients leave, the server drops their rows
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -251,8 +265,8 @@ async def load_phase(url: str, model: str, clients: int, warmup: float, duration
     pct = lambda xs, q: float(np.percentile(xs, q)) if xs else float("nan")  # noqa: E731
     errors = [r["error"] for r in records if r["error"]]
     return {"requests": len(window), "errors": len(errors), "first_error": errors[0] if errors else None,
-            "tok_s": sum(n for r in records for t, n in arrived(r) if t0 <= t < t1) / duration,
-            "req_s": sum(r["done"] and t0 <= r["end"] < t1 for r in records) / duration,
+            "tok_s": sum(n for r in records for t, n in arrived(r) if t0 <= t < t1) / (t1 - t0),
+            "req_s": sum(r["done"] and t0 <= r["end"] < t1 for r in records) / (t1 - t0),
             "ttft_p50": pct(ttft, 50), "ttft_p99": pct(ttft, 99), "lat_p50": pct(latency, 50),
             "lat_p99": pct(latency, 99), "mean_tokens": statistics.mean([r["tokens"] for r in window if r["done"]] or [0])}
 
@@ -262,14 +276,15 @@ def http_section(root: Path, a) -> None:
     log_path = root.parent / "server.log"
     proc, url = start_server(root, max(levels), log_path)
     print(f"\n## HTTP: slm-llm serve --backend hf (own process, serve.max_batch_size={max(levels)}), streaming "
-          f"clients, max_tokens from {MAX_TOKENS}, warm-up {a.warmup:.0f} s + {a.duration:.0f} s per phase")
+          f"clients, max_tokens from {MAX_TOKENS}{'' if a.eos else ' (ignore_eos)'}, warm-up {a.warmup:.0f} s + "
+          f"{a.duration:.0f} s per phase; load average {os.getloadavg()[0]:.1f}")
     print("clients model   tok/s   req/s  TTFT p50  TTFT p99  latency p50  latency p99  tokens/req  errors"
           "  (latency: finished requests)")
     results = {}
     try:
         for n in levels:
             for model in ("slm", "base"):
-                r = asyncio.run(load_phase(url, model, n, a.warmup, a.duration, seed=n))
+                r = asyncio.run(load_phase(url, model, n, a.warmup, a.duration, seed=n, ignore_eos=not a.eos))
                 results[n, model] = r
                 print(f"{n:7d} {model:5s} {r['tok_s']:7.1f} {r['req_s']:7.2f} {r['ttft_p50']:8.3f}s {r['ttft_p99']:8.3f}s "
                       f"{r['lat_p50']:10.2f}s {r['lat_p99']:11.2f}s {r['mean_tokens']:10.1f} {r['errors']:7d}"
@@ -300,6 +315,8 @@ def main() -> int:
     ap.add_argument("--duration", type=float, default=30, help="HTTP: measured seconds per (clients, model) phase")
     ap.add_argument("--warmup", type=float, default=10, help="HTTP: seconds before each phase's window")
     ap.add_argument("--run", help="HTTP: serve this synthetic run folder (written here if missing)")
+    ap.add_argument("--eos", action="store_true", help="HTTP: let the stop token end a request early (servers "
+                    "without vLLM's ignore_eos, e.g. the old micro-batcher); default: every request runs to max_tokens")
     part = ap.add_mutually_exclusive_group()
     part.add_argument("--decode-only", action="store_true", help="only the decode section")
     part.add_argument("--http-only", action="store_true", help="only the HTTP section")

@@ -101,3 +101,17 @@ def test_sampled_rows_follow_temperature_and_top_p():
         batch.step()
     assert greedy.tokens == nucleus.tokens == alone(model, greedy)
     assert hot.tokens != alone(model, Row(hot.prompt_ids, hot.decision, 14))  # temperature 2 over 128 tokens
+
+
+def test_ignore_eos_runs_a_row_to_max_tokens():
+    model = all7_model()
+    row, *_ = requests(1, seed=3)
+    full = alone(model, Row(row.prompt_ids, row.decision, 12))
+    eos = full[1]  # the row's second token is the stop token of this batch
+    batch = DecodeBatch(model, Tok(), [eos], max_rows=4, max_len=64)
+    stops, runs = Row(row.prompt_ids, row.decision, 12), Row(row.prompt_ids, row.decision, 12, ignore_eos=True)
+    events = batch.admit([stops, runs])
+    while batch.rows:
+        events += batch.step()
+    assert stops.tokens == full[:1] and runs.tokens == full
+    assert [e.finish for e in events if e.finish] == ["stop", "length"]

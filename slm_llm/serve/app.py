@@ -76,6 +76,7 @@ class _Sampling(_Body):
     logprobs: None = None
     presence_penalty: Literal[0, 0.0] = 0
     frequency_penalty: Literal[0, 0.0] = 0
+    ignore_eos: bool = False  # vLLM's extension: generate max_tokens whatever the model predicts (benchmarks)
 
     @field_validator("stop")
     @classmethod
@@ -379,7 +380,8 @@ def _gen_request(backend: Backend, cfg: ServeConfig, body: _Sampling, prompt: st
         raise ServeError(f"This model's maximum context length is {backend.max_model_len} tokens; the prompt has "
                          f"{len(ids)} tokens and max_tokens is {max_tokens}.", param="max_tokens",
                          code="context_length_exceeded")
-    return GenRequest(prompt, ids, query, body.model, max_tokens, body.temperature, body.top_p, body.stops())
+    return GenRequest(prompt, ids, query, body.model, max_tokens, body.temperature, body.top_p, body.stops(),
+                      body.ignore_eos)
 
 
 def _loopback(host: str) -> bool:

@@ -52,6 +52,7 @@ class GenRequest:
     temperature: float = 0.0
     top_p: float = 1.0
     stop: list[str] = field(default_factory=list)
+    ignore_eos: bool = False  # vLLM's extension: the stop token does not end the row (benchmarks)
 
 
 @dataclass

@@ -165,6 +165,7 @@ class Row:
     temperature: float = 0.0
     top_p: float = 1.0
     stop: list[str] = field(default_factory=list)
+    ignore_eos: bool = False  # the stop tokens are ordinary tokens: the row runs to max_tokens or a stop string
     job: Any = None
     cancelled: bool = False  # set by the caller when nobody waits for the row any more
     tokens: list[int] = field(default_factory=list)  # generated, without the stop token
@@ -261,15 +262,14 @@ class DecodeBatch:
         rows = self.rows[a:b]
         events = []
         for i, (row, token) in enumerate(zip(rows, _sample(logits.float(), rows).tolist())):
-            finish = self._finish(row, token)
-            events.append(Event(row, None if token in self.stop_ids else token, finish))
+            kept = token not in self.stop_ids or row.ignore_eos
+            finish = self._finish(row, token) if kept else "stop"
+            events.append(Event(row, token if kept else None, finish))
             if finish or row.cancelled:
                 self._leaving.add(a + i)
         return events
 
     def _finish(self, row: Row, token: int) -> str | None:
-        if token in self.stop_ids:
-            return "stop"
         row.tokens.append(token)
         if row.stop and any(s and s in self.tokenizer.decode(row.tokens, skip_special_tokens=True) for s in row.stop):
             return "stop"

@@ -216,7 +216,8 @@ class HFBackend:
                 if job.tokens is not None:
                     _send(job, ("route", route.report))
                 r = job.req
-                job.row = Row(r.prompt_ids, route.decision, r.max_tokens, r.temperature, r.top_p, r.stop, job=job)
+                job.row = Row(r.prompt_ids, route.decision, r.max_tokens, r.temperature, r.top_p, r.stop, r.ignore_eos,
+                              job=job)
                 rows.append(job.row)
         if rows:
             try:

@@ -190,7 +190,7 @@ class VLLMBackend:
         return {"model": self._target(route), "prompt": req.prompt_ids, "max_tokens": req.max_tokens,
                 "temperature": req.temperature, "top_p": req.top_p, "stop": req.stop or None,
                 "stop_token_ids": self.stop_ids, "skip_special_tokens": True, "return_token_ids": True,
-                "stream": stream}
+                "ignore_eos": req.ignore_eos, "stream": stream}
 
     async def _route_one(self, req: GenRequest) -> Route:
         if req.model not in self.models():
