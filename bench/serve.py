@@ -168,7 +168,7 @@ def router_share(root: Path, batch: int, new_tokens: int) -> tuple[float, float,
 
 
 # ---- HTTP load ---------------------------------------------------------------------------------
-def start_server(root: Path, max_rows: int, log_path: Path):
+def start_server(root: Path, max_rows: int, log_path: Path, threads: int | None):
     """``slm-llm serve`` over ``root`` in its own process (the code on PYTHONPATH); returns (process, url)."""
     import httpx
 
@@ -177,7 +177,8 @@ def start_server(root: Path, max_rows: int, log_path: Path):
     port = free_port()
     cmd = [sys.executable, "-m", "slm_llm.cli", "serve", "--run", str(root), "--backend", "hf", "--port", str(port),
            f"serve.max_batch_size={max_rows}", "serve.max_tokens_limit=256"]
-    proc = subprocess.Popen(cmd, stdout=open(log_path, "w"), stderr=subprocess.STDOUT, env=os.environ.copy())
+    env = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
+    proc = subprocess.Popen(cmd, stdout=open(log_path, "w"), stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 900
     while time.monotonic() < deadline:
@@ -274,7 +275,7 @@ async def load_phase(url: str, model: str, clients: int, warmup: float, duration
 def http_section(root: Path, a) -> None:
     levels = [int(c) for c in a.clients.split(",")]
     log_path = root.parent / "server.log"
-    proc, url = start_server(root, max(levels), log_path)
+    proc, url = start_server(root, max(levels), log_path, a.server_threads)
     print(f"\n## HTTP: slm-llm serve --backend hf (own process, serve.max_batch_size={max(levels)}), streaming "
           f"clients, max_tokens from {MAX_TOKENS}{'' if a.eos else ' (ignore_eos)'}, warm-up {a.warmup:.0f} s + "
           f"{a.duration:.0f} s per phase; load average {os.getloadavg()[0]:.1f}")
@@ -306,6 +307,7 @@ def http_section(root: Path, a) -> None:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="smollm2-135m-instruct")
+    ap.add_argument("overrides", nargs="*", help="config overrides, e.g. model.tiny_hidden_size=256 (with --model tiny-llama)")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--reps", type=int, default=3, help="decode: interleaved base/JARe repetitions, best kept")
@@ -315,6 +317,7 @@ def main() -> int:
     ap.add_argument("--duration", type=float, default=30, help="HTTP: measured seconds per (clients, model) phase")
     ap.add_argument("--warmup", type=float, default=10, help="HTTP: seconds before each phase's window")
     ap.add_argument("--run", help="HTTP: serve this synthetic run folder (written here if missing)")
+    ap.add_argument("--server-threads", type=int, help="HTTP: torch threads of the server (default: one per core)")
     ap.add_argument("--eos", action="store_true", help="HTTP: let the stop token end a request early (servers "
                     "without vLLM's ignore_eos, e.g. the old micro-batcher); default: every request runs to max_tokens")
     part = ap.add_mutually_exclusive_group()
@@ -325,8 +328,8 @@ def main() -> int:
     if a.threads:
         torch.set_num_threads(a.threads)
     cfg = load_config(None, [f"model.name={a.model}", "jare.rank=8", "jare.slots_per_task=4", "jare.top_k=2",
-                             f"jare.targets=[{targets}]"])
-    print(f"# bench/serve.py  model={a.model} fp32 threads={torch.get_num_threads()} batch={a.batch} "
+                             f"jare.targets=[{targets}]", *a.overrides])
+    print(f"# bench/serve.py  model={model_id(cfg.model)} fp32 threads={torch.get_num_threads()} batch={a.batch} "
           f"new_tokens={a.new_tokens} targets={','.join(cfg.jare.targets)}")
     model = decode_section(cfg, a) if not a.http_only else jare_model(cfg)[0]
     if a.decode_only:

@@ -1,11 +1,12 @@
 """The embedded backend: exact per-query JARe through RunPipeline, with continuous batching.
 
-One decode thread drives a :class:`~slm_llm.serve.decode.DecodeBatch`. Before each
-decode step, and between its forwards (a step runs at most ``serve.step_chunk_rows`` rows
-per forward), it takes the requests that arrived (up to ``serve.max_batch_size`` running
-rows and ``serve.max_prefill_tokens`` prompt tokens per admission), routes them (one
-encoder call per ``model``), prefills them together and adds them to the running batch;
-their first token is sent right after that prefill. A row leaves as soon as it is done,
+Arriving requests are routed in a worker thread (one encoder call per ``model`` for
+whatever arrived together) while the decode thread runs. The decode thread drives a
+:class:`~slm_llm.serve.decode.DecodeBatch`: before each decode step, and between its
+forwards (a step runs at most ``serve.step_chunk_rows`` rows per forward), it takes the
+routed requests (up to ``serve.max_batch_size`` running rows and
+``serve.max_prefill_tokens`` prompt tokens per admission), prefills them together and
+adds them to the running batch; their first token is sent right after that prefill. A row leaves as soon as it is done,
 so a request waits for at most one forward (plus the prefills ahead of it), never for
 other requests' ``max_tokens``. Each row keeps its own top-K slots and weights, and its
 own sampling settings, in every step.
@@ -64,6 +65,8 @@ class HFBackend:
         self._wake = threading.Condition()
         self._closing = False
         self._thread: threading.Thread | None = None
+        self._to_route: asyncio.Queue[_Job] | None = None
+        self._router_task: asyncio.Task | None = None
         self._model_lock = threading.Lock()  # decode steps vs hot-add
         self.rows_per_step: collections.deque[int] = collections.deque(maxlen=4096)  # tests, metrics
 
@@ -84,10 +87,14 @@ class HFBackend:
     # ---- lifecycle ------------------------------------------------------------------------
     async def start(self) -> None:
         self._closing = False
+        self._to_route = asyncio.Queue()
+        self._router_task = asyncio.create_task(self._route_arrivals())
         self._thread = threading.Thread(target=self._run, name="slm-decode", daemon=True)
         self._thread.start()
 
     async def close(self) -> None:
+        if self._router_task is not None:
+            self._router_task.cancel()
         with self._wake:
             self._closing = True
             self._wake.notify()
@@ -139,12 +146,36 @@ class HFBackend:
             job.cancelled = True  # a client that disconnects frees its row at the next step
 
     def _submit(self, job: _Job) -> None:
-        with self._wake:
-            if self._closing or self._thread is None:
-                raise ServeError("the server is shutting down", status=503, code="server_unavailable",
-                                 type_="server_error")
-            self._pending.append(job)
-            self._wake.notify()
+        if self._closing or self._thread is None:
+            raise ServeError("the server is shutting down", status=503, code="server_unavailable",
+                             type_="server_error")
+        self._to_route.put_nowait(job)
+
+    async def _route_arrivals(self) -> None:
+        """Route arriving requests in a worker thread, one encoder call per model for whatever arrived
+        together, while the decode thread keeps stepping; then hand them to the decode thread."""
+        while True:
+            jobs = [await self._to_route.get()]
+            while not self._to_route.empty():
+                jobs.append(self._to_route.get_nowait())
+            by_model: dict[str, list[_Job]] = {}
+            for job in jobs:
+                if not job.cancelled:
+                    by_model.setdefault(job.req.model, []).append(job)
+            for model, group in by_model.items():
+                try:
+                    routes = await asyncio.to_thread(self.route, [j.req.query for j in group], model)
+                except Exception as e:  # noqa: BLE001 (only this group fails)
+                    for job in group:
+                        _fail(job, e)
+                    continue
+                for job, route in zip(group, routes):
+                    job.route = route
+                    if job.tokens is not None:
+                        job.tokens.put_nowait(("route", route.report))
+                with self._wake:
+                    self._pending.extend(group)
+                    self._wake.notify()
 
     # ---- the decode thread ----------------------------------------------------------------
     def _run(self) -> None:
@@ -199,34 +230,20 @@ class HFBackend:
         return jobs
 
     def _admit(self, jobs: list[_Job]) -> None:
-        """Route the new jobs (one encoder call per model), then prefill them into the batch."""
-        by_model: dict[str, list[_Job]] = {}
-        for job in jobs:
-            by_model.setdefault(job.req.model, []).append(job)
+        """Prefill the new (routed) jobs into the batch."""
         rows = []
-        for model, group in by_model.items():
-            try:
-                routes = self.route([j.req.query for j in group], model)
-            except Exception as e:  # noqa: BLE001 (only this group fails)
-                for job in group:
-                    _fail(job, e)
-                continue
-            for job, route in zip(group, routes):
-                job.route = route
-                if job.tokens is not None:
-                    _send(job, ("route", route.report))
-                r = job.req
-                job.row = Row(r.prompt_ids, route.decision, r.max_tokens, r.temperature, r.top_p, r.stop, r.ignore_eos,
-                              job=job)
-                rows.append(job.row)
-        if rows:
-            try:
-                events = self.batch.admit(rows)
-            except Exception as e:  # noqa: BLE001 (these jobs are in no row yet: tell them here)
-                for row in rows:
-                    _fail(row.job, e)
-                raise
-            self._dispatch(events)
+        for job in jobs:
+            r = job.req
+            job.row = Row(r.prompt_ids, job.route.decision, r.max_tokens, r.temperature, r.top_p, r.stop,
+                          r.ignore_eos, job=job)
+            rows.append(job.row)
+        try:
+            events = self.batch.admit(rows)
+        except Exception as e:  # noqa: BLE001 (these jobs are in no row yet: tell them here)
+            for job in jobs:
+                _fail(job, e)
+            raise
+        self._dispatch(events)
 
     def _dispatch(self, events: list[Event]) -> None:
         for e in events:
