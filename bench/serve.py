@@ -90,35 +90,36 @@ def routing(batch: int, P: int, K: int):
     return ids, torch.full((batch, K), 1.0 / K)
 
 
-def decode_tps(model, tok, batch: int, new_tokens: int, slot_ids=None, slot_weights=None) -> float:
+def decode_tps(model, tok, batch: int, new_tokens: int, slot_ids=None, slot_weights=None, clock=time.perf_counter):
     prompts = [QUERIES[b % len(QUERIES)] for b in range(batch)]
     enc = tok(prompts, return_tensors="pt", padding=True, padding_side="left")
     kw = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
-    t0 = time.perf_counter()
+    t0 = clock()
     with torch.no_grad():
         if slot_ids is None:
             model.generate(**enc, **kw)
         else:
             model.generate(enc["input_ids"], attention_mask=enc["attention_mask"], slot_ids=slot_ids,
                            slot_weights=slot_weights, **kw)
-    return batch * new_tokens / (time.perf_counter() - t0)
+    return batch * new_tokens / (clock() - t0)
 
 
 def decode_section(cfg, a) -> JareModel:
     plain, tok = load_base_model(cfg.model)
     model, tok = jare_model(cfg)
     ids, w = routing(a.batch, cfg.jare.slots_per_task, cfg.jare.top_k)
+    clock = time.thread_time if a.clock == "cpu" else time.perf_counter
     base_tps = jare_tps = 0.0
     for _ in range(a.reps):  # interleaved, best of --reps: a busy machine slows whichever runs during the load
-        base_tps = max(base_tps, decode_tps(plain.eval(), tok, a.batch, a.new_tokens))
-        jare_tps = max(jare_tps, decode_tps(model, tok, a.batch, a.new_tokens, ids, w))
+        base_tps = max(base_tps, decode_tps(plain.eval(), tok, a.batch, a.new_tokens, clock=clock))
+        jare_tps = max(jare_tps, decode_tps(model, tok, a.batch, a.new_tokens, ids, w, clock=clock))
     del plain
     for layer in model.jare_layers():
         layer.forward = types.MethodType(dense_forward, layer)
-    dense_tps = decode_tps(model, tok, a.batch, a.new_tokens, ids, w)
+    dense_tps = decode_tps(model, tok, a.batch, a.new_tokens, ids, w, clock=clock)
     for layer in model.jare_layers():
         del layer.forward  # back to the class's exact low-rank forward
-    print("\n## decode tokens/s (KV cache, greedy, every row its own slots)")
+    print(f"\n## decode tokens/s (KV cache, greedy, every row its own slots; {a.clock} clock)")
     print(f"base (no increments)   {base_tps:8.1f}")
     print(f"exact JARe             {jare_tps:8.1f}   = {jare_tps / base_tps:.2f}x base   (goal >= 0.9x)")
     print(f"seed dense-ΔW path     {dense_tps:8.1f}   JARe = {jare_tps / dense_tps:.1f}x dense (goal >= 3x)")
@@ -168,7 +169,7 @@ def router_share(root: Path, batch: int, new_tokens: int) -> tuple[float, float,
 
 
 # ---- HTTP load ---------------------------------------------------------------------------------
-def start_server(root: Path, max_rows: int, log_path: Path, threads: int | None):
+def start_server(root: Path, max_rows: int, log_path: Path, threads: int | None, overrides: list[str]):
     """``slm-llm serve`` over ``root`` in its own process (the code on PYTHONPATH); returns (process, url)."""
     import httpx
 
@@ -176,7 +177,7 @@ def start_server(root: Path, max_rows: int, log_path: Path, threads: int | None)
 
     port = free_port()
     cmd = [sys.executable, "-m", "slm_llm.cli", "serve", "--run", str(root), "--backend", "hf", "--port", str(port),
-           f"serve.max_batch_size={max_rows}", "serve.max_tokens_limit=256"]
+           f"serve.max_batch_size={max_rows}", "serve.max_tokens_limit=256", *overrides]
     env = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
     proc = subprocess.Popen(cmd, stdout=open(log_path, "w"), stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
@@ -218,15 +219,17 @@ async def load_phase(url: str, model: str, clients: int, warmup: float, duration
             if r.status_code != 200:
                 rec["error"] = f"HTTP {r.status_code}: {(await r.aread())[:200]!r}"
             async for line in r.aiter_lines():
-                if not line.startswith("data: ") or line == "data: [DONE]":
-                    continue
-                event = json.loads(line[6:])
-                if "error" in event:
-                    rec["error"] = event["error"]["message"]
-                elif event.get("usage"):
-                    rec["tokens"], rec["done"] = event["usage"]["completion_tokens"], True
-                else:
-                    rec["chunks"].append(time.perf_counter())
+                if line == "data: [DONE]":
+                    rec["done"] = rec["error"] is None
+                    rec["tokens"] = rec["tokens"] or len(rec["chunks"])  # a server without include_usage
+                elif line.startswith("data: "):
+                    event = json.loads(line[6:])
+                    if "error" in event:
+                        rec["error"] = event["error"]["message"]
+                    elif event.get("usage"):
+                        rec["tokens"] = event["usage"]["completion_tokens"]
+                    else:
+                        rec["chunks"].append(time.perf_counter())
 
     async def client_loop(k: int, http: httpx.AsyncClient) -> None:
         rng = random.Random(seed * 1000 + k)
@@ -255,7 +258,7 @@ async def load_phase(url: str, model: str, clients: int, warmup: float, duration
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
 
-    def arrived(rec):  # [(time, tokens)] per chunk; a finished request spreads its usage over its chunks
+    def arrived(rec):  # [(time, tokens)] per chunk; a finished request spreads its tokens over its chunks
         n = len(rec["chunks"])
         per = rec["tokens"] / n if rec["done"] and n else 1.0
         return [(t, per) for t in rec["chunks"]]
@@ -275,8 +278,9 @@ async def load_phase(url: str, model: str, clients: int, warmup: float, duration
 def http_section(root: Path, a) -> None:
     levels = [int(c) for c in a.clients.split(",")]
     log_path = root.parent / "server.log"
-    proc, url = start_server(root, max(levels), log_path, a.server_threads)
-    print(f"\n## HTTP: slm-llm serve --backend hf (own process, serve.max_batch_size={max(levels)}), streaming "
+    proc, url = start_server(root, max(levels), log_path, a.server_threads, a.serve)
+    print(f"\n## HTTP: slm-llm serve --backend hf (own process, serve.max_batch_size={max(levels)} "
+          f"{' '.join(a.serve)}), streaming "
           f"clients, max_tokens from {MAX_TOKENS}{'' if a.eos else ' (ignore_eos)'}, warm-up {a.warmup:.0f} s + "
           f"{a.duration:.0f} s per phase; load average {os.getloadavg()[0]:.1f}")
     print("clients model   tok/s   req/s  TTFT p50  TTFT p99  latency p50  latency p99  tokens/req  errors"
@@ -284,7 +288,7 @@ def http_section(root: Path, a) -> None:
     results = {}
     try:
         for n in levels:
-            for model in ("slm", "base"):
+            for model in a.models.split(","):
                 r = asyncio.run(load_phase(url, model, n, a.warmup, a.duration, seed=n, ignore_eos=not a.eos))
                 results[n, model] = r
                 print(f"{n:7d} {model:5s} {r['tok_s']:7.1f} {r['req_s']:7.2f} {r['ttft_p50']:8.3f}s {r['ttft_p99']:8.3f}s "
@@ -296,11 +300,13 @@ def http_section(root: Path, a) -> None:
     print("\n## ratios")
     single = results.get((1, "slm"))
     for n in levels:
-        s, b = results[n, "slm"], results[n, "base"]
-        line = f"{n:3d} clients: slm/base throughput {s['tok_s'] / b['tok_s']:.2f}x (goal >= 0.8x)"
+        s, b = results.get((n, "slm")), results.get((n, "base"))
+        if s is None:
+            continue
+        line = f"{n:3d} clients:" + (f" slm/base throughput {s['tok_s'] / b['tok_s']:.2f}x (goal >= 0.8x);" if b else "")
         if single and n > 1:
-            line += (f"; slm TTFT p50 = {s['ttft_p50'] / single['ttft_p50']:.2f}x the 1-client TTFT (goal <= 3x), "
-                     f"p99/p50 = {s['ttft_p99'] / s['ttft_p50']:.2f} (goal <= 2)")
+            line += (f" slm TTFT p50 = {s['ttft_p50'] / single['ttft_p50']:.2f}x the 1-client TTFT (goal <= 3x),"
+                     f" p99/p50 = {s['ttft_p99'] / s['ttft_p50']:.2f} (goal <= 2)")
         print(line)
 
 
@@ -312,12 +318,18 @@ def main() -> int:
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--reps", type=int, default=3, help="decode: interleaved base/JARe repetitions, best kept")
     ap.add_argument("--threads", type=int, help="decode: torch threads (default: torch's, one per core)")
+    ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                    help="decode: wall time, or this thread's CPU time (with --threads 1: a busy machine's other "
+                         "processes do not count)")
     ap.add_argument("--targets", default="o_proj", help=f"comma-separated JARe target modules, or all ({ALL_TARGETS})")
     ap.add_argument("--clients", default="1,16,64", help="HTTP: concurrent streaming clients, one level after another")
+    ap.add_argument("--models", default="slm,base", help="HTTP: the models measured at each level, in turn")
     ap.add_argument("--duration", type=float, default=30, help="HTTP: measured seconds per (clients, model) phase")
     ap.add_argument("--warmup", type=float, default=10, help="HTTP: seconds before each phase's window")
     ap.add_argument("--run", help="HTTP: serve this synthetic run folder (written here if missing)")
     ap.add_argument("--server-threads", type=int, help="HTTP: torch threads of the server (default: one per core)")
+    ap.add_argument("--serve", action="append", default=[], metavar="KEY=VALUE",
+                    help="HTTP: a serve.* override for the server, e.g. serve.step_chunk_rows=16 (repeatable)")
     ap.add_argument("--eos", action="store_true", help="HTTP: let the stop token end a request early (servers "
                     "without vLLM's ignore_eos, e.g. the old micro-batcher); default: every request runs to max_tokens")
     part = ap.add_mutually_exclusive_group()

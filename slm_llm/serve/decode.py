@@ -1,10 +1,12 @@
 """Continuous batching for the hf backend: a decode batch whose rows come and go between steps.
 
-Each :meth:`DecodeBatch.step` decodes one token for every running row. New requests
-join at the next step: :meth:`DecodeBatch.admit` prefills them together (left-padded,
-a ``DynamicCache``), samples their first token and copies their keys and values into
-the batch's :class:`RowCache`. A row leaves as soon as it has its stop token, a stop
-string, ``max_tokens``, or its client went away; the last row moves into its place.
+Each :meth:`DecodeBatch.step` decodes one token for every running row, in forwards of
+a bounded number of rows. New requests join between two forwards: :meth:`DecodeBatch.admit`
+prefills them together (left-padded, a ``DynamicCache``), samples their first token and
+copies their keys and values into the batch's :class:`RowCache`; they decode from the next
+step. A row is done at its stop token, a stop string or ``max_tokens`` and leaves at the
+end of the step (a row whose client went away, before the next one); the last row moves
+into its place.
 
 Per-row JARe routing stays exact: the routing of the current row order is set on the
 model right before every forward (prefill: the newcomers; decode: every running row),
@@ -168,7 +170,7 @@ class Row:
     ignore_eos: bool = False  # the stop tokens are ordinary tokens: the row runs to max_tokens or a stop string
     job: Any = None
     cancelled: bool = False  # set by the caller when nobody waits for the row any more
-    tokens: list[int] = field(default_factory=list)  # generated, without the stop token
+    tokens: list[int] = field(default_factory=list)  # generated (the stop token that ended the row is not)
 
 
 @dataclass
