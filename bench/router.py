@@ -22,6 +22,7 @@ import time
 import numpy as np
 import torch
 
+from slm_llm.config import DtkrConfig, JareConfig
 from slm_llm.dtkr.router import Router
 
 D, G, P = 384, 6, 4
@@ -37,7 +38,7 @@ def synthetic_keys(n_tasks: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]
 
 def bench_routing(n_tasks: int, kind: str, n_queries: int) -> dict:
     keys, centres = synthetic_keys(n_tasks)
-    router = Router(D, G, 2, index=kind)
+    router = Router(D, DtkrConfig(groups=G, whiten=False, ood_rule="keys", index=kind), JareConfig(top_k=2))
     t0 = time.perf_counter()
     for t in range(n_tasks):
         router.add_task(f"t{t}", torch.from_numpy(keys[t]))

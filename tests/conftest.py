@@ -60,18 +60,18 @@ def served_run(tmp_path_factory, data_root):
 
 @pytest.fixture(scope="session")
 def task_queries(served_run, data_root):
-    """{task: [3 training instructions]}: in-distribution queries the router sends to that task."""
+    """{task: [3 training queries]}: in-distribution queries (as trained) the router sends to that task."""
     import json
 
     from slm_llm.config import load_config
-    from slm_llm.data import load_suite, load_task_split, query_text
+    from slm_llm.data import load_suite, load_task_split, query_text, training_records
 
     cfg = load_config(served_run / "run.yaml")
     suite = load_suite(cfg.data.suite)
     out = {}
     for task in json.loads((served_run / "manifest.json").read_text())["order"]:
         recs = load_task_split(suite, task, "train", str(data_root), cfg.data.max_train_samples, cfg.data.seed)
-        out[task] = [query_text(r, cfg.dtkr.query_mode) for r in recs[:3]]
+        out[task] = [query_text(r) for r in training_records(recs[:3], suite.tasks[task], cfg.data)]
     return out
 
 

@@ -67,13 +67,9 @@ def test_unknown_template_and_missing_chat_template(smol_tokenizer):
         render_prompt(REC, "chat", tok)
 
 
-def test_query_text_modes():
-    assert query_text(REC, "full") == "Classify the sentiment.\nThe shares rose 5%."
-    assert query_text(NO_INPUT, "full") == "Name a prime number."
-    assert query_text(REC, "input-only") == "The shares rose 5%."
-    assert query_text(NO_INPUT, "input-only") == "Name a prime number."
-    with pytest.raises(ValueError):
-        query_text(REC, "templated")
+def test_query_text_is_the_user_turn():
+    assert query_text(REC) == "Classify the sentiment.\n\nThe shares rose 5%."
+    assert query_text(NO_INPUT) == "Name a prime number."
 
 
 # --- loss mask --------------------------------------------------------------------------------

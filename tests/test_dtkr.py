@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from slm_llm.config import Config, ConfigError, DtkrConfig
+from slm_llm.config import Config, ConfigError, DtkrConfig, JareConfig
 from slm_llm.dtkr.encoder import Encoder
 from slm_llm.dtkr.index import SlotIndex
 from slm_llm.dtkr.keys import init_keys, load_keys, pull_loss, save_keys, score_matrix, train_keys, _grouped
@@ -34,9 +34,17 @@ def clusters(n_tasks: int, n: int, dim: int = D, noise: float = 0.3, seed: int =
     return {f"task{i}": (centres[i] + noise * rng.normal(size=(n, dim))).astype(np.float32) for i in range(n_tasks)}
 
 
+def make_router(dim: int = D, top_k: int = 2, encoder_id: str = "", slot_weights: str = "similarity",
+                **dtkr) -> Router:
+    """A router with the paper's plain settings unless overridden (no whitening, the keys OOD rule)."""
+    cfg = DtkrConfig(**{"groups": G, "whiten": False, "ood_rule": "keys", **dtkr})
+    return Router(dim, cfg, JareConfig(top_k=top_k, slots_per_task=P, slot_weights=slot_weights),
+                  encoder_id=encoder_id)
+
+
 def build_router(data: dict[str, np.ndarray], epochs: int = 2, **kwargs) -> Router:
     cfg = DtkrConfig(groups=G, epochs=epochs)
-    router = Router(D, G, 2, encoder_id="fake", **kwargs)
+    router = make_router(encoder_id="fake", **kwargs)
     for name, emb in data.items():
         keys = train_keys(emb, init_keys(emb, P, G, seed=0), cfg)
         router.add_task(name, keys, train_emb=emb)
@@ -87,7 +95,7 @@ def test_groups_must_divide_dim():
     with pytest.raises(ValueError, match="not divisible"):
         SlotIndex(D, 7)
     with pytest.raises(ValueError, match="not divisible"):
-        Router(D, 5)
+        make_router(groups=5)
 
 
 # ---- keys -------------------------------------------------------------------------------
@@ -150,9 +158,24 @@ def test_mixed_batch_is_routed_per_query():
     assert weights[1].abs().sum() == 0 and torch.equal(ids[0], torch.tensor(decisions[0].slots))
     # a single row routes exactly as it does inside the batch: no batch-level mixing
     assert router.route(batch[3:4])[0] == decisions[3]
-    # the non-default comparison mode gives every row the majority task
-    voted = router.route(batch[:6], batch_vote=True)
-    assert len({d.task for d in voted}) == 1
+
+
+def test_one_slot_rule_never_mixes_tasks_when_global_top_k_crosses_them():
+    """A query between two tasks whose two best slots overall belong to different tasks gets
+    the routed task's own top-K, exactly as training (restrict_task) gives that task's queries."""
+    router = make_router()
+    rng = np.random.default_rng(3)
+    a, b = rng.normal(size=(2, D))
+    router.add_task("a", torch.tensor(np.stack([a, -a, rng.normal(size=D), rng.normal(size=D)]),
+                                       dtype=torch.float32).reshape(P, G, -1))
+    router.add_task("b", torch.tensor(np.stack([b, -b, rng.normal(size=D), rng.normal(size=D)]),
+                                       dtype=torch.float32).reshape(P, G, -1))
+    q = (0.55 * a + 0.45 * b)[None].astype(np.float32)
+    plain = mean_group_cosine(q, router.all_keys().reshape(2 * P, -1).numpy(), G)[0]
+    assert {int(i) // P for i in np.argsort(-plain)[:2]} == {0, 1}  # the global top-2 crosses tasks
+    d = router.route(q)[0]
+    assert d.task == "a" and all(s in router.task_slots("a") for s in d.slots)
+    assert d == router.route(q, restrict_task="a")[0]  # the mix training gave task a's queries
 
 
 def test_slot_ids_are_consecutive_per_task():
@@ -176,7 +199,7 @@ def test_restrict_task_mode_is_exact():
 
 def test_keys_per_slot_maps_several_keys_to_one_slot():
     data = clusters(2, 60, seed=10)
-    router = Router(D, G, 2, keys_per_slot=3)
+    router = make_router(keys_per_slot=3)
     for name, emb in data.items():
         router.add_task(name, init_keys(emb, P * 3, G))
     assert router.n_slots == 8 and router.index.ntotal == 24
@@ -194,7 +217,7 @@ def test_whitened_routing_persists_and_needs_train_embeddings(tmp_path):
     router.save(tmp_path / "r")
     assert Router.load(tmp_path / "r").route(queries) == decisions
     with pytest.raises(RouterError, match="needs train_emb"):
-        Router(D, G, whiten=True).add_task("t", init_keys(data["task0"], P, G))
+        make_router(whiten=True).add_task("t", init_keys(data["task0"], P, G))
 
 
 def test_whitening_never_changes_an_old_tasks_slots_or_weights():
@@ -202,7 +225,7 @@ def test_whitening_never_changes_an_old_tasks_slots_or_weights():
     exact slots, weights and score it had (plain scores within the task), and so does the
     training/oracle mode restrict_task: an old task's behaviour cannot drift."""
     data = clusters(3, 60, seed=21)
-    router = Router(D, G, 2, whiten=True)
+    router = make_router(whiten=True)
     for name in ("task0", "task1"):
         router.add_task(name, init_keys(data[name], P, G), train_emb=data[name])
     queries = np.concatenate([clusters(3, 6, seed=21)[t] for t in ("task0", "task1")])
@@ -217,6 +240,35 @@ def test_whitening_never_changes_an_old_tasks_slots_or_weights():
         plain = score_matrix(q[None], router.task_keys(d.task))[0]
         assert d.slots == [pos * P + int(i) for i in np.argsort(-plain)[:2]]
         np.testing.assert_allclose(d.scores, np.sort(plain)[::-1][:2], atol=1e-5)
+
+
+def test_gaussian_ood_rule_is_calibrated_out_of_fold_frozen_and_persisted(tmp_path):
+    """The Gaussian OOD test flags queries from elsewhere, keeps about ood_percentile % of in-task
+    queries flagged on fresh queries (an in-sample threshold would flag far more), never moves
+    when a task is added, and survives save/load."""
+    from slm_llm.dtkr.ood import calibrate
+
+    rng = np.random.default_rng(5)
+    pool = clusters(2, 700, noise=0.6, seed=31)
+    data = {t: e[:300] for t, e in pool.items()}
+    fresh = pool["task0"][300:]  # the same distribution, never fitted on
+    router = make_router(ood_rule="gaussian", ood_percentile=2.0, ood_rank=16)
+    router.add_task("task0", init_keys(data["task0"], P, G), train_emb=data["task0"])
+    fresh_rate = np.mean([d.ood for d in router.route(fresh)])
+    g = router.gaussian("task0")
+    in_sample = np.percentile(g.distance(data["task0"], G), 98)
+    assert g.threshold > in_sample  # out-of-fold distances are larger than in-sample ones
+    assert fresh_rate < 0.08
+    far = rng.normal(size=(50, D)).astype(np.float32) * 3
+    assert np.mean([d.ood for d in router.route(far)]) > 0.9
+    before = router.route(fresh[:20])
+    router.add_task("task1", init_keys(data["task1"], P, G), train_emb=data["task1"])
+    assert [d.ood for d in router.route(fresh[:20])] == [d.ood for d in before]  # frozen per task
+    router.save(tmp_path / "r")
+    loaded = Router.load(tmp_path / "r")
+    assert loaded.route(fresh[:50]) == router.route(fresh[:50])
+    with pytest.raises(ValueError, match="at least 10 training queries"):
+        calibrate(data["task0"][:5], G, 0.3, 16, 1.0)
 
 
 def test_persistence_round_trip(tmp_path):
@@ -237,7 +289,7 @@ def test_persistence_round_trip(tmp_path):
 
 def test_errors_empty_router_and_encoder_mismatch(tmp_path):
     with pytest.raises(RouterError, match="router is empty"):
-        Router(D, G).route(np.ones((1, D), dtype=np.float32))
+        make_router().route(np.ones((1, D), dtype=np.float32))
     router = build_router(clusters(2, 20, seed=15))
     router.save(tmp_path / "r")
     with pytest.raises(RouterError, match="'fake'.*'other-encoder'"):
@@ -347,7 +399,7 @@ def test_base_encoder_mean_pools_the_frozen_base_models_hidden_layer(tmp_path):
         np.testing.assert_allclose(row, hidden[0].mean(0).numpy(), atol=1e-5)
     assert enc.id.startswith("base:tiny-llama-") and enc.id.endswith("@layer2")
     # A router built with layer 2 refuses layer 1's embeddings: they are another encoder's.
-    router = Router(enc.dim, 4, 2, encoder_id=enc.id)
+    router = make_router(enc.dim, groups=4, encoder_id=enc.id)
     router.add_task("t", init_keys(got, 2, 4), train_emb=got)
     router.save(tmp_path / "router")
     cfg.dtkr.encoder_layer = 1
@@ -369,7 +421,7 @@ def real_encoder(tmp_path_factory):
 def test_ood_flag_on_foreign_text(real_encoder):
     emb = real_encoder.encode(MATH)
     keys = train_keys(emb, init_keys(emb, P, 6), DtkrConfig())
-    router = Router(real_encoder.dim, 6, 2, encoder_id=real_encoder.id)
+    router = make_router(real_encoder.dim, groups=6, encoder_id=real_encoder.id)
     router.add_task("math", keys, score_matrix(emb, keys).max(1))
     foreign = [
         "asdf qwerty zxcv",
@@ -385,24 +437,43 @@ def test_ood_flag_on_foreign_text(real_encoder):
 
 
 def test_router_eval_end_to_end(real_encoder, data_root, tmp_path):
-    from slm_llm.dtkr.evaluate import router_eval
+    """Keys learn from train phrasings (and input-only queries); held-out paraphrases and bare inputs
+    are routed per query; IFEval prompts and another suite's queries measure the OOD flag."""
+    from slm_llm.dtkr.evaluate import router_eval_seeds
 
-    report = router_eval("instruct6", data_root, DtkrConfig(epochs=1), "input-only", max_train=24, max_test=10,
-                         tasks=["math_gsm8k", "code_codealpaca", "finance_phrasebank"], encoder=real_encoder,
-                         out_dir=tmp_path)
-    assert report["tasks"] == ["math_gsm8k", "code_codealpaca", "finance_phrasebank"]
-    assert np.array(report["confusion"]).sum() == 30 and report["overall"] >= 0.8
-    assert {p.name for p in tmp_path.iterdir()} >= {"router_eval.json", "confusion.txt", "confusion.png"}
+    cfg = Config()
+    cfg.dtkr.epochs = 1
+    cfg.data.tasks = ["math_gsm8k", "code_codealpaca", "finance_phrasebank"]
+    cfg.data.max_train_samples = 24
+    report = router_eval_seeds(cfg, [0, 1], views=["paraphrase", "input-only"], max_test=10,
+                               off_domain=["ifeval"], ood_percentiles=[1.0, 50.0], encoder=real_encoder,
+                               out_dir=tmp_path)
+    run = report["runs"]["0"]
+    assert run["tasks"] == cfg.data.tasks and set(run["views"]) == {"paraphrase", "input-only"}
+    for view in run["views"].values():
+        assert np.array(view["confusion"]).sum() == 30 and len(view["confusion"][0]) == 4  # 3 tasks + OOD
+        assert view["top1"] >= 0.8 and view["served"] <= view["top1"]
+    assert run["n_off_domain"]["ifeval"] == 541 and 0.0 <= run["off_domain"]["ifeval"] <= 1.0
+    low, high = run["ood_sweep"]["1.0"], run["ood_sweep"]["50.0"]  # a higher percentile flags more
+    assert high["paraphrase"] <= low["paraphrase"] and high["off:ifeval"] >= low["off:ifeval"]
+    assert report["summary"]["paraphrase.served"]["sd"] >= 0.0 and len(report["runs"]) == 2
+    assert (tmp_path / "router_eval_seeds.json").exists()
+    assert {p.name for p in (tmp_path / "seed1").iterdir()} >= {"router_eval.json", "confusion-paraphrase.txt",
+                                                                  "confusion-input-only.png"}
 
 
 def test_cli_route_prints_decisions(real_encoder, tmp_path, capsys):
     from slm_llm.cli import main
 
     emb = real_encoder.encode(MATH)
-    router = Router(real_encoder.dim, 6, 2, encoder_id=real_encoder.id)
+    router = make_router(real_encoder.dim, groups=6, encoder_id=real_encoder.id)
     router.add_task("math", init_keys(emb, P, 6), train_emb=emb)
     router.save(tmp_path / "router")
-    (tmp_path / "run.yaml").write_text(Config().to_yaml())  # its dtkr.encoder names the encoder
+    from slm_llm.run import RunDir
+
+    cfg = Config()
+    cfg.dtkr.encoder = real_encoder.name  # run.yaml names the encoder the command rebuilds
+    RunDir(tmp_path).init(cfg, "tiny", real_encoder.id, ["math"])
     assert main(["route", "--run", str(tmp_path), "--json", "Kim has 25 oranges. Her brother gives her 8 more and she eats 6. How many oranges are left?",
                  "asdf qwerty zxcv"]) == 0
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]

@@ -5,8 +5,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
+from slm_llm.eval.compare import headline
 from slm_llm.eval.matrix import cl_metrics
 
 REPO = Path(__file__).resolve().parent.parent
@@ -29,32 +31,54 @@ def test_compare_all_methods_then_report(tmp_path, data_root):
     slm_llm("compare", "--config", "configs/tiny.yaml", "--methods", ",".join(METHODS), f"run_dir={prefix}",
             "data.max_train_samples=8", f"eval.max_samples={SAMPLES}", "eval.max_new_tokens=2")
     table = json.loads(Path(f"{prefix}-compare.json").read_text())
-    assert list(table["methods"]) == METHODS
-    assert Path(f"{prefix}-compare.md").read_text().count("\n| ") == len(METHODS) + 1  # header + a row each
+    assert table["views"] == ["paraphrase", "input-only", "fixed"]  # the headline view first
+    cells = headline(table)
+    assert list(cells) == METHODS
+    md = Path(f"{prefix}-compare.md").read_text()
+    assert md.startswith("Headline: the **paraphrase** view, strict scoring.")
+    assert md.count("\n| slm |") == 1 + 3  # the AP-per-view summary, then one table per view
     tasks = table["tasks"]
     assert tasks == ["finance_phrasebank", "law_overruling"]
-    for method, row in table["methods"].items():
-        assert all(0.0 <= row["scores"][t] <= 100.0 for t in tasks), method
-        assert 0.0 <= row["ap"] <= 100.0
+    for view in table["views"]:
+        for scoring in ("strict", "lenient"):
+            for method, row in table["cells"][view][scoring].items():
+                assert all(0.0 <= row["scores"][t] <= 100.0 for t in tasks), (view, method)
+                assert 0.0 <= row["ap"] <= 100.0
+        for method in METHODS:  # strict never scores above lenient
+            strict, lenient = (table["cells"][view][s][method]["ap"] for s in ("strict", "lenient"))
+            assert strict <= lenient + 1e-9
 
-    slm = json.loads((Path(f"{prefix}-slm") / "eval" / "matrix.json").read_text())
+    m = json.loads((Path(f"{prefix}-slm") / "eval" / "matrix.json").read_text())
+    slm = m["views"]["paraphrase"]["strict"]
     assert [len([v for v in r if v is not None]) for r in slm["R"]["slm"]] == [1, 2]  # lower triangle
     assert [len([v for v in r if v is not None]) for r in slm["R"]["oracle"]] == [1, 2]
-    assert all(v is not None for v in slm["base"]) and slm["samples"] == {t: SAMPLES for t in tasks}
-    assert all(0.0 <= a <= 100.0 for a in slm["routing_accuracy"])
-    assert table["methods"]["slm"]["routing_accuracy"] == slm["routing_accuracy"][-1]
-    assert table["methods"]["base"]["scores"] == dict(zip(tasks, slm["base"]))
+    assert all(v is not None for v in slm["base"]) and m["samples"] == {t: SAMPLES for t in tasks}
+    routing = m["views"]["paraphrase"]["routing_accuracy"]
+    assert all(0.0 <= a <= 100.0 for a in routing)
+    assert cells["slm"]["routing_accuracy"] == routing[-1]
+    assert cells["base"]["scores"] == dict(zip(tasks, slm["base"]))
 
-    seq = json.loads((Path(f"{prefix}-seq_lora") / "eval" / "matrix.json").read_text())["R"]["seq_lora"]
+    seq_m = json.loads((Path(f"{prefix}-seq_lora") / "eval" / "matrix.json").read_text())
+    seq = seq_m["views"]["paraphrase"]["strict"]["R"]["seq_lora"]
     assert len(seq) == 2 and seq[0][1] is None
-    assert table["methods"]["seq_lora"]["bwt"] == pytest.approx(seq[1][0] - seq[0][0])
-    assert table["methods"]["seq_lora"]["bwt"] == pytest.approx(cl_metrics(seq)["bwt"])
-    multi = json.loads((Path(f"{prefix}-multitask") / "eval" / "matrix.json").read_text())["R"]["multitask"]
-    assert len(multi) == 1 and None not in multi[0] and table["methods"]["multitask"]["bwt"] is None
+    assert cells["seq_lora"]["bwt"] == pytest.approx(seq[1][0] - seq[0][0])
+    assert cells["seq_lora"]["bwt"] == pytest.approx(cl_metrics(seq)["bwt"])
+    multi_m = json.loads((Path(f"{prefix}-multitask") / "eval" / "matrix.json").read_text())
+    multi = multi_m["views"]["paraphrase"]["strict"]["R"]["multitask"]
+    assert len(multi) == 1 and None not in multi[0] and cells["multitask"]["bwt"] is None
+    steps = {m: [t["steps"] for t in json.loads((Path(f"{prefix}-{m}") / "manifest.json").read_text())["tasks"].values()]
+             for m in ("seq_lora", "multitask")}
+    assert sum(steps["multitask"]) == sum(steps["seq_lora"]) > 0  # the upper bound trains as long as the others
 
-    preds = Path(f"{prefix}-slm") / "eval" / "predictions" / "stage1-law_overruling.jsonl"
-    modes = [json.loads(line)["mode"] for line in preds.read_text().splitlines()]
-    assert sorted(modes) == ["oracle"] * SAMPLES + ["slm"] * SAMPLES
+    preds = Path(f"{prefix}-slm") / "eval" / "predictions" / "paraphrase" / "stage1-law_overruling.jsonl"
+    rows = [json.loads(line) for line in preds.read_text().splitlines()]
+    assert sorted(r["mode"] for r in rows) == ["oracle"] * SAMPLES + ["slm"] * SAMPLES
+    manifest = json.loads((Path(f"{prefix}-slm") / "manifest.json").read_text())
+    heldout = manifest["phrasings"]["law_overruling"]["heldout"]
+    def worded_as(query, phrasing):
+        return all(part.strip() in query for part in phrasing.split("{input}") if part.strip())
+
+    assert all(any(worded_as(r["query"], h) for h in heldout) for r in rows)  # held-out wording only
 
     # every cell is there: `eval` recomputes nothing and leaves the matrix as it was
     matrix = Path(f"{prefix}-slm") / "eval" / "matrix.json"
@@ -65,7 +89,9 @@ def test_compare_all_methods_then_report(tmp_path, data_root):
     slm_llm("report", "--run", f"{prefix}-slm")  # finds <prefix>-compare.json beside the run
     out = Path(f"{prefix}-slm") / "eval"
     report = (out / "report.md").read_text()
-    for png in ("heatmap_slm.png", "heatmap_oracle.png", "routing_confusion.png", "methods.png", "loss.png"):
+    assert report.index("## The `paraphrase` view") < report.index("## The `input-only` view")
+    for png in ("heatmap_slm.png", "heatmap_oracle.png", "heatmap_slm_input-only.png", "routing_confusion.png",
+                "routing_confusion_fixed.png", "methods.png", "loss.png"):
         assert f"({png})" in report
         data = (out / png).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n"
@@ -73,3 +99,28 @@ def test_compare_all_methods_then_report(tmp_path, data_root):
 
         assert matplotlib.image.imread(out / png).ndim == 3
     assert "| seq_lora |" in report
+
+
+@pytest.mark.slow
+def test_compare_over_seeds_writes_intervals_and_paired_differences(tmp_path, data_root):
+    prefix = tmp_path / "sd"
+    slm_llm("compare", "--config", "configs/tiny.yaml", "--methods", "slm,seq_lora,base", "--seeds", "0,1",
+            "--query-view", "paraphrase,input-only", f"run_dir={prefix}", "data.max_train_samples=8",
+            f"eval.max_samples={SAMPLES}", "eval.max_new_tokens=2", timeout=900)
+    table = json.loads(Path(f"{prefix}-seeds.json").read_text())
+    assert table["seeds"] == [0, 1] and table["views"] == ["paraphrase", "input-only"]
+    for seed in (0, 1):  # every method once per seed, each seed its own runs
+        cfg = __import__("yaml").safe_load(Path(f"{prefix}-s{seed}-slm/run.yaml").read_text())
+        assert cfg["data"]["seed"] == cfg["train"]["seed"] == cfg["dtkr"]["seed"] == seed
+    cell = table["cells"]["paraphrase"]["strict"]
+    per_seed = [json.loads(Path(f"{prefix}-s{s}-compare.json").read_text())["cells"]["paraphrase"]["strict"]
+                for s in (0, 1)]
+    for m in ("slm", "seq_lora", "base"):
+        aps = [t[m]["ap"] for t in per_seed]
+        assert cell[m]["ap"]["mean"] == pytest.approx(np.mean(aps))
+        assert cell[m]["ap"]["lo"] <= cell[m]["ap"]["mean"] <= cell[m]["ap"]["hi"]
+    diff = cell["slm_minus"]["seq_lora"]
+    assert diff["mean"] == pytest.approx(cell["slm"]["ap"]["mean"] - cell["seq_lora"]["ap"]["mean"])
+    md = Path(f"{prefix}-seeds.md").read_text()
+    assert "| slm − seq_lora |" in md and "### input-only, lenient" in md
+    assert Path(f"{prefix}-seeds.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

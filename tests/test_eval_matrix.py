@@ -3,7 +3,8 @@ import json
 
 import pytest
 
-from slm_llm.eval.matrix import cl_metrics, get_cell, metrics_of, new_matrix, save_matrix, load_matrix, set_cell
+from slm_llm.eval.matrix import (MatrixError, cl_metrics, get_cell, load_matrix, metrics_of, new_matrix, save_matrix,
+                                 set_cell, view_matrix)
 
 # Rows: after stage 0, 1, 2. Columns: tasks 0, 1, 2. Above-diagonal cells are FWT cells.
 R = [
@@ -23,6 +24,7 @@ def test_metrics_of_a_known_3x3_matrix():
     assert m["forgetting"] == pytest.approx(25.0)
     # FWT = mean(R[0][1] - base[1], R[1][2] - base[2]) = mean(5, 5)
     assert m["fwt"] == pytest.approx(5.0)
+    assert m["n_bwt"] == 2 and m["n_fwt"] == 2  # how many tasks each metric averaged
 
 
 def test_forgetting_uses_the_best_earlier_score_not_the_first():
@@ -34,22 +36,37 @@ def test_forgetting_uses_the_best_earlier_score_not_the_first():
 
 
 def test_one_row_and_partial_runs():
-    assert cl_metrics([[40.0, 60.0]]) == {"ap": 50.0, "bwt": None, "forgetting": None, "fwt": None}
+    assert cl_metrics([[40.0, 60.0]]) == {"ap": 50.0, "bwt": None, "forgetting": None, "fwt": None, "n_bwt": 0,
+                                          "n_fwt": 0}
     # a run stopped after stage 1 of 3: the last finished row is the final one
     m = cl_metrics([[80.0, None, None], [70.0, 90.0, None], None])
-    assert m["ap"] == pytest.approx(80.0) and m["bwt"] == pytest.approx(-10.0)
-    assert cl_metrics([]) == {"ap": None, "bwt": None, "forgetting": None, "fwt": None}
+    assert m["ap"] == pytest.approx(80.0) and m["bwt"] == pytest.approx(-10.0) and m["n_bwt"] == 1
+    assert cl_metrics([])["ap"] is None
+
+
+def test_a_missing_row_or_diagonal_cell_is_an_error_not_a_smaller_average():
+    with pytest.raises(MatrixError, match="row 1 is missing"):
+        cl_metrics([[80.0, None, None], None, [50.0, 70.0, 85.0]])
+    with pytest.raises(MatrixError, match=r"R\[1\]\[1\] is missing"):
+        cl_metrics([[80.0, None, None], [60.0, None, None], [50.0, 70.0, 85.0]])
+    with pytest.raises(MatrixError, match=r"R\[2\]\[0\] is missing"):
+        cl_metrics([[80.0, None, None], [60.0, 90.0, None], [None, 70.0, 85.0]])
 
 
 def test_matrix_file_cells_round_trip(tmp_path):
-    m = new_matrix("slm", ["a", "b"], ["a", "b"])
-    set_cell(m, "slm", 1, 0, 12.345678)
-    set_cell(m, "oracle", 0, 0, 50.0)
-    assert m["R"]["slm"] == [None, [12.3457, None]]
-    assert get_cell(m, "slm", 1, 0) == 12.3457 and get_cell(m, "slm", 0, 0) is None
-    assert get_cell(m, "seq_lora", 0, 0) is None
+    m = new_matrix("slm", ["a", "b"], ["a", "b"], ["paraphrase", "fixed"])
+    flat = view_matrix(m, "paraphrase")
+    set_cell(flat, "slm", 1, 0, 12.345678)
+    set_cell(flat, "oracle", 0, 0, 50.0)
+    assert m["views"]["paraphrase"]["strict"]["R"]["slm"] == [None, [12.3457, None]]  # written through
+    assert get_cell(flat, "slm", 1, 0) == 12.3457 and get_cell(flat, "slm", 0, 0) is None
+    assert get_cell(flat, "seq_lora", 0, 0) is None
+    assert view_matrix(m, "fixed")["R"] == {} and view_matrix(m, "paraphrase", "lenient")["R"] == {}
     save_matrix(tmp_path / "matrix.json", m)
     assert load_matrix(tmp_path / "matrix.json") == json.loads((tmp_path / "matrix.json").read_text()) == m
     assert load_matrix(tmp_path / "missing.json") is None
-    m["routing_accuracy"] = [100.0, 75.0]
-    assert metrics_of(m)["routing_accuracy"] == 75.0
+    m["views"]["paraphrase"]["routing_accuracy"] = [100.0, 75.0]
+    assert metrics_of(m)["paraphrase"]["routing_accuracy"] == 75.0
+    (tmp_path / "old.json").write_text(json.dumps({"method": "slm", "R": {}}))
+    with pytest.raises(ValueError, match="predates query views"):
+        load_matrix(tmp_path / "old.json")

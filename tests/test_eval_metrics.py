@@ -3,7 +3,7 @@ import pytest
 
 from slm_llm.data import Record, TaskSpec
 from slm_llm.eval.metrics import (OOD, answer_labels, extract_label, extract_number, normalize_text, rouge_l,
-                                  routing_accuracy, routing_confusion, score)
+                                  routing_accuracy, routing_confusion, score, strict_label)
 
 
 def spec(metric="exact_match", labels=None, answer_type=""):
@@ -66,6 +66,39 @@ def test_extract_number(text, want):
     assert extract_number(text) == want
 
 
+@pytest.mark.parametrize("text,labels,want", [
+    ("neutral", ["negative", "neutral", "positive"], "neutral"),
+    ("**Neutral**.", ["negative", "neutral", "positive"], "neutral"),
+    ('"Positive" - profits doubled', ["negative", "neutral", "positive"], "positive"),
+    ("Positive. The rival's news is negative for it.", ["negative", "neutral", "positive"], "positive"),
+    ("positive, negative, or neutral", ["negative", "neutral", "positive"], None),  # lists the label set
+    ("neutral to positive", ["negative", "neutral", "positive"], None),
+    ("Not positive", ["negative", "neutral", "positive"], None),
+    ("The sentiment is positive.", ["negative", "neutral", "positive"], None),  # does not start with it
+    ("positively", ["negative", "neutral", "positive"], None),
+    ("very negative", ["very negative", "negative", "neutral", "positive", "very positive"], "very negative"),
+    ("Science or  Technology", ["World", "Sports", "Business", "Science or Technology"], "Science or Technology"),
+    ("No, it does not overrule the case.", ["No", "Yes"], "No"),
+    ("Yes or No", ["No", "Yes"], None),
+    ("A", ["A", "B", "C", "D"], "A"),
+    ("(B) because ...", ["A", "B", "C", "D"], "B"),
+    ("C. Force of explosion is directional", ["A", "B", "C", "D"], "C"),
+    ("A patient with fever should be ...", ["A", "B", "C", "D"], None),  # the article, not option A
+    ("The answer is B.", ["A", "B", "C", "D"], None),
+    ("", ["A", "B"], None),
+])
+def test_strict_label(text, labels, want):
+    assert strict_label(text, labels) == want
+
+
+def test_strict_is_the_default_and_lenient_a_second_column():
+    fin = spec(labels=["negative", "neutral", "positive"])
+    assert score(fin, "The sentiment is positive.", rec("positive")) == 0.0
+    assert score(fin, "The sentiment is positive.", rec("positive"), strict=False) == 1.0
+    assert score(fin, "positive, negative, or neutral", rec("positive"), strict=False) == 1.0
+    assert score(fin, "positive, negative, or neutral", rec("positive")) == 0.0
+
+
 def test_scores_by_metric():
     gsm = spec(answer_type="number after '####' (compare numerically)")
     assert score(gsm, "... #### 1,234", rec("1234")) == 1.0
@@ -73,9 +106,9 @@ def test_scores_by_metric():
     assert score(gsm, "... 12 then 1233", rec("1234")) == 0.0
     fin = spec(labels=["negative", "neutral", "positive"])
     assert score(fin, "Positive.", rec("positive")) == 1.0
-    assert score(fin, "neutral, maybe positive", rec("positive")) == 0.0  # the FIRST label counts
+    assert score(fin, "neutral, maybe positive", rec("positive"), strict=False) == 0.0  # the FIRST label counts
     mcq = spec(labels=["A", "B", "C", "D"], answer_type="letter A-D")
-    assert score(mcq, "The answer is B.", rec("B")) == 1.0
+    assert score(mcq, "The answer is B.", rec("B"), strict=False) == 1.0
     free = spec()
     assert score(free, "The Eiffel Tower!", rec("eiffel tower")) == 1.0
     assert normalize_text("  An  Apple, please. ") == "apple please"

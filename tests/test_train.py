@@ -63,6 +63,30 @@ def test_length_grouping_keeps_each_step_and_cuts_padding():
     assert padded(grouped) < padded(plain)
 
 
+def test_multitask_gets_as_many_steps_as_the_continual_methods():
+    from slm_llm.train.loop import total_steps
+
+    capped = load_config(None, ["train.max_steps=5"]).train
+    assert total_steps(400, capped, 1) == 5 and total_steps(1200, capped, 1, stages_covered=3) == 15
+    by_epoch = load_config(None, ["train.micro_batch_size=4", "train.epochs=2"]).train
+    per_task = [total_steps(n, by_epoch, 1) for n in (40, 36, 44)]
+    assert total_steps(120, by_epoch, 1, stages_covered=3) == sum(per_task) == 60
+
+
+def test_dev_pool_is_never_trained_on_and_is_what_dev_runs_evaluate(data_root):
+    from slm_llm.data import load_suite, run_records
+
+    suite = load_suite("cl9")
+    test_cfg = load_config(None, ["data.max_train_samples=0", "data.dev_samples=50"]).data
+    dev_cfg = load_config(None, ["data.max_train_samples=0", "data.dev_samples=50", "data.eval_split=dev"]).data
+    train = run_records(suite, "copa", "train", test_cfg)
+    dev = run_records(suite, "copa", "eval", dev_cfg)
+    assert len(dev) == 50 and len(train) == 400 - 50
+    assert not {r.id for r in dev} & {r.id for r in train}
+    assert run_records(suite, "copa", "train", dev_cfg) == train  # a dev run trains exactly like a test run
+    assert all(r.id.startswith("copa-test-") for r in run_records(suite, "copa", "eval", test_cfg, 10))
+
+
 def test_lr_schedule_warms_up_then_decays():
     f = lr_lambda(total_steps=100, warmup_ratio=0.1, min_lr_ratio=0.1)
     assert f(0) < f(5) < f(10) == pytest.approx(1.0)
@@ -98,7 +122,7 @@ def test_two_task_run_folder_contract_and_skip_on_rerun(tmp_path):
 def test_base_model_encoder_trains_keys_and_routes_from_the_cli(tmp_path):
     """dtkr.encoder=base end to end: the run's router is built on the base model's own hidden
     states, the manifest names that encoder, and `slm-llm route` rebuilds it from run.yaml."""
-    from slm_llm.data import load_suite, load_task_split, query_text
+    from slm_llm.data import load_suite, query_text, run_records, training_records
 
     run = tmp_path / "run"
     train(run, "dtkr.encoder=base", "dtkr.encoder_layer=1", "dtkr.groups=4", "dtkr.whiten=true",
@@ -106,8 +130,9 @@ def test_base_model_encoder_trains_keys_and_routes_from_the_cli(tmp_path):
     m = json.loads((run / "manifest.json").read_text())
     assert m["encoder"].startswith("base:tiny-llama-") and m["encoder"].endswith("@layer1")
     cfg = load_config(run / "run.yaml")
-    queries = {t: [query_text(r, cfg.dtkr.query_mode) for r in load_task_split(
-        load_suite(cfg.data.suite), t, "test", None, 4, 0)] for t in m["order"]}
+    suite = load_suite(cfg.data.suite)  # queries as trained: this checks the encoder's plumbing, not accuracy
+    queries = {t: [query_text(r) for r in training_records(run_records(suite, t, "train", cfg.data)[:4],
+                                                           suite.tasks[t], cfg.data)] for t in m["order"]}
     out = subprocess.run([str(VENV_BIN / "slm-llm"), "route", "--run", str(run), "--json",
                           *queries[m["order"][0]], *queries[m["order"][1]]],
                          cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)

@@ -15,8 +15,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Iterable
 
+from slm_llm.errors import SlmError
 
-class DataError(ValueError):
+
+class DataError(SlmError, ValueError):
     """A data file, record or suite is invalid; the message names file, line/index and field."""
 
 

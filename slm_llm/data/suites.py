@@ -41,6 +41,8 @@ from typing import Any
 
 import yaml
 
+from slm_llm.config import yaml_error
+
 from .readers import read_alpaca, read_cl_benchmark, read_hf_dataset
 from .schema import DataError, Record
 from .views import CONTENT_KINDS, PLACEHOLDER
@@ -125,7 +127,7 @@ def load_suite(name_or_path: str | os.PathLike) -> Suite:
     except OSError as e:
         raise DataError(f"{path}: cannot read suite: {e.strerror}") from None
     except yaml.YAMLError as e:
-        raise DataError(f"{path}: invalid YAML: {e}") from None
+        raise DataError(yaml_error(path, e)) from None
     return _build_suite(raw, path)
 
 
@@ -157,10 +159,39 @@ def load_task_split(
         records = read_alpaca(_alpaca_file(suite, spec, split, data_root), task, spec.labels,
                               spec.instruction or None, spec.drop_empty_output)
     records = [r if r.task == task else dataclasses.replace(r, task=task) for r in records]
-    if 0 < max_samples < len(records):
-        keep = sorted(random.Random(seed).sample(range(len(records)), max_samples))
-        records = [records[i] for i in keep]
-    return records
+    return _subsample(records, max_samples, seed)
+
+
+def run_records(suite: Suite, task: str, part: str, data, max_eval: int = 0) -> list[Record]:
+    """The raw records a run uses for ``task`` (``data`` is a DataConfig).
+
+    Each task's train split first gives up a *dev pool*: ``data.dev_samples`` records drawn
+    with ``data.seed``, never trained on, in every run, so a run that chooses settings on dev
+    trains exactly like the run that reports on test.
+
+    part "train": the training sample, ``data.max_train_samples`` of the rest (0 = all).
+    part "eval": ``max_eval`` records (0 = all) of the test split, or of the dev pool when
+    ``data.eval_split`` is "dev".
+    """
+    root = data.data_root or None
+    train = load_task_split(suite, task, "train", root)
+    n_dev = min(data.dev_samples, len(train) // 2)
+    dev_ids = set(random.Random(f"dev:{data.seed}:{task}").sample(range(len(train)), n_dev))
+    if part == "train":
+        rest = [r for i, r in enumerate(train) if i not in dev_ids]
+        return _subsample(rest, data.max_train_samples, data.seed)
+    if part != "eval":
+        raise ValueError(f"part {part!r} is not one of train, eval")
+    if data.eval_split == "dev":
+        return _subsample([r for i, r in enumerate(train) if i in dev_ids], max_eval, data.seed)
+    return load_task_split(suite, task, "test", root, max_eval, data.seed)
+
+
+def _subsample(records: list[Record], n: int, seed: int) -> list[Record]:
+    if 0 < n < len(records):
+        keep = sorted(random.Random(seed).sample(range(len(records)), n))
+        return [records[i] for i in keep]
+    return list(records)
 
 
 def _local(suite: Suite, spec: TaskSpec, data_root: str | os.PathLike | None) -> Path:

@@ -21,7 +21,6 @@ from typing import Any
 from .schema import Record
 
 TEMPLATES = ("alpaca", "llama2", "chat")
-QUERY_MODES = ("full", "input-only")
 
 ALPACA_PROMPT_INPUT = (
     "Below is an instruction that describes a task, paired with an input that provides further context. "
@@ -81,17 +80,23 @@ def end_of_turn_text(tokenizer: Any) -> str:
     return tail or (tokenizer.eos_token or "")
 
 
-def query_text(record: Record, mode: str = "full") -> str:
-    """The raw text the DTKR encoder embeds (never the templated prompt).
+def stop_token_ids(tokenizer: Any) -> list[int]:
+    """The token ids that end an answer: EOS and the chat template's end-of-turn token."""
+    ids = {tokenizer.eos_token_id}
+    if getattr(tokenizer, "chat_template", None):
+        eot = tokenizer(end_of_turn_text(tokenizer), add_special_tokens=False)["input_ids"]
+        if len(eot) == 1:
+            ids.add(eot[0])
+    return sorted(i for i in ids if i is not None)
 
-    ``full``: instruction, newline, input (or the instruction alone);
-    ``input-only``: the input, or the instruction when the input is empty.
+
+def query_text(record: Record) -> str:
+    """The raw text the DTKR encoder embeds: the user turn as typed (never the templated prompt).
+
+    Users phrase requests their own way; a record in a query view (``slm_llm.data.views``)
+    already carries that whole turn, so routing sees what serving sees.
     """
-    if mode == "full":
-        return f"{record.instruction}\n{record.input}" if record.input else record.instruction
-    if mode == "input-only":
-        return record.input or record.instruction
-    raise ValueError(f"unknown query mode {mode!r} (known: {', '.join(QUERY_MODES)})")
+    return user_message(record)
 
 
 def _bos_text(tokenizer: Any) -> str:

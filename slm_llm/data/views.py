@@ -31,10 +31,10 @@ import math
 import random
 from dataclasses import dataclass
 
+from slm_llm.config import PHRASING_MODES, VIEWS  # noqa: F401 (re-exported)
+
 from .schema import DataError, Record
 
-VIEWS = ("fixed", "paraphrase", "input-only")
-PHRASING_MODES = ("pool", "fixed")  # data.phrasing: how training samples are worded
 CONTENT_KINDS = ("input", "request")
 PLACEHOLDER = "{input}"
 
@@ -53,9 +53,14 @@ class PhrasingSplit:
                 "heldout": list(self.heldout)}
 
 
-def phrasing_split(spec, seed: int = 0, heldout_share: float = 1 / 3) -> PhrasingSplit:
-    """Split ``spec.phrasings`` into train and held-out phrasings: a seeded shuffle keyed by the
-    task's name, the first ``ceil(n * heldout_share)`` (at least 1, at most n - 1) held out."""
+def phrasing_split(spec, seed: int = 0, heldout_share: float = 0.25) -> PhrasingSplit:
+    """Split ``spec.phrasings`` into train and held-out phrasings.
+
+    ``ceil(n * heldout_share)`` phrasings (at least 1, at most n - 1) are held out, stratified
+    by where the content sits (first, in the middle, after the phrasing): each placement is
+    shuffled (seeded by the task's name), and the placements take turns, so the held-out set
+    spans them whenever it is large enough.
+    """
     pool = list(spec.phrasings or ())
     if len(pool) < 2:
         raise DataError(f"task '{spec.name}' has {len(pool)} phrasings; a pool needs at least 2 (one to train "
@@ -63,15 +68,30 @@ def phrasing_split(spec, seed: int = 0, heldout_share: float = 1 / 3) -> Phrasin
                         f"data.phrasing=fixed")
     if not 0.0 < heldout_share < 1.0:
         raise DataError(f"heldout_share must be in (0, 1), got {heldout_share}")
-    order = random.Random(f"phrasings:{spec.name}:{seed}").sample(range(len(pool)), len(pool))
+    rng = random.Random(f"phrasings:{spec.name}:{seed}")
+    buckets: dict[str, list[int]] = {}
+    for i, text in enumerate(pool):
+        buckets.setdefault(placement(text), []).append(i)
+    lists = [rng.sample(b, len(b)) for _, b in sorted(buckets.items())]
+    rng.shuffle(lists)
+    order = [i for turn in range(len(pool)) for b in lists if turn < len(b) for i in [b[turn]]]
     n_held = min(len(pool) - 1, max(1, math.ceil(len(pool) * heldout_share)))
-    held = sorted(order[:n_held])
-    return PhrasingSplit(spec.name, tuple(pool[i] for i in range(len(pool)) if i not in held),
-                         tuple(pool[i] for i in held), seed, heldout_share)
+    held = set(order[:n_held])
+    return PhrasingSplit(spec.name, tuple(p for i, p in enumerate(pool) if i not in held),
+                         tuple(p for i, p in enumerate(pool) if i in held), seed, heldout_share)
+
+
+def placement(phrasing: str) -> str:
+    """Where a phrasing puts the content: ``first``, ``middle`` or ``after``."""
+    text = phrasing.strip()
+    if text.startswith(PLACEHOLDER):
+        return "first"
+    return "middle" if PLACEHOLDER in text and not text.endswith(PLACEHOLDER) else "after"
 
 
 def dev_split(split: PhrasingSplit) -> PhrasingSplit:
-    """For selection on dev: the train phrasings split again (a third held out as dev phrasings)."""
+    """For selection on dev: the train phrasings split again, the same way (a third held out as
+    dev phrasings), so choosing settings never sees a held-out phrasing."""
     if len(split.train) < 2:
         raise DataError(f"task '{split.task}' has {len(split.train)} train phrasings; a dev split needs 2")
     dev = phrasing_split(_PoolSpec(split.task + ":dev", split.train), split.seed, 1 / 3)
@@ -135,3 +155,25 @@ def training_record(record: Record, phrasings: tuple[str, ...] | list[str], inpu
 def _draw(phrasings, seed: int, salt: str, record: Record) -> str:
     rng = random.Random(f"{salt}:{seed}:{record.task}:{record.id}:{record.input[:64]}")
     return rng.choice(list(phrasings))
+
+
+def task_split(spec, data) -> PhrasingSplit:
+    """The run's split of ``spec``'s pool (``data`` is a DataConfig); a dev-selection run
+    (``data.eval_split`` "dev") trains on and evaluates with the dev split of the train phrasings."""
+    split = phrasing_split(spec, data.phrasing_seed, data.heldout_share)
+    return dev_split(split) if data.eval_split == "dev" else split
+
+
+def training_records(records: list[Record], spec, data) -> list[Record]:
+    """A task's training records as the run trains on them (``data.phrasing``): in its train
+    phrasings or input-only (``pool``), or with the dataset's instruction (``fixed``)."""
+    if data.phrasing == "fixed":
+        return list(records)
+    train = task_split(spec, data).train
+    return [training_record(r, train, data.input_only_share, spec.content, data.seed) for r in records]
+
+
+def records_in_view(records: list[Record], spec, view: str, data) -> list[Record]:
+    """A task's evaluation records in ``view``; ``paraphrase`` draws only held-out phrasings."""
+    phrasings = task_split(spec, data).heldout if view == "paraphrase" else ()
+    return view_records(records, view, phrasings, spec.content, data.seed)

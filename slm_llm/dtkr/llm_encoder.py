@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from slm_llm.config import ModelConfig
+from slm_llm.config import ConfigError, ModelConfig
 
 
 class HiddenStateEncoder:
@@ -29,7 +29,7 @@ class HiddenStateEncoder:
         from slm_llm.models import model_id
 
         if layer < 1:
-            raise ValueError(f"dtkr.encoder_layer must be >= 1, got {layer}")
+            raise ConfigError(f"dtkr.encoder_layer must be >= 1, got {layer}")
         self.model_cfg = copy.deepcopy(model_cfg)
         self.model_cfg.gradient_checkpointing = False
         self.layer = layer
@@ -45,7 +45,7 @@ class HiddenStateEncoder:
         decoder = model.get_decoder()
         n = len(decoder.layers)
         if self.layer > n:
-            raise ValueError(f"dtkr.encoder_layer={self.layer}, but model {self.model_cfg.name!r} has {n} "
+            raise ConfigError(f"dtkr.encoder_layer={self.layer}, but model {self.model_cfg.name!r} has {n} "
                              f"decoder layers")
         decoder.layers = decoder.layers[: self.layer]  # this copy is the encoder's own
         decoder.config.num_hidden_layers = self.layer

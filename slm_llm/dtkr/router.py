@@ -1,4 +1,4 @@
-"""Router: per-query top-K slot selection over every task's DTKR keys.
+"""Router: per-query task and slot selection over every task's DTKR keys.
 
 The router holds a SlotIndex over all tasks' keys plus a slot table. Each task owns
 P consecutive global slot ids (task i: i*P .. i*P+P-1 when every task has P slots;
@@ -6,30 +6,31 @@ the table is stored anyway), the same numbering JareModel uses. With
 ``keys_per_slot`` = m > 1 a task brings P*m keys and key j belongs to its slot j // m;
 a slot's score is the best score of its keys.
 
-Routing is per query. For each query q:
-  1. score every slot: s(q, slot) = max over the slot's keys of (1/G) Σ_g cos(q_g, key_g)
-     (the index returns the best ``n_candidates`` keys; flat search is exact);
-  2. keep the top K slots, with weights w_k = max(s_k, ε) / Σ_j max(s_j, ε);
-  3. the routed task is the best slot's task; the query is out of distribution (OOD)
-     when the best slot's score is below that task's threshold.
+One slot rule, the same in training and at inference, for each query q:
+  1. pick the task: the task of the best key in the index (plain mean group cosine
+     s(q, key) = (1/G) Σ_g cos(q_g, key_g); with ``whiten=True``, the best key after the
+     whitening map T of ``slm_llm.dtkr.whiten``);
+  2. score that task's own slots plainly (a slot's score: the best of its keys) and keep
+     its top K, with weights w_k = max(s_k, ε) / Σ_j max(s_j, ε) (``slot_weights="similarity"``,
+     the paper's) or w_k = 1/K (``"uniform"``: a mix a plain LoRA adapter can hold exactly, so
+     the vLLM backend serves what exact JARe computes);
+  3. the query is out of distribution (OOD) when the best plain score is below the
+     task's threshold.
+Training knows the task and runs steps 2-3 only (``restrict_task``), so a query routed to
+the right task gets exactly the mix of slots its task was trained with, never half a slot
+of another task. Plain scores depend only on frozen keys and the frozen encoder, while T
+changes with every new task; so a query routed to an old task gets the slots and weights
+it got when that task was trained: the old task's behaviour cannot drift.
 
-With ``whiten=True`` step 1 only picks the task: the best key after the whitening map T
-of ``slm_llm.dtkr.whiten`` (pooled within-task covariance, applied to q and keys). Steps
-2-3 then run on that task's own slots with plain scores. T changes with every new task,
-plain scores never do, so a query routed to an old task gets exactly the slots and
-weights it got when that task was trained: the old task's behaviour cannot drift.
-``restrict_task`` (training, oracle) always scores plainly within the task.
-
-OOD calibration: a task's threshold is the ``ood_percentile``-th percentile (default
-1.0) of the plain best scores of its own training queries against its own keys,
-computed when the task is added. So about ood_percentile % of in-task training
-queries would be flagged; text far from every task scores well below every
-threshold.
+OOD calibration (``slm_llm.dtkr.ood``), once, when the task is added, from its own
+training queries: with ``ood_rule="keys"`` the threshold is the ``ood_percentile``-th
+percentile of their plain best scores against the task's keys; with ``"gaussian"`` a
+Gaussian of the task's queries flags the ``ood_percentile`` % farthest (measured out of
+fold). Either way about ood_percentile % of in-task queries would be flagged.
 """
 from __future__ import annotations
 
 import json
-from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -40,23 +41,28 @@ from safetensors.torch import load_file, save_file
 
 from slm_llm.dtkr.index import SlotIndex, check_groups, group_normalise
 from slm_llm.dtkr.keys import load_keys, save_keys, score_matrix
+from slm_llm.config import DtkrConfig, JareConfig
+from slm_llm.dtkr.ood import TaskGaussian, calibrate
 from slm_llm.dtkr.whiten import Whitener
+from slm_llm.errors import SlmError
+from slm_llm.run import RunDir
 from slm_llm.utils.io import atomic_path, write_json
 
 WEIGHT_EPS = 1e-4  # scores are clamped to this before w = s / Σ s, so weights stay valid
+FORMAT = 2  # slots.json
 
 
-class RouterError(ValueError):
+class RouterError(SlmError, ValueError):
     """The router cannot answer: empty, unknown task, wrong shapes or a mismatched encoder."""
 
 
 @dataclass
 class RouteDecision:
     slots: list[int]  # global slot ids, best first (K of them)
-    weights: list[float]  # w_k = s_k / Σ s_j over the chosen slots (sums to 1)
+    weights: list[float]  # over the chosen slots, summing to 1 (slot_weights: s_k / Σ s_j, or 1/K)
     task: str  # task of the best slot: the adapter a single-adapter backend serves
     score: float  # best slot's raw mean group cosine
-    ood: bool  # score < the routed task's calibrated threshold
+    ood: bool  # the routed task's OOD test flags the query (slm_llm.dtkr.ood)
     scores: list[float]  # raw scores of ``slots``
 
     def to_dict(self) -> dict:
@@ -64,33 +70,19 @@ class RouteDecision:
 
 
 class Router:
-    def __init__(
-        self,
-        dim: int,
-        groups: int,
-        top_k: int = 2,
-        *,
-        encoder_id: str = "",
-        keys_per_slot: int = 1,
-        ood_percentile: float = 1.0,
-        whiten: bool = False,
-        whiten_shrinkage: float = 0.05,
-        index: str = "auto",
-        hnsw_threshold: int = 20000,
-        n_candidates: int = 64,
-        device: str = "cpu",
-    ):
-        check_groups(dim, groups)
-        if top_k <= 0 or keys_per_slot <= 0 or n_candidates <= 0:
-            raise ValueError("top_k, keys_per_slot and n_candidates must be > 0")
-        self.dim, self.groups, self.top_k = dim, groups, top_k
-        self.encoder_id = encoder_id
-        self.keys_per_slot = keys_per_slot
-        self.ood_percentile = ood_percentile
-        self.n_candidates = n_candidates
-        self.whitener = Whitener(dim, groups, whiten_shrinkage) if whiten else None
-        self._index_args = (index, hnsw_threshold, device)
-        self.index = SlotIndex(dim, groups, index, hnsw_threshold, device=device)
+    """Built from a validated DtkrConfig (``cfg``: groups, keys per slot, whitening, OOD rule, index)
+    and JareConfig (``jare``: K and the slot weights); ``dim`` is the encoder's."""
+
+    def __init__(self, dim: int, cfg: DtkrConfig, jare: JareConfig, encoder_id: str = "", device: str | None = None):
+        check_groups(dim, cfg.groups)
+        self.dim, self.cfg, self.encoder_id = dim, cfg, encoder_id
+        self.groups, self.keys_per_slot = cfg.groups, cfg.keys_per_slot
+        self.top_k, self.slot_weights = jare.top_k, jare.slot_weights
+        self.ood_rule = cfg.ood_rule
+        self.device = device or cfg.index_device
+        self.whitener = Whitener(dim, cfg.groups, cfg.whiten_shrinkage) if cfg.whiten else None
+        self._gaussians: list[TaskGaussian | None] = []  # per task, with ood_rule "gaussian"
+        self.index = self._new_index()
         self.tasks: list[dict] = []  # name, first_slot, n_slots, first_row, n_rows, threshold
         self._pos: dict[str, int] = {}  # task name -> position in self.tasks
         self._keys: list[torch.Tensor] = []  # per task, [R_t, G, D/G]
@@ -99,12 +91,8 @@ class Router:
         self._slot_task_list: list[int] = []  # global slot id -> task position
         self._invalidate_table()
 
-    @classmethod
-    def from_config(cls, dim: int, cfg, top_k: int, encoder_id: str = "", device: str = "cpu") -> Router:
-        """Build from a DtkrConfig (``cfg``) and K (``jare.top_k``)."""
-        return cls(dim, cfg.groups, top_k, encoder_id=encoder_id, keys_per_slot=cfg.keys_per_slot,
-                   ood_percentile=cfg.ood_percentile, whiten=cfg.whiten, whiten_shrinkage=cfg.whiten_shrinkage,
-                   index=cfg.index, hnsw_threshold=cfg.hnsw_threshold, device=device)
+    def _new_index(self) -> SlotIndex:
+        return SlotIndex(self.dim, self.groups, self.cfg.index, self.cfg.hnsw_threshold, device=self.device)
 
     # ---- building ----------------------------------------------------------------
     @property
@@ -118,6 +106,10 @@ class Router:
     def task_slots(self, task: str) -> range:
         t = self.tasks[self._task_pos(task)]
         return range(t["first_slot"], t["first_slot"] + t["n_slots"])
+
+    def gaussian(self, task: str) -> TaskGaussian | None:
+        """The task's OOD Gaussian (ood_rule "gaussian"), else None."""
+        return self._gaussians[self._task_pos(task)]
 
     def task_keys(self, task: str) -> torch.Tensor:
         return self._keys[self._task_pos(task)]
@@ -148,8 +140,9 @@ class Router:
         rows = keys.shape[0]
         if rows % self.keys_per_slot:
             raise RouterError(f"{task!r} has {rows} keys, not a multiple of keys_per_slot={self.keys_per_slot}")
-        if self.whitener is not None and train_emb is None:
-            raise RouterError(f"whiten=True: add_task({task!r}) needs train_emb, the task's training embeddings")
+        if (self.whitener is not None or self.ood_rule == "gaussian") and train_emb is None:
+            raise RouterError(f"whiten=True or ood_rule='gaussian': add_task({task!r}) needs train_emb, the task's "
+                              "training embeddings")
         if train_emb is not None:
             train_emb = np.asarray(train_emb, dtype=np.float32)
             if train_emb.ndim != 2 or train_emb.shape[1] != self.dim:
@@ -160,7 +153,14 @@ class Router:
         entry = {"name": task, "first_slot": self.n_slots, "n_slots": n_slots, "first_row": self.index.ntotal,
                  "n_rows": rows, "threshold": None}
         if train_scores is not None and len(train_scores):
-            entry["threshold"] = float(np.percentile(np.asarray(train_scores, dtype=np.float64), self.ood_percentile))
+            scores = np.asarray(train_scores, dtype=np.float64)
+            entry["threshold"] = float(np.percentile(scores, self.cfg.ood_percentile))
+        gaussian = None
+        if self.ood_rule == "gaussian":
+            c = self.cfg
+            gaussian = calibrate(train_emb, self.groups, c.ood_shrinkage, c.ood_rank, c.ood_percentile)
+            entry["threshold"] = gaussian.threshold
+        self._gaussians.append(gaussian)
         self._pos[task] = len(self.tasks)
         self.tasks.append(entry)
         self._keys.append(keys)
@@ -169,7 +169,7 @@ class Router:
             self.index.add(keys.reshape(rows, -1).numpy())
         else:  # the map changed: re-map every key and rebuild the index (rows keep their ids)
             self.whitener.add_task(train_emb)
-            self.index = SlotIndex(self.dim, self.groups, *self._index_args[:2], device=self._index_args[2])
+            self.index = self._new_index()
             self.index.add(self.whitener.transform_keys(self.all_keys().reshape(-1, self.dim).numpy()))
         self._row_slot_list.extend(entry["first_slot"] + j // self.keys_per_slot for j in range(rows))
         self._slot_task_list.extend([len(self.tasks) - 1] * n_slots)
@@ -205,15 +205,10 @@ class Router:
         return self._pos[task]
 
     # ---- routing -----------------------------------------------------------------
-    def route(
-        self, embeddings, k: int | None = None, restrict_task: str | None = None, batch_vote: bool = False
-    ) -> list[RouteDecision]:
+    def route(self, embeddings, k: int | None = None, restrict_task: str | None = None) -> list[RouteDecision]:
         """Route each row of ``embeddings`` [B, D] on its own; return B decisions.
 
-        restrict_task: training-time mode, top-K among that task's slots only, scored
-        exactly (not through the index). batch_vote: NOT the default and not the
-        method; for comparison only, every row gets the batch's majority task (then
-        that task's top-K slots).
+        restrict_task: training (and the oracle): the task is given, steps 2-3 only.
         """
         if not self.tasks:
             raise RouterError("the router is empty: add a task (or build the run's router) before routing")
@@ -224,29 +219,28 @@ class Router:
         k = self.top_k if k is None else int(k)
         if k <= 0:
             raise RouterError(f"k must be > 0, got {k}")
-        if batch_vote:
-            per_row = self.route(emb, k)
-            majority = Counter(d.task for d in per_row).most_common(1)[0][0]
-            return self.route(emb, k, restrict_task=majority)
         if restrict_task is not None:
             return self._route_within(emb, np.full(len(emb), self._task_pos(restrict_task)), k)
-        if self.whitener is not None:
-            # Whitened scores choose the task; that task's own slots are then chosen and weighted by
-            # plain scores, which later tasks cannot move (the whitening changes with every task).
-            _, ids = self.index.search(self.whitener.transform_queries(emb), 1)
-            return self._route_within(emb, self._slot_task[self._row_slot[ids[:, 0]]], k)
-        n = max(self.n_candidates, k * self.keys_per_slot)
-        scores, ids = self.index.search(emb, n)  # [B, n], best first
-        return [self._decide(scores[b], ids[b], k) for b in range(len(emb))]
+        return self._route_within(emb, self.pick_tasks(emb), k)
+
+    def pick_tasks(self, emb: np.ndarray) -> np.ndarray:
+        """Step 1: the task position of each row's best key ([B] ints)."""
+        queries = self.whitener.transform_queries(emb) if self.whitener is not None else emb
+        _, ids = self.index.search(queries, 1)
+        return self._slot_task[self._row_slot[ids[:, 0]]]
 
     def _route_within(self, emb: np.ndarray, task_pos: np.ndarray, k: int) -> list[RouteDecision]:
         """Row b among the slots of task ``task_pos[b]`` only, by exact plain mean group cosines."""
         plain_q = group_normalise(emb, self.groups)
         out = []
-        for q, pos in zip(plain_q, task_pos):
+        for b, (q, pos) in enumerate(zip(plain_q, task_pos)):
             scores = self._plain_keys[pos] @ q  # [R_t]
             order = np.argsort(-scores, kind="stable")
-            out.append(self._decide(scores[order], self.tasks[pos]["first_row"] + order, k))
+            d = self._decide(scores[order], self.tasks[pos]["first_row"] + order, k)
+            gaussian = self._gaussians[pos]
+            if gaussian is not None:
+                d.ood = bool(gaussian.distance(emb[b : b + 1], self.groups)[0] > gaussian.threshold)
+            out.append(d)
         return out
 
     def _decide(self, row_scores: np.ndarray, row_ids: np.ndarray, k: int) -> RouteDecision:
@@ -258,8 +252,11 @@ class Router:
         raw = row_scores[first]
         top = np.argsort(-raw, kind="stable")[:k]
         slots, raw = slots[top], raw[top]
-        clamped = np.maximum(raw, WEIGHT_EPS)
-        weights = clamped / clamped.sum()
+        if self.slot_weights == "uniform":
+            weights = np.full(len(raw), 1.0 / len(raw))
+        else:
+            clamped = np.maximum(raw, WEIGHT_EPS)
+            weights = clamped / clamped.sum()
         best = int(self._slot_task[slots[0]])
         return RouteDecision(
             slots=[int(s) for s in slots], weights=[float(w) for w in weights], task=self.tasks[best]["name"],
@@ -291,6 +288,10 @@ class Router:
             with atomic_path(router_dir / "whitening.safetensors") as tmp:
                 save_file({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in self.whitener.state().items()},
                           str(tmp))
+        if self.ood_rule == "gaussian" and self.tasks:
+            state = {k: v for pos, g in enumerate(self._gaussians) for k, v in g.state(f"task{pos}").items()}
+            with atomic_path(router_dir / "ood.safetensors") as tmp:
+                save_file({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state.items()}, str(tmp))
         sizes = {t["n_slots"] for t in self.tasks}
         slots = []
         for pos, t in enumerate(self.tasks):
@@ -299,29 +300,28 @@ class Router:
                 slots.append({"slot": t["first_slot"] + j, "task": t["name"], "pos": j,
                               "key_rows": list(range(first, first + self.keys_per_slot))})
         write_json(router_dir / "slots.json", {
-            "format": 1, "encoder_id": self.encoder_id, "dim": self.dim, "groups": self.groups,
-            "slots_per_task": sizes.pop() if len(sizes) == 1 else None, "top_k": self.top_k,
-            "keys_per_slot": self.keys_per_slot, "ood_percentile": self.ood_percentile,
-            "whiten": self.whitener is not None,
-            "whiten_shrinkage": self.whitener.shrinkage if self.whitener is not None else None,
-            "index": {"kind": self._index_args[0], "hnsw_threshold": self._index_args[1]},
-            "n_candidates": self.n_candidates,
+            "format": FORMAT, "encoder_id": self.encoder_id, "dim": self.dim,
+            "slots_per_task": sizes.pop() if len(sizes) == 1 else None,
+            "dtkr": asdict(self.cfg), "jare": {"top_k": self.top_k, "slot_weights": self.slot_weights},
             "tasks": self.tasks, "slots": slots,
         })
 
     @classmethod
-    def load(cls, router_dir: str | Path, encoder_id: str | None = None, device: str = "cpu") -> Router:
+    def load(cls, router_dir: str | Path, encoder_id: str | None = None, device: str | None = None) -> Router:
         """Load a saved router; with ``encoder_id``, refuse one built with another encoder."""
         router_dir = Path(router_dir)
         try:
             meta = json.loads((router_dir / "slots.json").read_text())
         except FileNotFoundError:
             raise RouterError(f"no router at {router_dir} (slots.json is missing)") from None
-        self = cls(meta["dim"], meta["groups"], meta["top_k"], encoder_id=meta["encoder_id"],
-                   keys_per_slot=meta["keys_per_slot"], ood_percentile=meta["ood_percentile"],
-                   whiten=meta["whiten"], whiten_shrinkage=meta["whiten_shrinkage"] or 0.05,
-                   index=meta["index"]["kind"], hnsw_threshold=meta["index"]["hnsw_threshold"],
-                   n_candidates=meta["n_candidates"], device=device)
+        except json.JSONDecodeError as e:
+            raise RouterError(f"{router_dir / 'slots.json'}: invalid JSON at line {e.lineno}: {e.msg}") from None
+        if meta.get("format") != FORMAT:
+            raise RouterError(f"{router_dir / 'slots.json'}: router format {meta.get('format')} is not {FORMAT} "
+                              "(made by an older slm_llm); train the run again")
+        jare = JareConfig(top_k=meta["jare"]["top_k"], slot_weights=meta["jare"]["slot_weights"],
+                          slots_per_task=max(meta["jare"]["top_k"], meta["slots_per_task"] or 1))
+        self = cls(meta["dim"], DtkrConfig(**meta["dtkr"]), jare, encoder_id=meta["encoder_id"], device=device)
         if encoder_id is not None:
             self.check_encoder(encoder_id)
         if not meta["tasks"]:
@@ -331,9 +331,14 @@ class Router:
         self.tasks = meta["tasks"]
         self._keys = [keys[t["first_row"] : t["first_row"] + t["n_rows"]] for t in self.tasks]
         self._plain_keys = [group_normalise(k.reshape(len(k), -1).numpy(), self.groups) for k in self._keys]
-        if meta["whiten"]:
+        if self.ood_rule == "gaussian":
+            ood = {k: v.numpy() for k, v in load_file(str(router_dir / "ood.safetensors")).items()}
+            self._gaussians = [TaskGaussian.from_state(ood, f"task{pos}") for pos in range(len(self.tasks))]
+        else:
+            self._gaussians = [None] * len(self.tasks)
+        if self.whitener is not None:
             state = load_file(str(router_dir / "whitening.safetensors"))
-            self.whitener = Whitener.from_state(self.dim, self.groups, meta["whiten_shrinkage"],
+            self.whitener = Whitener.from_state(self.dim, self.groups, self.cfg.whiten_shrinkage,
                                                 {k: v.numpy() for k, v in state.items()})
         self._row_slot_list = [0] * self.index.ntotal
         self._slot_task_list = [0] * len(meta["slots"])
@@ -344,6 +349,19 @@ class Router:
             self._slot_task_list[s["slot"]] = pos[s["task"]]
         self._invalidate_table()
         return self
+
+
+def open_router(run: RunDir, cfg, encoder, create: bool = False) -> Router:
+    """The router of a run folder (``cfg`` its Config, ``encoder`` the run's encoder): loaded from
+    ``<run>/router`` and refused if built with another encoder, or, with ``create`` and none saved
+    yet, a new empty one. The run's manifest must be readable (a RunError names it otherwise)."""
+    run.manifest()
+    if (run.router_dir / "slots.json").exists():
+        return Router.load(run.router_dir, encoder_id=encoder.id, device=cfg.dtkr.index_device)
+    if create:
+        return Router(encoder.dim, cfg.dtkr, cfg.jare, encoder_id=encoder.id)
+    raise RouterError(f"{run.root} has no router yet ({run.router_dir / 'slots.json'} is missing): "
+                      "no slm task has finished training")
 
 
 def routing_tensors(decisions: list[RouteDecision | None], k: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:

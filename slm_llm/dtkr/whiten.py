@@ -40,8 +40,6 @@ class Whitener:
     """Pooled within-task statistics and the whitening map T built from them."""
 
     def __init__(self, dim: int, groups: int, shrinkage: float = 0.05):
-        if not 0.0 <= shrinkage <= 1.0:
-            raise ValueError(f"whitening shrinkage must be in [0, 1], got {shrinkage}")
         self.dim, self.groups, self.shrinkage = dim, groups, shrinkage
         self.count = 0  # queries seen, over all tasks
         self.n_tasks = 0

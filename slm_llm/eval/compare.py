@@ -1,38 +1,36 @@
-"""Methods side by side in one harness: SLM, its oracle and zero-shot modes, and the baselines.
+"""The comparison table of methods side by side (``slm_llm.recipes.compare`` runs them).
 
     slm        JARe + DTKR, routed per query          run <run_dir>-slm
     oracle     the slm run with the true task's slots (the routing upper bound)
     base       the slm run with no increments (zero-shot)
     seq_lora   one LoRA trained through the tasks     run <run_dir>-seq_lora
     multitask  one LoRA trained on all tasks at once  run <run_dir>-multitask
+    olora      a LoRA per task, orthogonal (O-LoRA)   run <run_dir>-olora (all summed: no task id)
 
-Each training method's run is trained (or resumed) in process by the continual driver,
-which fills its matrix after every stage; a run that is already complete is only
-evaluated where its matrix lacks a cell. The table (``<run_dir>-compare.{json,md}``) holds
-each method's final per-task scores, AP, BWT, forgetting, FWT and routing accuracy.
+The table (``<run_dir>-compare.{json,md}``) holds each method's final per-task scores, AP,
+BWT, forgetting, FWT and routing accuracy, per query view and scoring, from the runs' CL matrices.
 """
 from __future__ import annotations
 
 import copy
-import logging
 from pathlib import Path
 from typing import Any
 
 from slm_llm.config import Config, ConfigError
-from slm_llm.eval.matrix import cl_metrics, final_row, load_matrix
-from slm_llm.run import RunDir
+from slm_llm.eval.matrix import SCORINGS, cl_metrics, final_row, load_matrix, view_matrix
+from slm_llm.run import RunDir, RunError
 from slm_llm.utils.io import write_json, write_text
 
-log = logging.getLogger("slm_llm.eval")
-METHODS = ("slm", "oracle", "seq_lora", "multitask", "base")
-TRAINED_BY = {"slm": "slm", "oracle": "slm", "base": "slm", "seq_lora": "seq_lora", "multitask": "multitask"}
+COMPARE_METHODS = ("slm", "oracle", "seq_lora", "multitask", "base", "olora")  # trained methods + inference modes
+TRAINED_BY = {"slm": "slm", "oracle": "slm", "base": "slm", "seq_lora": "seq_lora", "multitask": "multitask",
+              "olora": "olora"}
 
 
 def parse_methods(text: str) -> list[str]:
     methods = [m.strip() for m in text.split(",") if m.strip()]
-    unknown = [m for m in methods if m not in METHODS]
+    unknown = [m for m in methods if m not in COMPARE_METHODS]
     if unknown or not methods:
-        raise ConfigError(f"--methods: {unknown or text!r} not in {', '.join(METHODS)}")
+        raise ConfigError(f"--methods: {unknown or text!r} not in {', '.join(COMPARE_METHODS)}")
     return methods
 
 
@@ -49,55 +47,42 @@ def method_config(cfg: Config, method: str) -> Config:
     return c
 
 
-def compare(cfg: Config, methods: list[str], out: str | Path | None = None) -> dict[str, Any]:
-    """Train/evaluate what ``methods`` need, then write and return the comparison table."""
-    from slm_llm.eval.continual import evaluate_run
-    from slm_llm.train.continual import run_continual
-
-    for train_method in dict.fromkeys(TRAINED_BY[m] for m in methods):
-        mcfg = method_config(cfg, train_method)
-        log.info(f"compare: {train_method} -> {mcfg.run_dir}")
-        run = run_continual(mcfg)
-        evaluate_run(run.root, _eval_overrides(cfg))  # fills the last row where it is missing
-    table = build_table(cfg, methods)
-    out = Path(out) if out else Path(f"{cfg.run_dir}-compare.json")
-    write_json(out, table)
-    write_text(out.with_suffix(".md"), table_markdown(table))
-    table["paths"] = {"json": str(out), "markdown": str(out.with_suffix(".md"))}
-    return table
-
-
-def _eval_overrides(cfg: Config) -> list[str]:
-    e = cfg.eval
-    return [f"eval.max_samples={e.max_samples}", f"eval.max_new_tokens={e.max_new_tokens}",
-            f"eval.max_new_tokens_open={e.max_new_tokens_open}", f"eval.batch_size={e.batch_size}",
-            f"eval.fwt={str(e.fwt).lower()}"]
-
-
 def build_table(cfg: Config, methods: list[str]) -> dict[str, Any]:
-    """The table from the runs' matrices: ``{"tasks", "methods": {m: {scores, ap, bwt, ...}}}``."""
-    table: dict[str, Any] = {"tasks": None, "methods": {}, "runs": {}}
+    """The table from the runs' matrices: ``{"tasks", "views", "cells": {view: {scoring: {method:
+    {scores, ap, bwt, forgetting, fwt, routing_accuracy}}}}, "runs"}``; the first view is the headline."""
+    views = list(cfg.eval.views)
+    table: dict[str, Any] = {"tasks": None, "views": views,
+                             "cells": {v: {s: {} for s in SCORINGS} for v in views}, "runs": {}}
     for method in methods:
         run = RunDir(run_dir_of(cfg, method))
         m = load_matrix(run.eval_dir / "matrix.json")
         if m is None:
-            raise FileNotFoundError(f"{run.eval_dir / 'matrix.json'}: no matrix for {method}; train/evaluate it first")
+            raise RunError(f"{run.eval_dir / 'matrix.json'}: no matrix for {method}; train/evaluate it first")
         table["tasks"] = table["tasks"] or m["tasks"]
         if m["tasks"] != table["tasks"]:
             raise ConfigError(f"{run.root}: tasks {m['tasks']} differ from {table['tasks']}; compare needs one suite")
-        mode = {"slm": "slm", "oracle": "oracle", "seq_lora": "seq_lora", "multitask": "multitask"}.get(method)
-        if method == "base":
-            row, metrics = m["base"], {"ap": _mean(m["base"]), "bwt": None, "forgetting": None, "fwt": None}
-        else:
-            row, metrics = final_row(m, mode), cl_metrics(m["R"].get(mode, []), m.get("base"))
-        acc = [a for a in m.get("routing_accuracy", []) if a is not None]
-        table["methods"][method] = {
-            "scores": dict(zip(m["tasks"], row or [None] * len(m["tasks"]))),
-            **metrics,
-            "routing_accuracy": (acc[-1] if acc else None) if method == "slm" else None,
-        }
+        for view in views:
+            for scoring in SCORINGS:
+                table["cells"][view][scoring][method] = method_cells(view_matrix(m, view, scoring), method)
         table["runs"][method] = str(run.root)
     return table
+
+
+def method_cells(flat: dict[str, Any], method: str) -> dict[str, Any]:
+    """One method's final per-task scores and CL metrics from one view of its run's matrix."""
+    if method == "base":
+        row, metrics = flat["base"], {"ap": _mean(flat["base"]), "bwt": None, "forgetting": None, "fwt": None,
+                                      "n_bwt": 0, "n_fwt": 0}
+    else:
+        row, metrics = final_row(flat, method), cl_metrics(flat["R"].get(method, []), flat.get("base"))
+    acc = [a for a in flat.get("routing_accuracy", []) if a is not None]
+    return {"scores": dict(zip(flat["tasks"], row or [None] * len(flat["tasks"]))), **metrics,
+            "routing_accuracy": (acc[-1] if acc else None) if method == "slm" else None}
+
+
+def headline(table: dict[str, Any], scoring: str = "strict") -> dict[str, Any]:
+    """``{method: cells}`` of the headline (first) view."""
+    return table["cells"][table["views"][0]][scoring]
 
 
 def _mean(xs) -> float | None:
@@ -110,12 +95,26 @@ def _fmt(v) -> str:
 
 
 def table_markdown(table: dict[str, Any]) -> str:
-    tasks = table["tasks"]
-    cols = ["method", *tasks, "AP", "BWT", "forgetting", "FWT", "routing acc."]
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    for method, r in table["methods"].items():
-        cells = [method, *(_fmt(r["scores"][t]) for t in tasks), _fmt(r["ap"]), _fmt(r["bwt"]),
-                 _fmt(r["forgetting"]), _fmt(r["fwt"]), _fmt(r["routing_accuracy"])]
+    """AP per query view side by side (strict; lenient beside it), then each view's per-task table."""
+    tasks, views = table["tasks"], table["views"]
+    methods = list(headline(table))
+    cols = ["method", *(f"AP {v}" for v in views), *(f"AP {v} (lenient)" for v in views),
+            f"BWT ({views[0]})", *(f"routing {v}" for v in views)]
+    lines = [f"Headline: the **{views[0]}** view, strict scoring. AP per query view (points, 0-100); routing is the "
+             "share of queries served by their own task's increments (right task, not flagged OOD).", "",
+             "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for method in methods:
+        strict = [table["cells"][v]["strict"][method] for v in views]
+        lenient = [table["cells"][v]["lenient"][method] for v in views]
+        cells = [method, *(_fmt(c["ap"]) for c in strict), *(_fmt(c["ap"]) for c in lenient), _fmt(strict[0]["bwt"]),
+                 *(_fmt(c["routing_accuracy"]) for c in strict)]
         lines.append("| " + " | ".join(cells) + " |")
-    return ("Final scores (points, 0-100) on each task's test sample after the last stage; "
-            "AP/BWT/forgetting/FWT as in docs/evaluation.md.\n\n" + "\n".join(lines) + "\n")
+    for view in views:
+        cols = ["method", *tasks, "AP", "BWT", "forgetting", "FWT", "routing"]
+        lines += ["", f"**{view}** view, strict: final scores on each task's test sample after the last stage.", "",
+                  "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+        for method, r in table["cells"][view]["strict"].items():
+            cells = [method, *(_fmt(r["scores"][t]) for t in tasks), _fmt(r["ap"]), _fmt(r["bwt"]),
+                     _fmt(r["forgetting"]), _fmt(r["fwt"]), _fmt(r["routing_accuracy"])]
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"

@@ -11,14 +11,19 @@ suite's tasks in training order. With T stages (last row T-1, 0-based here):
 
 A metric that the matrix cannot give (one row, no FWT cells) is None.
 
-``eval/matrix.json`` (one per run)::
+``eval/matrix.json`` (one per run) holds one such matrix per query view and scoring::
 
-    {"method": "slm", "tasks": [...], "stages": [...],
-     "R": {"slm": [[...], ...], "oracle": [[...], ...]},   # one matrix per mode
-     "base": [...],                                        # zero-shot, per task (or nulls)
-     "routing_accuracy": [...],                            # per row, slm runs only
-     "routing_confusion": [{true: {routed: n}}, ...],      # per row
-     "samples": {task: n}}
+    {"format": 2, "method": "slm", "tasks": [...], "stages": [...], "settings": {...},
+     "samples": {task: n},
+     "views": {"paraphrase": {                               # one entry per query view
+         "strict":  {"R": {"slm": [[...], ...], "oracle": [[...], ...]},   # one matrix per mode
+                     "base": [...]},                          # zero-shot, per task (or nulls)
+         "lenient": {"R": {...}, "base": [...]},              # the lenient label match
+         "routing_accuracy": [...],                           # per row: served by own task (slm runs)
+         "routing_confusion": [{true: {routed: n}}, ...]},    # per row; "<ood>" = flagged OOD
+       ...}}
+
+:func:`view_matrix` gives one view and scoring in the flat shape the metric functions take.
 """
 from __future__ import annotations
 
@@ -27,6 +32,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from slm_llm.errors import SlmError
 from slm_llm.utils.io import write_json
 
 Row = list[float | None]
@@ -36,11 +42,17 @@ def _mean(xs: list[float]) -> float | None:
     return sum(xs) / len(xs) if xs else None
 
 
-def cl_metrics(R: list[Row], base: Row | None = None) -> dict[str, float | None]:
-    """AP, BWT, forgetting and FWT of a matrix (see the module docstring)."""
+class MatrixError(SlmError, ValueError):
+    """A matrix lacks a cell a metric needs: the metric is refused, never averaged over fewer cells."""
+
+
+def cl_metrics(R: list[Row], base: Row | None = None) -> dict[str, float | int | None]:
+    """AP, BWT, forgetting and FWT of a matrix (see the module docstring), with ``n_bwt`` (and
+    ``n_fwt``): how many tasks each averages. The last row is the last one that exists (a run
+    stopped early); every earlier row and diagonal cell BWT needs must exist (MatrixError)."""
     rows = [r for r in R if r is not None and any(v is not None for v in r)]
     if not rows:
-        return {"ap": None, "bwt": None, "forgetting": None, "fwt": None}
+        return {"ap": None, "bwt": None, "forgetting": None, "fwt": None, "n_bwt": 0, "n_fwt": 0}
     last = len(R) - 1
     while R[last] is None or all(v is None for v in R[last]):
         last -= 1
@@ -48,8 +60,10 @@ def cl_metrics(R: list[Row], base: Row | None = None) -> dict[str, float | None]
     ap = _mean([v for v in final if v is not None])
     bwt, forget, fwt = [], [], []
     for i in range(min(last, len(final))):
-        if final[i] is None or i >= len(R) or R[i] is None or R[i][i] is None:
-            continue
+        if R[i] is None or R[i][i] is None or final[i] is None:
+            where = f"row {i}" if R[i] is None else f"R[{i}][{i}]" if R[i][i] is None else f"R[{last}][{i}]"
+            raise MatrixError(f"{where} is missing: BWT and forgetting need task {i}'s score after stage {i} and "
+                              f"after stage {last}; evaluate the missing row (slm-llm eval) before reading them")
         bwt.append(final[i] - R[i][i])
         seen = [R[t][i] for t in range(i, last) if R[t] is not None and R[t][i] is not None]
         forget.append(max(seen) - final[i])
@@ -58,12 +72,34 @@ def cl_metrics(R: list[Row], base: Row | None = None) -> dict[str, float | None]
             prev = R[i - 1]
             if prev is not None and i < len(prev) and prev[i] is not None and base[i] is not None:
                 fwt.append(prev[i] - base[i])
-    return {"ap": ap, "bwt": _mean(bwt), "forgetting": _mean(forget), "fwt": _mean(fwt)}
+    return {"ap": ap, "bwt": _mean(bwt), "forgetting": _mean(forget), "fwt": _mean(fwt), "n_bwt": len(bwt),
+            "n_fwt": len(fwt)}
 
 
-def new_matrix(method: str, tasks: list[str], stages: list[str]) -> dict[str, Any]:
-    return {"method": method, "tasks": list(tasks), "stages": list(stages), "R": {}, "base": [None] * len(tasks),
-            "routing_accuracy": [None] * len(stages), "routing_confusion": [None] * len(stages), "samples": {}}
+SCORINGS = ("strict", "lenient")
+FORMAT = 2
+
+
+def new_matrix(method: str, tasks: list[str], stages: list[str], views: list[str]) -> dict[str, Any]:
+    return {"format": FORMAT, "method": method, "tasks": list(tasks), "stages": list(stages), "samples": {},
+            "views": {v: new_view(len(tasks), len(stages)) for v in views}}
+
+
+def new_view(n_tasks: int, n_stages: int) -> dict[str, Any]:
+    return {**{s: {"R": {}, "base": [None] * n_tasks} for s in SCORINGS},
+            "routing_accuracy": [None] * n_stages, "routing_confusion": [None] * n_stages}
+
+
+def view_matrix(m: dict[str, Any], view: str, scoring: str = "strict") -> dict[str, Any]:
+    """One view and scoring of ``m`` as a flat matrix ``{method, tasks, stages, samples, R, base,
+    routing_accuracy, routing_confusion}``; its R and base are ``m``'s own (set_cell writes through)."""
+    if view not in m["views"]:
+        raise MatrixError(f"the matrix has no view {view!r} (views: {', '.join(m['views'])}); evaluate it with "
+                          f"--query-view {view}")
+    v = m["views"][view]
+    return {"method": m["method"], "tasks": m["tasks"], "stages": m["stages"], "samples": m["samples"],
+            "R": v[scoring]["R"], "base": v[scoring]["base"], "routing_accuracy": v["routing_accuracy"],
+            "routing_confusion": v["routing_confusion"]}
 
 
 def load_matrix(path: str | Path) -> dict[str, Any] | None:
@@ -71,9 +107,13 @@ def load_matrix(path: str | Path) -> dict[str, Any] | None:
     if not path.exists():
         return None
     try:
-        return json.loads(path.read_text())
+        m = json.loads(path.read_text())
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from None
+        raise MatrixError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from None
+    if m.get("format") != FORMAT:
+        raise MatrixError(f"{path}: matrix format {m.get('format', 1)} predates query views (format {FORMAT}); "
+                         "move this eval/ folder aside and evaluate again")
+    return m
 
 
 def save_matrix(path: str | Path, m: dict[str, Any]) -> None:
@@ -102,14 +142,32 @@ def final_row(m: dict[str, Any], mode: str) -> Row | None:
 
 
 def metrics_of(m: dict[str, Any]) -> dict[str, Any]:
-    """``{mode: {ap, bwt, forgetting, fwt}}`` plus the final routing accuracy: eval/metrics.json."""
-    out: dict[str, Any] = {mode: cl_metrics(rows, m.get("base")) for mode, rows in m["R"].items()}
-    base = [v for v in m.get("base", []) if v is not None]
-    if base:
-        out["base"] = {"ap": sum(base) / len(base), "bwt": None, "forgetting": None, "fwt": None}
-    acc = [a for a in m.get("routing_accuracy", []) if a is not None]
-    out["routing_accuracy"] = acc[-1] if acc else None
+    """``{view: {scoring: {mode: {ap, bwt, forgetting, fwt}}, "routing_accuracy"}}``: eval/metrics.json."""
+    out: dict[str, Any] = {}
+    for view in m["views"]:
+        entry: dict[str, Any] = {}
+        for scoring in SCORINGS:
+            flat = view_matrix(m, view, scoring)
+            entry[scoring] = {mode: _metrics_or_error(rows, flat["base"]) for mode, rows in flat["R"].items()}
+            base = [v for v in flat["base"] if v is not None]
+            if base:
+                entry[scoring]["base"] = {"ap": sum(base) / len(base), "bwt": None, "forgetting": None, "fwt": None,
+                                          "n_bwt": 0, "n_fwt": 0}
+        acc = [a for a in m["views"][view]["routing_accuracy"] if a is not None]
+        entry["routing_accuracy"] = acc[-1] if acc else None
+        out[view] = entry
     return out
+
+
+def _metrics_or_error(R: list[Row], base: Row) -> dict[str, Any]:
+    """cl_metrics, or (a row still missing, e.g. a view added after earlier stages) its AP and the
+    reason BWT is not given."""
+    try:
+        return cl_metrics(R, base)
+    except MatrixError as e:
+        final = next((r for r in reversed(R) if r is not None), [])
+        return {"ap": _mean([v for v in final if v is not None]), "bwt": None, "forgetting": None, "fwt": None,
+                "n_bwt": 0, "n_fwt": 0, "error": str(e)}
 
 
 def _clean(v: float) -> float | None:

@@ -2,12 +2,17 @@
 
 Every score is in [0, 1]; matrices and tables report them x100 (points).
 
-    exact_match, closed label set   the first valid label in the generation equals the gold
-                                    label (case-insensitive; a label is matched as a whole
-                                    word, the earliest one wins, a longer label beats a
-                                    shorter one starting at the same place)
-    exact_match, MCQ letters        as above for the letters; an explicit "answer is X" /
-                                    "option X" wins over the first standalone letter
+    exact_match, closed label set   strict (the headline): the answer starts with the gold
+                                    label, ignoring case, leading quotes, bullets and markdown;
+                                    a letter label must end there ("A." or "A)" but not "A patient"),
+                                    and the first clause names no other label ("positive, negative,
+                                    or neutral" and "Not positive" do not score).
+                                    lenient (a second column): the first valid label anywhere
+                                    in the generation equals the gold label (a label is matched
+                                    as a whole word, the earliest wins, a longer label beats a
+                                    shorter one starting at the same place); for MCQ letters an
+                                    explicit "answer is X" / "option X" wins over the first
+                                    standalone letter
     exact_match, numeric (GSM8K)    the number after '####', else the last number, equals the
                                     gold number (compared as numbers: "1,234" == "1234.0")
     exact_match, free text          SQuAD-style normalised strings are equal
@@ -65,6 +70,27 @@ def extract_label(text: str, labels: list[str]) -> str | None:
     return best[2] if best else None
 
 
+_LEAD = re.compile(r"^[\s\"'`*_(\[#>:\-]+")
+_CLAUSE_END = re.compile(r"[.!?\n]")
+
+
+def strict_label(text: str, labels: list[str]) -> str | None:
+    """The label the answer starts with (canonical spelling), or None (see the module docstring)."""
+    body = _LEAD.sub("", text.strip())
+    low = " ".join(body.casefold().split())
+    found = [lab for lab in labels if re.match(re.escape(" ".join(lab.casefold().split())) + r"(?!\w)", low)]
+    if not found:
+        return None
+    label = max(found, key=len)
+    rest = low[len(" ".join(label.casefold().split())):]
+    if len(label) == 1 and label.isalpha():  # a letter: "A", "A.", "A) ...", not the article in "A patient"
+        return label if not rest or rest[0] in ".):,;\n" else None
+    clause = _CLAUSE_END.split(rest, 1)[0]
+    others = [lab for lab in labels if lab.casefold() != label.casefold()
+              and re.search(r"(?<!\w)" + re.escape(lab.casefold()) + r"(?!\w)", clause)]
+    return None if others else label
+
+
 def _extract_letter(text: str, labels: list[str]) -> str | None:
     allowed = {lab.upper(): lab for lab in labels}
     stripped = text.strip()
@@ -118,26 +144,27 @@ def rouge_l(prediction: str, reference: str) -> float:
     return float(_rouge().score(reference, prediction)["rougeL"].fmeasure)
 
 
-def extract(spec: TaskSpec, prediction: str) -> str | None:
+def extract(spec: TaskSpec, prediction: str, strict: bool = True) -> str | None:
     """What the metric reads out of a generation (for the predictions files)."""
     if spec.metric == "rouge_l":
         return prediction
     labels = answer_labels(spec)
     if labels:
-        return extract_label(prediction, labels)
+        return strict_label(prediction, labels) if strict else extract_label(prediction, labels)
     if is_numeric(spec):
         n = extract_number(prediction)
         return None if n is None else f"{n:g}"
     return normalize_text(prediction)
 
 
-def score(spec: TaskSpec, prediction: str, record: Record) -> float:
-    """One sample's score in [0, 1] under the task's metric (see the module docstring)."""
+def score(spec: TaskSpec, prediction: str, record: Record, strict: bool = True) -> float:
+    """One sample's score in [0, 1] under the task's metric (see the module docstring); ``strict``
+    only changes closed label sets."""
     if spec.metric == "rouge_l":
         return rouge_l(prediction, gold(record))
     labels = answer_labels(spec)
     if labels:
-        got = extract_label(prediction, labels)
+        got = strict_label(prediction, labels) if strict else extract_label(prediction, labels)
         return float(got is not None and got.casefold() == gold(record).strip().casefold())
     if is_numeric(spec):
         got, want = extract_number(prediction), extract_number(gold(record))

@@ -17,16 +17,17 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from slm_llm.eval.compare import table_markdown  # noqa: E402
-from slm_llm.eval.matrix import load_matrix, metrics_of  # noqa: E402
+from slm_llm.eval.compare import headline, table_markdown  # noqa: E402
+from slm_llm.eval.matrix import load_matrix, metrics_of, view_matrix  # noqa: E402
 from slm_llm.run import RunDir, RunError  # noqa: E402
 from slm_llm.utils.io import atomic_path, write_text  # noqa: E402
 
 
-def write_report(run_dir: str | Path, compare: str | Path | None = None) -> Path:
+def write_report(run_dir: str | Path, compare: str | Path | None = None, lead_view: str | None = None) -> Path:
     """Write the plots and ``eval/report.md`` of a run; returns the report's path.
 
     Without ``compare``, a ``<prefix>-compare.json`` beside a ``<prefix>-<method>`` run is used.
+    ``lead_view`` puts that query view first (default: the matrix's own first view).
     """
     run = RunDir(run_dir)
     manifest = run.manifest()
@@ -41,27 +42,37 @@ def write_report(run_dir: str | Path, compare: str | Path | None = None) -> Path
         lines += ["", "No `eval/matrix.json` yet: run `slm-llm eval --run " + str(run.root) + "`."]
     else:
         samples = ", ".join(f"{t} {n}" for t, n in m["samples"].items())
-        lines += [f"- test samples per task: {samples}", "",
-                  "Scores are points (0-100). Definitions: docs/evaluation.md.",
-                  "", "## Continual-learning metrics", "", _metrics_md(metrics_of(m)), ""]
-        for mode, rows in m["R"].items():
-            png = f"heatmap_{mode}.png"
-            _heatmap(np.array([[np.nan if v is None else v for v in (r or [None] * len(m["tasks"]))] for r in rows],
-                               dtype=float), [f"{i}: {s}" for i, s in enumerate(m["stages"][: len(rows)])], m["tasks"],
-                     f"R ({mode}): score after each stage", out / png, "viridis", vmax=100)
-            lines += [f"## R, mode `{mode}`", "", _matrix_md(rows, m), "", f"![R {mode}]({png})", ""]
-        if any(v is not None for v in m["base"]):
-            lines += ["## Zero-shot base", "", _row_md(m["tasks"], m["base"]), ""]
-        conf = next((c for c in reversed(m["routing_confusion"]) if c), None)
-        if conf:
-            acc = [a for a in m["routing_accuracy"] if a is not None]
-            _confusion(conf, m["tasks"], out / "routing_confusion.png")
-            lines += ["## Routing", "", "Routing accuracy per stage: " +
-                      ", ".join(f"{a:.1f}" for a in acc)
-                      + " (`<ood>`: flagged out of distribution, answered by the base).",
-                      "", "![routing confusion](routing_confusion.png)", ""]
+        views = list(m["views"])
+        if lead_view is not None:
+            if lead_view not in views:
+                raise RunError(f"--query-view {lead_view}: the matrix has views {', '.join(views)}")
+            views = [lead_view, *(v for v in views if v != lead_view)]
+        lines += [f"- test samples per task: {samples}",
+                  f"- query views: {', '.join(views)} (headline: **{views[0]}**; docs/evaluation.md)", "",
+                  "Scores are points (0-100), strict scoring unless marked lenient. Definitions: docs/evaluation.md.",
+                  "", "## Continual-learning metrics per query view", "", _views_md(metrics_of(m)), ""]
+        for n, view in enumerate(views):
+            flat = view_matrix(m, view)
+            lines += [f"## The `{view}` view", ""]
+            for mode, rows in flat["R"].items():
+                png = f"heatmap_{mode}.png" if n == 0 else f"heatmap_{mode}_{view}.png"
+                _heatmap(np.array([[np.nan if v is None else v for v in (r or [None] * len(m["tasks"]))] for r in rows],
+                                  dtype=float), [f"{i}: {s}" for i, s in enumerate(m["stages"][: len(rows)])],
+                         m["tasks"], f"R ({mode}, {view}): score after each stage", out / png, "viridis", vmax=100)
+                lines += [f"### R, mode `{mode}`", "", _matrix_md(rows, m), "", f"![R {mode} {view}]({png})", ""]
+            if any(v is not None for v in flat["base"]):
+                lines += ["### Zero-shot base", "", _row_md(m["tasks"], flat["base"]), ""]
+            conf = next((c for c in reversed(flat["routing_confusion"]) if c), None)
+            if conf:
+                acc = [a for a in flat["routing_accuracy"] if a is not None]
+                png = "routing_confusion.png" if n == 0 else f"routing_confusion_{view}.png"
+                _confusion(conf, m["tasks"], out / png)
+                lines += ["### Routing", "", "Served by their own task's increments, per stage: " +
+                          ", ".join(f"{a:.1f}" for a in acc)
+                          + " (`<ood>`: flagged out of distribution, answered by the base).",
+                          "", f"![routing confusion {view}]({png})", ""]
     if table is not None:
-        _method_bars(table, out / "methods.png")
+        _method_bars(table["tasks"], headline(table), out / "methods.png")
         lines += ["## Methods compared", "", table_markdown(table), "", "![methods](methods.png)", ""]
     if (out / "ifeval.md").exists():
         lines += ["## Instruction following (`slm-llm ifeval`)", "", (out / "ifeval.md").read_text(), ""]
@@ -90,14 +101,14 @@ def _fmt(v) -> str:
     return "–" if v is None else f"{v:.1f}"
 
 
-def _metrics_md(metrics: dict[str, Any]) -> str:
-    lines = ["| mode | AP | BWT | forgetting | FWT |", "|---|---|---|---|---|"]
-    for mode, r in metrics.items():
-        if isinstance(r, dict):
-            cells = [_fmt(r[k]) for k in ("ap", "bwt", "forgetting", "fwt")]
-            lines.append(f"| {mode} | " + " | ".join(cells) + " |")
-    if metrics.get("routing_accuracy") is not None:
-        lines.append(f"\nRouting accuracy after the last stage: **{metrics['routing_accuracy']:.1f}**")
+def _views_md(metrics: dict[str, Any]) -> str:
+    lines = ["| view | mode | AP | AP (lenient) | BWT | forgetting | FWT | routing |", "|---|---|---|---|---|---|---|---|"]
+    for view, entry in metrics.items():
+        for mode, r in entry["strict"].items():
+            lenient = entry["lenient"].get(mode, {}).get("ap")
+            routing = entry["routing_accuracy"] if mode == "slm" else None
+            cells = [_fmt(r["ap"]), _fmt(lenient), *(_fmt(r[k]) for k in ("bwt", "forgetting", "fwt")), _fmt(routing)]
+            lines.append(f"| {view} | {mode} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -142,13 +153,13 @@ def _confusion(conf: dict[str, dict[str, int]], tasks: list[str], path: Path) ->
     _heatmap(a, true, routed, "Routing: true task (rows) x routed task", path, "Blues", fmt="{:.0f}")
 
 
-def _method_bars(table: dict[str, Any], path: Path) -> None:
-    tasks, methods = table["tasks"], list(table["methods"])
+def _method_bars(tasks: list[str], cells: dict[str, Any], path: Path) -> None:
+    methods = list(cells)
     x = np.arange(len(tasks) + 1)
     width = 0.8 / max(1, len(methods))
     fig, ax = plt.subplots(figsize=(2 + 1.6 * len(x), 4))
     for k, method in enumerate(methods):
-        r = table["methods"][method]
+        r = cells[method]
         vals = [r["scores"][t] if r["scores"][t] is not None else 0.0 for t in tasks] + [r["ap"] or 0.0]
         ax.bar(x + (k - (len(methods) - 1) / 2) * width, vals, width, label=method)
     ax.set_xticks(x, [*tasks, "AP"], rotation=20, ha="right")

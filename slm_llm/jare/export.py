@@ -101,7 +101,7 @@ def export_task_adapter(run: RunDir, task: str, cfg: Config | None = None, peft_
     if "mean_weights" not in info:
         raise AdapterError(f"{run.manifest_path}: task {task!r} has no mean_weights to export with")
     tdir = run.task_dir(task)
-    scale = cfg.jare.alpha / cfg.jare.rank if cfg.jare.alpha else 1.0
+    scale = cfg.jare.scale
     factors = lora_factors(load_file(str(tdir / "increments.safetensors")), info["mean_weights"], scale)
     base_folder = base_model_folder(cfg, run)
     if peft_model is None:
@@ -120,17 +120,52 @@ def export_task_adapter(run: RunDir, task: str, cfg: Config | None = None, peft_
     return out
 
 
+def export_olora_adapter(run: RunDir, task: str, cfg: Config | None = None) -> Path:
+    """An olora run after stage ``task`` as ONE adapter, written into ``task``'s ``adapter/``.
+
+    O-LoRA serves every task's LoRA at weight 1, so after stage n the increment is
+    ``Σ_{t≤n} scale B_t A_t = [B_0 … B_n] [A_0; …; A_n]``: one plain PEFT LoRA of rank
+    (n+1)·P·r (each task's LoRA has rank P·r) that peft and vLLM serve with no task id.
+    """
+    from safetensors.torch import load_file
+
+    cfg = cfg or load_config(run.root / "run.yaml")
+    run.check_base(model_id(cfg.model))
+    done = run.done_tasks()
+    if task not in done:
+        raise AdapterError(f"{run.manifest_path}: task {task!r} is not finished; nothing to export")
+    tasks = done[: done.index(task) + 1]
+    scale = cfg.jare.scale
+    each = [lora_factors(load_file(str(run.task_dir(t) / "increments.safetensors")), [1.0], scale) for t in tasks]
+    factors = {layer: (torch.cat([f[layer][0] for f in each]), torch.cat([f[layer][1] for f in each], dim=1))
+               for layer in each[0]}  # A' [T*P*r, in], B' [out, T*P*r]
+    rank = len(tasks) * adapter_rank(cfg)
+    peft_model = lora_base(cfg, rank)
+    set_lora_weights(peft_model, factors)
+    peft_model.peft_config[ADAPTER_NAME].base_model_name_or_path = str(base_model_folder(cfg, run))
+    out = run.task_dir(task) / "adapter"
+    with atomic_dir(out) as tmp:
+        peft_model.save_pretrained(str(tmp))
+        (tmp / ADAPTER_META).write_text(json.dumps({
+            "base_model": model_id(cfg.model), "config_hash": cfg.hash(), "task": "olora", "tasks": tasks,
+            "rank": rank, "jare_scale": scale,
+        }, indent=1))
+    run.record_task_files(task, "adapter", out)
+    log.info(f"olora after {task}: adapter (rank {rank}) -> {out}")
+    return out
+
+
 def adapter_rank(cfg: Config) -> int:
     """P*r: the exported adapter's rank."""
     return cfg.jare.slots_per_task * cfg.jare.rank
 
 
-def lora_base(cfg: Config):
-    """The base model wrapped by peft with an empty rank-P*r LoRA on the JARe targets."""
+def lora_base(cfg: Config, rank: int | None = None):
+    """The base model wrapped by peft with an empty LoRA on the JARe targets, of rank ``rank`` (default P*r)."""
     from peft import LoraConfig, get_peft_model
 
     base, _ = load_base_model(cfg.model)
-    rank = adapter_rank(cfg)
+    rank = rank or adapter_rank(cfg)
     lcfg = LoraConfig(r=rank, lora_alpha=rank, lora_dropout=0.0, bias="none", target_modules=list(cfg.jare.targets),
                       task_type="CAUSAL_LM")
     return get_peft_model(base, lcfg, adapter_name=ADAPTER_NAME)
@@ -155,7 +190,8 @@ def set_lora_weights(peft_model, factors: dict[str, tuple[torch.Tensor, torch.Te
 
 
 def export_run(run_dir: str | Path, tasks: list[str] | None = None, overwrite: bool = True) -> dict[str, Path]:
-    """Export every finished task (or ``tasks``); the base model is loaded once.
+    """Export every finished task (or ``tasks``); the base model is loaded once. An olora run
+    exports one adapter, the sum of every finished task's LoRA (:func:`export_olora_adapter`).
 
     ``overwrite=False`` keeps an adapter whose recorded hashes still match its files.
     """
@@ -164,6 +200,9 @@ def export_run(run_dir: str | Path, tasks: list[str] | None = None, overwrite: b
     todo = tasks or run.done_tasks()
     if not todo:
         raise AdapterError(f"{run.root}: no finished task to export")
+    if run.manifest()["method"] == "olora":  # one adapter, all tasks summed: the last stage's unless asked
+        return {task: run.task_dir(task) / "adapter" if not overwrite and adapter_is_current(run, task)
+                else export_olora_adapter(run, task, cfg) for task in tasks or todo[-1:]}
     out, peft_model = {}, None
     for task in todo:
         if not overwrite and adapter_is_current(run, task):

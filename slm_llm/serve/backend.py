@@ -12,9 +12,10 @@ from dataclasses import dataclass, field
 from typing import AsyncIterator, Protocol
 
 from slm_llm.dtkr import RouteDecision
+from slm_llm.errors import SlmError
 
 
-class ServeError(Exception):
+class ServeError(SlmError):
     """A request the server refuses; becomes an OpenAI-shaped JSON error."""
 
     def __init__(self, message: str, status: int = 400, param: str | None = None, code: str | None = None,

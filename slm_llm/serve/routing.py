@@ -1,15 +1,19 @@
 """Per-query routing for the server: the ``model`` field decides the mode.
 
-    "slm"   DTKR top-K over every task's slots; an OOD query (score below its
+    "slm"   DTKR: the routed task's top-K slots; an OOD query (score below its
             task's calibrated threshold) falls back to the base model when
             ``serve.ood_fallback`` (its ``slm_route`` still says why)
     <task>  that task's own top-K slots (the vllm backend serves its adapter)
     "base"  no increments; ``slm_route`` is null
+
+The modes are :func:`slm_llm.pipeline.route_queries`, the function evaluation uses, so a
+served query is routed exactly as the benchmark's queries were.
 """
 from __future__ import annotations
 
 from slm_llm.dtkr import Router
 from slm_llm.dtkr.encoder import Encoder
+from slm_llm.pipeline import route_queries
 from slm_llm.serve.backend import Route, ServeError
 
 SLM, BASE = "slm", "base"
@@ -30,9 +34,5 @@ class QueryRouter:
 
     def route(self, queries: list[str], model: str) -> list[Route]:
         self.check_model(model)
-        if model == BASE:
-            return [Route(None, None) for _ in queries]
-        emb = self.encoder.encode(list(queries))  # [B, D]
-        if model == SLM:
-            return [Route.of(d, served=not (d.ood and self.ood_fallback)) for d in self.router.route(emb)]
-        return [Route.of(d, served=True) for d in self.router.route(emb, restrict_task=model)]
+        return [Route.of(r.raw, served=r.decision is not None or r.raw is None)
+                for r in route_queries(self.router, self.encoder, queries, model, self.ood_fallback)]

@@ -31,7 +31,7 @@ from slm_llm.dtkr import Router
 from slm_llm.dtkr.encoder import build_encoder
 from slm_llm.jare.export import adapter_rank, base_model_folder, check_adapter, export_base_adapter, export_run
 from slm_llm.models import load_tokenizer
-from slm_llm.pipeline import _stop_ids
+from slm_llm.data import stop_token_ids
 from slm_llm.run import RunDir, RunError
 from slm_llm.serve.backend import GenRequest, GenResult, Route, ServeError, StreamDelta
 from slm_llm.serve.routing import BASE, SLM, QueryRouter
@@ -90,7 +90,7 @@ class VLLMBackend:
         self.adapters = dict(adapters)  # served name -> adapter folder (tasks + extra adapters)
         self.base_folder = base_folder
         self.base_model = run.manifest()["base_model"]
-        self.stop_ids = _stop_ids(tokenizer)
+        self.stop_ids = stop_token_ids(tokenizer)
         self.max_model_len = min(cfg.serve.max_model_len, cfg.serve.vllm_max_model_len)
         self.port = cfg.serve.vllm_port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"

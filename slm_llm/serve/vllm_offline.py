@@ -26,7 +26,7 @@ from slm_llm.dtkr import Router
 from slm_llm.dtkr.encoder import build_encoder
 from slm_llm.jare.export import adapter_rank, base_model_folder, check_adapter, export_base_adapter, export_run
 from slm_llm.models import load_tokenizer
-from slm_llm.pipeline import _stop_ids
+from slm_llm.data import stop_token_ids
 from slm_llm.run import RunDir
 from slm_llm.serve.routing import BASE, QueryRouter
 from slm_llm.serve.vllm_backend import LORA_RANKS, check_cpu_head_size
@@ -62,7 +62,7 @@ def generate_offline(run_dir: str | Path, rows: list[dict], max_tokens: int = 32
     llm = LLM(model=folder, enable_lora=True, max_lora_rank=next(r for r in LORA_RANKS if r >= adapter_rank(cfg)),
               max_loras=max(1, len(adapters)), max_model_len=cfg.serve.vllm_max_model_len,
               dtype="bfloat16" if cuda else "float32", enforce_eager=not cuda, max_num_seqs=max(8, len(rows)))
-    sampling = SamplingParams(max_tokens=max_tokens, temperature=temperature, stop_token_ids=_stop_ids(tok),
+    sampling = SamplingParams(max_tokens=max_tokens, temperature=temperature, stop_token_ids=stop_token_ids(tok),
                               skip_special_tokens=True)
     prompts = [{"prompt_token_ids": tok(r["prompt"], add_special_tokens=False)["input_ids"]} for r in rows]
     outs = llm.generate(prompts, sampling, lora_request=requests)

@@ -9,6 +9,7 @@ Rank 0 writes every artifact; the other ranks wait at barriers.
     slm        each task gets its own P slots, routed by its own DTKR keys
     seq_lora   one shared adapter (rank P*r) trained on each task in turn: forgets
     multitask  that adapter trained once on every task's data: the upper bound
+    olora      O-LoRA: a new LoRA per task, orthogonal to the frozen old ones, all summed (train/olora.py)
 """
 from __future__ import annotations
 
@@ -16,21 +17,23 @@ import logging
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 
 from slm_llm.config import SHARED_ADAPTER as SHARED
 from slm_llm.config import Config, shared_adapter_config
-from slm_llm.data import Collator, load_suite, load_task_split, query_text, tokenize_example
-from slm_llm.dtkr import Router, init_keys, load_keys, routing_tensors, save_keys, score_matrix, train_keys
+from slm_llm.data import Collator, load_suite, query_text, run_records, task_split, tokenize_example, training_records
+from slm_llm.dtkr import Router, init_keys, load_keys, open_router, routing_tensors, save_keys, score_matrix, train_keys
 from slm_llm.dtkr.encoder import Encoder, build_encoder
 from slm_llm.jare import JareModel
 from slm_llm.models import load_base_model, load_tokenizer, model_id
 from slm_llm.run import RunDir
-from slm_llm.train.distributed import barrier, init_distributed
+from slm_llm.train.distributed import barrier, rank_and_world
 from slm_llm.train.engine import build_engine, load_ds_config, zero_stage
-from slm_llm.train.loop import install_stop_handlers, total_steps, train_task
+from slm_llm.train.loop import total_steps, train_task
+from slm_llm.train.olora import OLoraObjective, olora_model
 
 log = logging.getLogger("slm_llm.train")
 MULTITASK = "multitask"
@@ -60,10 +63,16 @@ def shared_routing(n: int) -> TaskRouting:
     return TaskRouting(np.zeros((n, 1), dtype=np.int64), np.ones((n, 1), dtype=np.float32), np.ones(1))
 
 
-def run_continual(cfg: Config) -> RunDir:
-    rank, world, _ = init_distributed()
-    install_stop_handlers()
-    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="%(message)s")
+def all_tasks_routing(n: int, tasks: int) -> TaskRouting:
+    """O-LoRA: every sample uses every task's one slot (the new one and the frozen old ones) at weight 1."""
+    return TaskRouting(np.tile(np.arange(tasks), (n, 1)), np.ones((n, tasks), dtype=np.float32), np.ones(1))
+
+
+def run_continual(cfg: Config, after_task: Callable[[Config, RunDir, int], object] | None = None) -> RunDir:
+    """Train every stage of ``cfg`` not yet done in its run folder. ``after_task(cfg, run, t)`` runs on
+    rank 0 after stage t is saved (the recipes fill the CL-matrix row there). The process group,
+    signal handlers and logging are the entry point's (``slm_llm.recipes.continual.setup_process``)."""
+    rank, world = rank_and_world()
     method = cfg.train.method
     suite = load_suite(cfg.data.suite)
     tasks = suite.order_tasks(cfg.data.order, cfg.data.tasks or None)
@@ -71,14 +80,18 @@ def run_continual(cfg: Config) -> RunDir:
     encoder = build_encoder(cfg)
     run = RunDir(cfg.run_dir)
     if rank == 0:
-        run.init(cfg, model_id(cfg.model), encoder.id, stages, suite_tasks=tasks)
+        phrasings = {t: task_split(suite.tasks[t], cfg.data).record() for t in tasks} \
+            if cfg.data.phrasing == "pool" else None
+        run.init(cfg, model_id(cfg.model), encoder.id, stages, suite_tasks=tasks, phrasings=phrasings)
     barrier()
     ds = load_ds_config(cfg.train.deepspeed, cfg.train, world)
     tokenizer = load_tokenizer(cfg.model)
     collate = Collator(tokenizer.pad_token_id)
 
     def load(task: str):
-        return load_task_split(suite, task, "train", cfg.data.data_root or None, cfg.data.max_train_samples, cfg.data.seed)
+        """The task's training records, worded as users word them (data.phrasing); held-out
+        phrasings never reach this point."""
+        return training_records(run_records(suite, task, "train", cfg.data), suite.tasks[task], cfg.data)
 
     for t, stage in enumerate(stages):
         tag = f"[{t + 1}/{len(stages)}] {stage}"
@@ -91,8 +104,8 @@ def run_continual(cfg: Config) -> RunDir:
 
         if method == "slm":
             # 1. DTKR keys on this task's queries only (old tasks' keys are frozen; no old data).
-            emb = encoder.encode([query_text(r, cfg.dtkr.query_mode) for r in records])  # [N, D]
-            router = _open_router(run, cfg, encoder)
+            emb = encoder.encode([query_text(r) for r in records])  # [N, D]
+            router = open_router(run, cfg, encoder, create=True)
             if rank == 0 and not (tdir / "keys.safetensors").exists():
                 keys = init_keys(emb, cfg.jare.slots_per_task * cfg.dtkr.keys_per_slot, cfg.dtkr.groups,
                                  cfg.dtkr.key_init, cfg.dtkr.seed + t)
@@ -108,6 +121,9 @@ def run_continual(cfg: Config) -> RunDir:
             model, name = _jare_model(cfg, run, stages[:t]), stage
             torch.manual_seed(cfg.train.seed + t)  # the same slot init on every rank and world size
             model.add_task(name)
+        elif method == "olora":
+            routing = all_tasks_routing(len(records), t + 1)
+            model, name = olora_model(cfg, run, stages[:t], stage, cfg.train.seed + t), stage
         else:
             routing = shared_routing(len(records))
             model, name = _shared_model(cfg, run, stages[t - 1] if t else None, cfg.train.seed), SHARED
@@ -117,10 +133,10 @@ def run_continual(cfg: Config) -> RunDir:
              "slot_ids": routing.slot_ids[i].tolist(), "slot_weights": routing.weights[i].tolist()}
             for i, r in enumerate(records)
         ]
-        steps = total_steps(len(examples), cfg.train, world)
-        engine = build_engine(model, cfg.train, ds, steps)
+        steps = total_steps(len(examples), cfg.train, world, len(tasks) if stage == MULTITASK else 1)
+        engine = build_engine(OLoraObjective(model, cfg.train) if method == "olora" else model, cfg.train, ds, steps)
         result = train_task(engine, examples, collate, cfg.train, tdir / "ckpt", tdir / "train_log.jsonl",
-                            rank, world, desc=tag)
+                            rank, world, steps, desc=tag)
         _save_increments(model, name, tdir / "increments.safetensors", ds, rank)
 
         # 3. Router, manifest and the CL-matrix row (rank 0), then everyone moves on.
@@ -135,19 +151,11 @@ def run_continual(cfg: Config) -> RunDir:
                 "mean_weights": routing.mean_weights.round(6).tolist(),
             })
             log.info(f"{tag}: trained, loss {result.losses[-1] if result.losses else float('nan'):.4f}")
-            if cfg.eval.during_training:
-                from slm_llm.eval.continual import evaluate_after_task
-
-                evaluate_after_task(cfg, run, t)
+            if after_task is not None:
+                after_task(cfg, run, t)
         del engine, model
         barrier()
     return run
-
-
-def _open_router(run: RunDir, cfg: Config, encoder: Encoder) -> Router:
-    if (run.router_dir / "slots.json").exists():
-        return Router.load(run.router_dir, encoder_id=encoder.id)
-    return Router.from_config(encoder.dim, cfg.dtkr, cfg.jare.top_k, encoder_id=encoder.id)
 
 
 def _jare_model(cfg: Config, run: RunDir, done: list[str]) -> JareModel:

@@ -48,6 +48,13 @@ def init_distributed() -> tuple[int, int, int]:
     return rank, world, local_rank
 
 
+def rank_and_world() -> tuple[int, int]:
+    """(rank, world size) of the process group an entry point set up (:func:`init_distributed`)."""
+    if not torch.distributed.is_initialized():
+        raise RuntimeError("no process group: the entry point (slm_llm.recipes) calls init_distributed() first")
+    return torch.distributed.get_rank(), torch.distributed.get_world_size()
+
+
 def remove_stale_build_locks() -> list[Path]:
     root = Path(os.environ.get("TORCH_EXTENSIONS_DIR", Path.home() / ".cache" / "torch_extensions"))
     removed = []

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from slm_llm.config import TrainConfig
+from slm_llm.config import ConfigError, TrainConfig
 
 
 def load_ds_config(path: str | Path, train: TrainConfig, world_size: int) -> dict[str, Any]:
@@ -16,9 +16,9 @@ def load_ds_config(path: str | Path, train: TrainConfig, world_size: int) -> dic
     try:
         ds = json.loads(Path(path).read_text())
     except FileNotFoundError:
-        raise FileNotFoundError(f"train.deepspeed: {path} does not exist (see ds_configs/)") from None
+        raise ConfigError(f"train.deepspeed: {path} does not exist (see ds_configs/)") from None
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path}:{e.lineno}: invalid JSON: {e.msg}") from None
+        raise ConfigError(f"{path}:{e.lineno}: invalid JSON: {e.msg}") from None
     fills = {
         "train_micro_batch_size_per_gpu": train.micro_batch_size,
         "gradient_accumulation_steps": train.grad_accum,
@@ -34,7 +34,7 @@ def load_ds_config(path: str | Path, train: TrainConfig, world_size: int) -> dic
             node[dotted.rsplit(".", 1)[-1]] = value
     leftover = [k for k, v in _flatten(ds).items() if v == "auto"]
     if leftover:
-        raise ValueError(f"{path}: no value for 'auto' key(s) {leftover}")
+        raise ConfigError(f"{path}: no value for 'auto' key(s) {leftover}")
     return ds
 
 

@@ -22,10 +22,11 @@ import torch
 from tqdm import tqdm
 
 from slm_llm.config import TrainConfig
+from slm_llm.errors import SlmError
 from slm_llm.train.distributed import all_mean
 
 
-class StopRequested(Exception):
+class StopRequested(SlmError):
     """Training stopped on SIGTERM/SIGUSR1 after writing a checkpoint (SLURM preemption)."""
 
 
@@ -65,9 +66,12 @@ def global_micro_batches(n: int, cfg: TrainConfig, world: int, rank: int, epoch:
     return out
 
 
-def total_steps(n: int, cfg: TrainConfig, world: int) -> int:
+def total_steps(n: int, cfg: TrainConfig, world: int, stages_covered: int = 1) -> int:
+    """Optimizer steps of one stage over ``n`` samples. ``train.max_steps`` is per task, so a
+    stage that covers several tasks at once (multitask: all of them) gets it that many times:
+    every method then takes the same total number of steps."""
     if cfg.max_steps:
-        return cfg.max_steps
+        return cfg.max_steps * stages_covered
     per_epoch = math.ceil(n / (cfg.micro_batch_size * cfg.grad_accum * world))
     return max(1, int(math.ceil(per_epoch * cfg.epochs)))
 
@@ -76,8 +80,6 @@ def total_steps(n: int, cfg: TrainConfig, world: int) -> int:
 class TaskResult:
     steps: int
     losses: list[float] = field(default_factory=list)
-    tokens: int = 0
-    seconds: float = 0.0
 
 
 def train_task(
@@ -89,9 +91,9 @@ def train_task(
     log_path: Path,
     rank: int,
     world: int,
+    steps: int,
     desc: str = "train",
 ) -> TaskResult:
-    steps = total_steps(len(examples), cfg, world)
     per_epoch = math.ceil(len(examples) / (cfg.micro_batch_size * cfg.grad_accum * world))
     step = _resume(engine, ckpt_dir)
     if rank == 0:
@@ -118,7 +120,6 @@ def train_task(
         tokens = int(round(tokens_mean * world))
         stop = stop_any > 0
         result.losses.append(loss_mean)
-        result.tokens += tokens
         window_tokens += tokens
         if rank == 0:
             now = time.time()
@@ -138,7 +139,6 @@ def train_task(
             got = f"signal {_stop['signal']}" if _stop["signal"] else "a signal to another rank"
             raise StopRequested(f"stopped by {got} at step {step}/{steps}; checkpoint saved")
     bar.close()
-    result.seconds = time.time() - t0
     return result
 
 

@@ -1,4 +1,4 @@
-"""`slm-llm export` and `slm-llm serve`."""
+"""`slm-llm` subcommands of serving: export, serve."""
 from __future__ import annotations
 
 

@@ -1,0 +1,87 @@
+"""`slm-llm` subcommands of routing: route, router-eval."""
+from __future__ import annotations
+
+import json
+
+
+def register(sub, add_config_args) -> None:
+    """Add this package's subparsers to ``sub``; each sets ``fn`` to a function(args) -> exit code."""
+    p = sub.add_parser("route", help="route queries with a run's DTKR router: top-K slots, task, score, OOD")
+    p.add_argument("--run", required=True, help="run folder (its router/ is used)")
+    p.add_argument("queries", nargs="+", help="raw query texts (instruction and input, no template)")
+    p.add_argument("--k", type=int, default=None, help="slots per query (default: the router's K)")
+    p.add_argument("--json", action="store_true", help="one JSON decision per line")
+    p.set_defaults(fn=cmd_route)
+
+    p = sub.add_parser("router-eval", help="continual routing quality of DTKR on a suite, per query view, at batch size 1")
+    add_config_args(p)
+    p.add_argument("--suite", default=None, help="instruct6 | cl9 | a suite YAML (default: data.suite)")
+    p.add_argument("--query-view", default=None,
+                   help="comma-separated views: paraphrase, input-only, fixed (default: eval.views)")
+    p.add_argument("--data-root", default=None, help="default: data.data_root, $SLM_DATA, ../shared/data")
+    p.add_argument("--max-train", type=int, default=400, help="training queries per task (data.max_train_samples)")
+    p.add_argument("--max-test", type=int, default=300, help="evaluation queries per task and view")
+    p.add_argument("--eval-split", choices=("test", "dev"), default=None,
+                   help="dev: each task's dev pool and dev phrasings (choosing settings without test); "
+                        "default data.eval_split")
+    p.add_argument("--seeds", default="0", help="comma-separated seeds (data sample, phrasings, key init)")
+    p.add_argument("--off-domain", default="", help="comma-separated off-domain sets: ifeval and/or suite names")
+    p.add_argument("--ood-sweep", default="", help="comma-separated ood_percentile values to re-score")
+    p.add_argument("--out", default=None, help="folder for router_eval_seeds.json and per-seed confusions")
+    p.set_defaults(fn=cmd_router_eval)
+
+
+def cmd_route(args) -> int:
+    from pathlib import Path
+
+    from slm_llm.config import load_config
+    from slm_llm.dtkr.encoder import build_encoder
+    from slm_llm.dtkr.router import format_decision, open_router
+    from slm_llm.run import RunDir
+
+    cfg = load_config(Path(args.run) / "run.yaml")
+    encoder = build_encoder(cfg, cache=False)
+    router = open_router(RunDir(args.run), cfg, encoder)
+    for text, d in zip(args.queries, router.route_texts(args.queries, encoder, k=args.k)):
+        print(json.dumps({"query": text, **d.to_dict()}) if args.json else format_decision(d, text))
+    return 0
+
+
+def cmd_router_eval(args) -> int:
+    from slm_llm.config import load_config
+    from slm_llm.dtkr.encoder import build_encoder
+    from slm_llm.dtkr.evaluate import router_eval_seeds
+
+    cfg = load_config(args.config, args.overrides)
+    if args.data_root:
+        cfg.data.data_root = args.data_root
+    cfg.data.max_train_samples = args.max_train
+    cfg.data.eval_split = args.eval_split or cfg.data.eval_split
+    views = _csv(args.query_view) or cfg.eval.views
+    r = router_eval_seeds(cfg, [int(s) for s in _csv(args.seeds)], suite=args.suite, views=views,
+                          max_test=args.max_test,
+                          off_domain=_csv(args.off_domain), ood_percentiles=[float(p) for p in _csv(args.ood_sweep)],
+                          encoder=build_encoder(cfg), out_dir=args.out, progress=True)
+    s = r["summary"]
+    print(f"{r['suite']} ({r['eval_split']}, seeds {','.join(map(str, r['seeds']))}), mean ± sd:")
+    for view in views:
+        print(f"  {view:>10}: served by own task {_pct(s, view + '.served')}  top-1 {_pct(s, view + '.top1')}  "
+              f"OOD {_pct(s, view + '.ood_rate')}")
+    for name in _csv(args.off_domain):
+        print(f"  off-domain {name}: flagged OOD {_pct(s, 'off_domain.' + name)}")
+    for p in _csv(args.ood_sweep):
+        cells = "  ".join(f"{k} {_pct(s, f'sweep.{float(p)}.{k}')}" for k in [*views, *(f"off:{n}" for n in
+                                                                                     _csv(args.off_domain))])
+        print(f"  ood_percentile {p}: {cells}")
+    if args.out:
+        print(f"written: {args.out}/router_eval_seeds.json")
+    return 0
+
+
+def _csv(text: str | None) -> list[str]:
+    return [x.strip() for x in (text or "").split(",") if x.strip()]
+
+
+def _pct(summary: dict, key: str) -> str:
+    v = summary.get(key)
+    return "n/a" if v is None else f"{100 * v['mean']:.1f} ± {100 * v['sd']:.1f}"

@@ -1,0 +1,85 @@
+"""Out-of-distribution test of a routed query: a per-task Gaussian over its training queries.
+
+``dtkr.ood_rule``:
+
+    keys       the query's best plain score against the routed task's keys is below the
+               ``ood_percentile``-th percentile of the task's own training queries' scores
+    gaussian   the query's squared Mahalanobis distance to the routed task's training queries
+               is above the ``(100 - ood_percentile)``-th percentile of their distances
+
+The Gaussian lives in the space of per-group unit-normalised embeddings (where the keys
+live). Its covariance is shrunk towards a scaled identity, Σ_s = (1 - a) Σ + a tr(Σ)/D I
+(a = ``ood_shrinkage``), and kept as its top ``ood_rank`` eigenpairs plus one value for the
+rest of the spectrum (their mean), so a task stores D * (rank + 1) + rank + 2 numbers, not
+D x D. A distance measured on the points the Gaussian was fitted on is biased low (with a
+few hundred queries in hundreds of dimensions, badly), so the threshold comes from
+*out-of-fold* distances: each fifth of the training queries is measured under the Gaussian
+fitted on the other four fifths. Everything is fitted once, when the task is added, from
+that task's queries only, and never changes: an old task's OOD decisions cannot drift.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from slm_llm.dtkr.whiten import group_unit
+
+FOLDS = 5
+
+
+@dataclass
+class TaskGaussian:
+    mean: np.ndarray  # [D]
+    vectors: np.ndarray  # [D, k] top eigenvectors of the shrunk covariance
+    values: np.ndarray  # [k] their eigenvalues
+    rest: float  # the eigenvalue given to every other direction
+    threshold: float  # squared distances above it are out of distribution
+    oof: np.ndarray | None = None  # the training queries' out-of-fold distances (calibration; not saved)
+
+    def distance(self, emb: np.ndarray, groups: int) -> np.ndarray:
+        """Squared Mahalanobis distances [N] of raw embeddings [N, D]."""
+        c = group_unit(emb, groups) - self.mean
+        proj = c @ self.vectors  # [N, k]
+        inside = (proj**2 / self.values).sum(1)
+        outside = np.maximum((c**2).sum(1) - (proj**2).sum(1), 0.0) / self.rest
+        return inside + outside
+
+    def state(self, prefix: str) -> dict[str, np.ndarray]:
+        return {f"{prefix}.mean": self.mean, f"{prefix}.vectors": self.vectors, f"{prefix}.values": self.values,
+                f"{prefix}.scalars": np.array([self.rest, self.threshold])}
+
+    @classmethod
+    def from_state(cls, state: dict[str, np.ndarray], prefix: str) -> TaskGaussian:
+        rest, threshold = (float(v) for v in state[f"{prefix}.scalars"])
+        return cls(state[f"{prefix}.mean"], state[f"{prefix}.vectors"], state[f"{prefix}.values"], rest, threshold)
+
+
+def fit_gaussian(u: np.ndarray, shrinkage: float, rank: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+    """(mean, top-k eigenvectors, their eigenvalues, rest value) of the shrunk covariance of ``u`` [N, D]."""
+    n, dim = u.shape
+    mean = u.mean(0)
+    centred = u - mean
+    cov = centred.T @ centred / max(n - 1, 1)
+    vals, vecs = np.linalg.eigh(cov)  # ascending
+    scale = max(float(np.trace(cov)) / dim, 1e-12)
+    vals = (1 - shrinkage) * np.maximum(vals, 0.0) + shrinkage * scale
+    k = min(rank, dim - 1)
+    top, rest = vals[::-1][:k], vals[::-1][k:]
+    return mean, vecs[:, ::-1][:, :k].copy(), top, float(rest.mean()) if len(rest) else float(scale)
+
+
+def calibrate(emb: np.ndarray, groups: int, shrinkage: float, rank: int, percentile: float,
+              seed: int = 0) -> TaskGaussian:
+    """The task's Gaussian from its training query embeddings [N, D], thresholded out of fold."""
+    u = group_unit(emb, groups)
+    if len(u) < 2 * FOLDS:
+        raise ValueError(f"the gaussian OOD rule needs at least {2 * FOLDS} training queries, got {len(u)}")
+    order = np.random.default_rng(seed).permutation(len(u))
+    oof = np.zeros(len(u))
+    for fold in np.array_split(order, FOLDS):
+        rest = np.setdiff1d(order, fold)
+        g = TaskGaussian(*fit_gaussian(u[rest], shrinkage, rank), threshold=np.inf)
+        oof[fold] = g.distance(emb[fold], groups)
+    return TaskGaussian(*fit_gaussian(u, shrinkage, rank), threshold=float(np.percentile(oof, 100 - percentile)),
+                        oof=oof)

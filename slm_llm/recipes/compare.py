@@ -1,0 +1,68 @@
+"""Methods side by side in one harness: SLM, its oracle and zero-shot modes, and the baselines.
+
+    slm        JARe + DTKR, routed per query          run <run_dir>-slm
+    oracle     the slm run with the true task's slots (the routing upper bound)
+    base       the slm run with no increments (zero-shot)
+    seq_lora   one LoRA trained through the tasks     run <run_dir>-seq_lora
+    multitask  one LoRA trained on all tasks at once  run <run_dir>-multitask
+    olora      O-LoRA: a LoRA per task, orthogonal    run <run_dir>-olora
+
+Each training method's run is trained (or resumed) in process by the continual driver,
+which fills its matrix after every stage; a run that is already complete is only
+evaluated where its matrix lacks a cell. With several seeds, each seed is such a
+comparison (``<run_dir>-s<seed>``), and the seeds' table carries intervals.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from slm_llm.config import Config
+from slm_llm.eval.compare import TRAINED_BY, build_table, method_config, table_markdown
+from slm_llm.eval.continual import evaluate_after_task, evaluate_run
+from slm_llm.eval.seeds import plot_seeds, seed_config, seeds_markdown, seeds_table
+from slm_llm.recipes.continual import setup_process
+from slm_llm.train.continual import run_continual
+from slm_llm.utils.io import write_json, write_text
+
+log = logging.getLogger("slm_llm.recipes")
+
+
+def compare(cfg: Config, methods: list[str], out: str | Path | None = None) -> dict[str, Any]:
+    """Train/evaluate what ``methods`` need, then write and return the comparison table."""
+    setup_process()
+    for train_method in dict.fromkeys(TRAINED_BY[m] for m in methods):
+        mcfg = method_config(cfg, train_method)
+        log.info(f"compare: {train_method} -> {mcfg.run_dir}")
+        run = run_continual(mcfg, evaluate_after_task)
+        evaluate_run(run.root, _eval_overrides(cfg))  # fills the last row where it is missing
+    table = build_table(cfg, methods)
+    out = Path(out) if out else Path(f"{cfg.run_dir}-compare.json")
+    write_json(out, table)
+    write_text(out.with_suffix(".md"), table_markdown(table))
+    table["paths"] = {"json": str(out), "markdown": str(out.with_suffix(".md"))}
+    return table
+
+
+def compare_seeds(cfg: Config, methods: list[str], seeds: list[int]) -> dict[str, Any]:
+    """Run (or resume) the comparison once per seed, then write and return the interval table
+    ``<run_dir>-seeds.{json,md,png}``."""
+    tables = {}
+    for s in seeds:
+        log.info(f"compare: seed {s}")
+        tables[s] = compare(seed_config(cfg, s), methods)
+    table = seeds_table(cfg, methods, seeds, tables)
+    out = Path(f"{cfg.run_dir}-seeds.json")
+    write_json(out, table)
+    write_text(out.with_suffix(".md"), seeds_markdown(table))
+    plot_seeds(table, out.with_suffix(".png"))
+    table["paths"] = {"json": str(out), "markdown": str(out.with_suffix(".md")), "plot": str(out.with_suffix(".png"))}
+    return table
+
+
+def _eval_overrides(cfg: Config) -> list[str]:
+    e = cfg.eval
+    return [f"eval.max_samples={e.max_samples}", f"eval.max_new_tokens={e.max_new_tokens}",
+            f"eval.max_new_tokens_open={e.max_new_tokens_open}", f"eval.batch_size={e.batch_size}",
+            f"eval.fwt={str(e.fwt).lower()}", f"eval.views={','.join(e.views)}"]

@@ -1,0 +1,82 @@
+"""Every CLI command fed a missing run, a corrupt manifest or a bad config prints one clear line and
+exits 2, never a traceback; a bug is reported as an internal error with the path of its traceback."""
+import json
+
+import pytest
+
+from slm_llm.cli import INTERNAL_ERROR, USER_ERROR, main
+from slm_llm.config import Config
+
+RUN_COMMANDS = [
+    ["route", "--run", "{run}", "some query"],
+    ["export", "--run", "{run}"],
+    ["serve", "--run", "{run}", "--backend", "hf"],
+    ["eval", "--run", "{run}"],
+    ["report", "--run", "{run}"],
+    ["ifeval", "--run", "{run}", "--limit", "1"],
+    ["lm-eval-tasks", "--run", "{run}", "--suite", "instruct6"],
+]
+CONFIG_COMMANDS = ["train", "compare", "router-eval", "quickstart", "prepare-model"]
+
+
+def run_cli(args, capsys):
+    rc = main(args)
+    err = capsys.readouterr().err.strip()
+    return rc, err
+
+
+def one_clear_line(err: str, command: str) -> None:
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert lines and lines[-1].startswith(f"slm-llm {command}: error: "), err
+
+
+def corrupt_run(tmp_path):
+    run = tmp_path / "corrupt"
+    run.mkdir()
+    (run / "run.yaml").write_text(Config().to_yaml())
+    (run / "manifest.json").write_text('{"base_model": "x", "order": [')  # cut short
+    return run
+
+
+@pytest.mark.parametrize("argv", RUN_COMMANDS, ids=lambda a: a[0])
+def test_run_commands_on_a_missing_or_corrupt_run(argv, tmp_path, capsys):
+    for run, expect in ((tmp_path / "nope", "nope"), (corrupt_run(tmp_path), "manifest.json")):
+        rc, err = run_cli([a.replace("{run}", str(run)) for a in argv], capsys)
+        assert rc == USER_ERROR, err
+        one_clear_line(err, argv[0])
+        assert expect in err
+
+
+@pytest.mark.parametrize("command", CONFIG_COMMANDS)
+def test_config_commands_with_a_bad_config(command, tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  lr: -1\n")
+    rc, err = run_cli([command, "--config", str(bad)], capsys)
+    assert rc == USER_ERROR and "train.lr must be > 0" in err
+    one_clear_line(err, command)
+    rc, err = run_cli([command, "--config", str(bad), "jare.bogus=1"], capsys)
+    assert rc == USER_ERROR and "unknown key 'jare.bogus'" in err
+    one_clear_line(err, command)
+    (tmp_path / "broken.yaml").write_text("train: [unclosed\n")
+    rc, err = run_cli([command, "--config", str(tmp_path / "broken.yaml")], capsys)
+    assert rc == USER_ERROR and "invalid YAML" in err
+    one_clear_line(err, command)
+
+
+def test_a_bug_is_an_internal_error_with_its_traceback_in_a_log(tmp_path, capsys, monkeypatch):
+    import slm_llm.cli as cli
+
+    monkeypatch.setenv("SLM_CACHE", str(tmp_path))
+
+    def broken(args):
+        raise ZeroDivisionError("boom")
+
+    monkeypatch.setattr(cli, "cmd_prepare_model", broken)
+    rc, err = run_cli(["prepare-model"], capsys)
+    assert rc == INTERNAL_ERROR and "Traceback" not in err
+    assert "internal error (ZeroDivisionError: boom)" in err and "please report it" in err
+    log = next((tmp_path / "logs").glob("*-prepare-model.log"))
+    assert "Traceback" in log.read_text() and "ZeroDivisionError: boom" in log.read_text()
+    assert str(log) in err
+    json.dumps(err)  # one printable line

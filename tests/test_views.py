@@ -1,0 +1,126 @@
+"""Query views and the phrasing pools: the split, what training may see, what each view sends."""
+import pytest
+
+from slm_llm.config import DataConfig
+from slm_llm.data import (DataError, Record, dev_split, load_suite, load_task_split, phrasing_split, query_text,
+                          task_split, records_in_view, training_records)
+from slm_llm.data.views import phrase, placement, view_record
+
+SUITES = ("instruct6", "cl9")
+
+
+def all_specs():
+    return [(s, t, spec) for s in SUITES for t, spec in load_suite(s).tasks.items()]
+
+
+@pytest.mark.parametrize("suite,task,spec", all_specs(), ids=lambda x: x if isinstance(x, str) else "")
+def test_every_task_has_a_pool_split_into_disjoint_train_and_heldout(suite, task, spec):
+    assert len(spec.phrasings) >= 8
+    split = phrasing_split(spec, seed=0, heldout_share=0.25)
+    assert set(split.train) | set(split.heldout) == set(spec.phrasings)
+    assert not set(split.train) & set(split.heldout)
+    assert len(split.heldout) == 3 and len(split.train) == len(spec.phrasings) - 3
+    # stratified: the held-out phrasings span every placement the pool has (content first / middle / after)
+    assert {placement(p) for p in split.heldout} == {placement(p) for p in spec.phrasings}
+    assert phrasing_split(spec, seed=0, heldout_share=0.25) == split  # a recorded, reproducible rule
+    dev = dev_split(split)  # selection on dev never sees a held-out phrasing
+    assert set(dev.train) | set(dev.heldout) == set(split.train) and not set(dev.heldout) & set(split.heldout)
+
+
+def test_another_seed_gives_another_split():
+    spec = load_suite("cl9").tasks["agnews"]
+    assert phrasing_split(spec, seed=0).heldout != phrasing_split(spec, seed=1).heldout
+
+
+@pytest.mark.parametrize("task", ["finance_phrasebank", "code_codealpaca"])
+def test_no_heldout_phrasing_reaches_training(data_root, task):
+    """Every training sample is its content alone or inside a train phrasing; none uses a held-out one."""
+    suite = load_suite("instruct6")
+    spec, data = suite.tasks[task], DataConfig(input_only_share=0.25)
+    records = load_task_split(suite, task, "train", str(data_root), max_samples=400, seed=0)
+    trained = training_records(records, spec, data)
+    split = task_split(spec, data)
+    from slm_llm.data.views import content
+
+    n_input_only = 0
+    for raw, r in zip(records, trained):
+        text, body = r.instruction, content(raw, spec.content)
+        assert r.input == "" and r.output == raw.output and r.task == task
+        assert all(text != phrase(h, body) for h in split.heldout)
+        assert text == body or any(text == phrase(p, body) for p in split.train)
+        n_input_only += text == body
+    assert 0.18 < n_input_only / len(records) < 0.32  # input_only_share of them, seeded
+    assert training_records(records, spec, data) == trained  # the same draw on a rerun (resume)
+    assert len({r.instruction.replace(content(x, spec.content), "") for x, r in zip(records, trained)}) >= 8
+
+
+def test_views_of_a_record():
+    suite = load_suite("instruct6")
+    spec = suite.tasks["finance_phrasebank"]
+    rec = Record(instruction="Classify the sentiment. Answer positive, negative or neutral.",
+                 input="Profits doubled.", output="positive", task="finance_phrasebank", answer="positive", id="x1")
+    data = DataConfig()
+    fixed, only, para = (records_in_view([rec], spec, v, data)[0] for v in ("fixed", "input-only", "paraphrase"))
+    assert fixed == rec and query_text(fixed) == f"{rec.instruction}\n\n{rec.input}"
+    assert query_text(only) == "Profits doubled." and only.output == "positive"
+    assert "Classify the sentiment" not in query_text(para) and "Profits doubled." in query_text(para)
+    assert any(query_text(para) == phrase(h, rec.input) for h in task_split(spec, data).heldout)
+    # code: the per-record instruction is the content; phrasings wrap the whole request
+    code = suite.tasks["code_codealpaca"]
+    req = Record(instruction="Write a function that adds two numbers.", input="", output="def add(a, b): ...",
+                 task="code_codealpaca", id="c1")
+    assert query_text(records_in_view([req], code, "input-only", data)[0]) == req.instruction
+    assert req.instruction in query_text(records_in_view([req], code, "paraphrase", data)[0])
+    with pytest.raises(DataError, match="unknown query view"):
+        view_record(rec, "templated")
+
+
+def test_phrase_places_the_content():
+    assert phrase("{input}\n\nGood or bad?", "X") == "X\n\nGood or bad?"
+    assert phrase("Is this good news?", "X") == "Is this good news?\n\nX"
+    assert placement("Here: {input} - ok?") == "middle" and placement("{input} ok?") == "first"
+
+
+def test_fixed_phrasing_trains_on_the_dataset_instruction(data_root):
+    suite = load_suite("instruct6")
+    records = load_task_split(suite, "law_overruling", "train", str(data_root), max_samples=5, seed=0)
+    assert training_records(records, suite.tasks["law_overruling"], DataConfig(phrasing="fixed")) == records
+
+
+def test_a_task_without_a_pool_is_a_clear_error(tmp_path):
+    (tmp_path / "s.yaml").write_text("tasks:\n  t:\n    format: alpaca\n    path: x\n    metric: exact_match\n")
+    spec = load_suite(tmp_path / "s.yaml").tasks["t"]
+    with pytest.raises(DataError, match="task 't' has 0 phrasings.*data.phrasing=fixed"):
+        phrasing_split(spec)
+    (tmp_path / "bad.yaml").write_text("tasks:\n  t:\n    format: alpaca\n    path: x\n    metric: exact_match\n"
+                                       "    phrasings: ['{input} {input}', 'b']\n")
+    with pytest.raises(DataError, match=r"bad.yaml: tasks.t.phrasings\[0\]: holds \{input\} more than once"):
+        load_suite(tmp_path / "bad.yaml")
+
+
+@pytest.mark.slow
+def test_a_paraphrased_query_is_routed_to_its_task_and_not_flagged(served_run, data_root):
+    """End to end on the tiny run: test records worded with held-out phrasings (never trained on),
+    routed by the run's router as the server routes them, reach their own task and are not OOD."""
+    import json
+
+    from slm_llm.config import load_config
+    from slm_llm.dtkr.encoder import build_encoder
+    from slm_llm.dtkr.router import open_router
+    from slm_llm.pipeline import route_queries
+    from slm_llm.run import RunDir
+
+    cfg = load_config(served_run / "run.yaml")
+    manifest = json.loads((served_run / "manifest.json").read_text())
+    suite = load_suite(cfg.data.suite)
+    router = open_router(RunDir(served_run), cfg, build_encoder(cfg, cache=False))
+    for task in manifest["order"]:
+        heldout = manifest["phrasings"][task]["heldout"]
+        records = records_in_view(load_task_split(suite, task, "test", str(data_root), 6, 0), suite.tasks[task],
+                                  "paraphrase", cfg.data)
+        assert all(any(all(part.strip() in r.instruction for part in p.split("{input}") if part.strip())
+                       for p in heldout) for r in records)  # worded with held-out phrasings only
+        routed = route_queries(router, build_encoder(cfg, cache=False), [query_text(r) for r in records], "slm",
+                               ood_fallback=True)
+        assert [r.raw.task for r in routed] == [task] * len(records)
+        assert sum(r.decision is not None for r in routed) >= len(records) - 1  # at most one OOD flag
