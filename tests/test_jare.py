@@ -57,7 +57,7 @@ def test_inference_cache_is_dropped_when_routing_changes():
         layer.set_routing(torch.tensor([[1, 2], [1, 0]]), torch.tensor([[0.5, 0.5], [0.3, 0.7]]))
         second = layer(x)
     torch.testing.assert_close(first, again)
-    s, w = layer.slot_ids, layer.slot_weights
+    s, w = layer.routing.slot_ids, layer.routing.slot_weights
     ref = torch.stack([x[b] @ (layer.base.weight + sum(w[b, k] * layer.B_0[s[b, k]] @ layer.A_0[s[b, k]] for k in range(2))).T
                        for b in range(2)])
     torch.testing.assert_close(second, ref, atol=1e-5, rtol=1e-5)
@@ -139,7 +139,7 @@ def test_generation_keeps_routing_for_every_step():
     ids = torch.randint(0, 128, (2, 5))
     s, w = torch.tensor([[0, 1], [2, 3]]), torch.tensor([[0.5, 0.5], [0.5, 0.5]])
     out = model.generate(ids, slot_ids=s, slot_weights=w, max_new_tokens=6, do_sample=False)
-    assert all(layer.slot_ids is None for layer in model.jare_layers())  # the block's routing is gone
+    assert all(layer.routing is None for layer in model.jare_layers())  # the block's routing is gone
     # Greedy decode by hand without a cache, re-routing every full forward.
     seq = ids
     for _ in range(6):
@@ -171,3 +171,126 @@ def test_routing_validation():
         model(ids, slot_ids=torch.tensor([[5, 0]]), slot_weights=torch.tensor([[0.5, 0.5]]))
     with pytest.raises(ValueError, match="matched no"):
         JareModel(torch.nn.Sequential(torch.nn.ReLU()), JareConfig())
+
+
+ALL7 = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def merged_copy(model: JareModel, slots, weights) -> LlamaForCausalLM:
+    """A plain copy of the base with row-specific ΔW = scale Σ_k w_k B_k A_k merged into every
+    target: the dense formula JARe must equal (None -> the base itself)."""
+    import copy
+
+    dense = copy.deepcopy(model.model)
+    for name in model.layer_names:
+        parent, leaf = name.rsplit(".", 1)
+        layer = dense.get_submodule(name)
+        linear = torch.nn.Linear(layer.in_features, layer.out_features, bias=layer.base.bias is not None)
+        with torch.no_grad():
+            linear.weight.copy_(layer.base.weight)
+            for s, w in zip(slots or [], weights or []):
+                A, B = layer.slot_factors(s)
+                linear.weight += model.scale * w * (B @ A)
+            if layer.base.bias is not None:
+                linear.bias.copy_(layer.base.bias)
+        setattr(dense.get_submodule(parent), leaf, linear)
+    return dense.eval()
+
+
+def all7_model(bias=False):
+    base = tiny_llama()
+    if bias:  # a Qwen-like base with biased q/k/v: the packed bias must follow its members
+        for layer in base.model.layers:
+            for leaf in ("q_proj", "k_proj", "v_proj"):
+                old = getattr(layer.self_attn, leaf)
+                new = torch.nn.Linear(old.in_features, old.out_features, bias=True)
+                with torch.no_grad():
+                    new.weight.copy_(old.weight)
+                    new.bias.normal_()
+                setattr(layer.self_attn, leaf, new)
+    model = JareModel(base, JareConfig(rank=4, slots_per_task=2, targets=ALL7, alpha=8))
+    for t in "abc":
+        model.add_task(t)
+    randomise_slots(model, seed=5)
+    return model.eval()
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_packed_projections_equal_the_dense_formula_per_row(bias):
+    """q/k/v and gate/up run as packs at inference; every row still equals its own merged model."""
+    model = all7_model(bias)
+    attn = model.model.model.layers[0].self_attn
+    assert attn.q_proj.pack is attn.k_proj.pack is attn.v_proj.pack and len(attn.q_proj.pack.members) == 3
+    mlp = model.model.model.layers[0].mlp
+    assert mlp.gate_proj.pack is mlp.up_proj.pack and mlp.down_proj.pack.members == [mlp.down_proj]
+    rows = [([0, 1], [0.7, 0.3]), ([2, 5], [0.5, 0.5]), None, ([4, 4], [0.6, 0.4])]  # tasks mixed, a base row, a repeat
+    s = torch.tensor([r[0] if r else [0, 0] for r in rows])
+    w = torch.tensor([r[1] if r else [0.0, 0.0] for r in rows])
+    ids = torch.randint(0, 128, (4, 6))
+    with torch.no_grad():
+        out = model(ids, slot_ids=s, slot_weights=w)
+    assert attn.q_proj.base.weight.data_ptr() == attn.q_proj.pack.weight.data_ptr()  # the base weight is the pack's
+    for b, r in enumerate(rows):
+        ref = merged_copy(model, *(r or (None, None)))(input_ids=ids[b:b + 1]).logits[0]
+        torch.testing.assert_close(out[b], ref, atol=1e-5, rtol=1e-4)
+    with torch.enable_grad():  # the unpacked (training) path: the same numbers
+        torch.testing.assert_close(model(ids, slot_ids=s, slot_weights=w), out, atol=1e-5, rtol=1e-4)
+
+
+def test_routing_changes_between_decode_steps_keep_rows_exact():
+    """Rows leave and join a KV-cached batch; the routing follows the new row order each step."""
+    from transformers import DynamicCache
+
+    model = all7_model()
+    routes = {0: ([0, 1], [0.5, 0.5]), 1: ([2, 3], [0.2, 0.8]), 2: ([4, 5], [0.9, 0.1])}
+    prompts = torch.randint(0, 128, (3, 5))
+    with torch.no_grad():
+        cache = DynamicCache()
+        model.set_routing(torch.tensor([routes[b][0] for b in range(3)]), torch.tensor([routes[b][1] for b in range(3)]))
+        logits = model.model(input_ids=prompts, past_key_values=cache).logits[:, -1]
+        nxt = logits.argmax(-1, keepdim=True)
+        keep = torch.tensor([2, 0])  # row 1 leaves, rows reordered
+        cache.batch_select_indices(keep)
+        model.set_routing(torch.tensor([routes[2][0], routes[0][0]]), torch.tensor([routes[2][1], routes[0][1]]))
+        step = model.model(input_ids=nxt[keep], past_key_values=cache).logits[:, -1]
+        model.set_routing(None, None)
+    for row, b in enumerate([2, 0]):
+        dense = merged_copy(model, *routes[b])
+        seq = torch.cat([prompts[b:b + 1], nxt[b:b + 1]], 1)
+        torch.testing.assert_close(step[row], dense(input_ids=seq).logits[0, -1], atol=1e-5, rtol=1e-4)
+
+
+def test_pack_follows_moved_weights_and_new_tasks():
+    model = all7_model()
+    s, w = torch.tensor([[0, 1]]), torch.tensor([[0.5, 0.5]])
+    ids = torch.randint(0, 128, (1, 5))
+    with torch.no_grad():
+        before = model(ids, slot_ids=s, slot_weights=w)
+        model.double()  # every weight moves: the packs rebuild from the members' new weights
+        torch.testing.assert_close(model(ids, slot_ids=s, slot_weights=w.double()).float(), before, atol=1e-5, rtol=1e-4)
+        model.float()
+        model.add_task("d")  # S grows: the packs make room
+        for p in model.task_parameters("d"):
+            p.normal_()
+        s2, w2 = torch.tensor([[6, 7], [0, 1]]), torch.tensor([[0.4, 0.6], [0.5, 0.5]])
+        out = model(ids.repeat(2, 1), slot_ids=s2, slot_weights=w2)
+        held = list(model.order.slots)
+        model.set_routing(s2[:1], w2[:1])  # row 1 leaves: its slots stay held, nothing is rewritten
+        assert model.order.slots == held and set(held) == {0, 1, 6, 7}
+        model.set_routing(None, None)
+        assert model.order.slots == []
+    torch.testing.assert_close(out[0], merged_copy(model, [6, 7], [0.4, 0.6])(input_ids=ids).logits[0], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(out[1], before[0], atol=1e-5, rtol=1e-4)
+
+
+def test_slots_changed_in_place_are_not_served_stale():
+    """A training step (in-place update) between two inference forwards over the same slots."""
+    model = all7_model()
+    s, w = torch.tensor([[0, 1]]), torch.tensor([[0.5, 0.5]])
+    ids = torch.randint(0, 128, (1, 5))
+    with torch.no_grad():
+        model(ids, slot_ids=s, slot_weights=w)
+        for p in model.task_parameters("a"):
+            p.mul_(2)
+        out = model(ids, slot_ids=s, slot_weights=w)
+    torch.testing.assert_close(out[0], merged_copy(model, [0, 1], [0.5, 0.5])(input_ids=ids).logits[0], atol=1e-5, rtol=1e-4)

@@ -64,10 +64,10 @@ def test_mixed_task_batch_rows_equal_each_row_served_alone(hf_server, task_queri
     client, backend = hf_server
     jobs = [(m, q) for q in task_queries["finance_phrasebank"][:2] + task_queries["law_overruling"][:2]
             for m in ("slm", "finance_phrasebank", "law_overruling", "base")]
-    before = len(backend.batch_sizes)
+    backend.rows_per_step.clear()
     with ThreadPoolExecutor(len(jobs)) as pool:
         together = list(pool.map(lambda j: chat(client, *j), jobs))
-    assert max(backend.batch_sizes[before:]) > 1, backend.batch_sizes  # they really shared a forward
+    assert max(backend.rows_per_step) > 1, backend.rows_per_step  # they really shared decode steps
     alone = [chat(client, *j) for j in jobs]
     for (model, _), a, b in zip(jobs, together, alone):
         assert a["choices"][0]["message"] == b["choices"][0]["message"], model
@@ -100,12 +100,13 @@ def test_streaming_equals_non_streaming(hf_server, task_queries):
     q = task_queries["finance_phrasebank"][2]
     full = client.post("/v1/completions", json={"model": "slm", "prompt": q, "max_tokens": 7, "temperature": 0}).json()
     chunks = []
-    with client.stream("POST", "/v1/completions", json={"model": "slm", "prompt": q, "max_tokens": 7,
-                                                         "temperature": 0, "stream": True}) as r:
+    with client.stream("POST", "/v1/completions", json={"model": "slm", "prompt": q, "max_tokens": 7, "temperature": 0,
+                                                         "stream": True, "stream_options": {"include_usage": True}}) as r:
         assert r.headers["content-type"].startswith("text/event-stream")
         lines = [line for line in r.iter_lines() if line]
     assert lines[-1] == "data: [DONE]"
-    chunks = [json.loads(line[6:]) for line in lines[:-1]]
+    *chunks, usage = [json.loads(line[6:]) for line in lines[:-1]]
+    assert usage["choices"] == [] and usage["usage"] == full["usage"]
     assert "".join(c["choices"][0]["text"] for c in chunks) == full["choices"][0]["text"]
     assert chunks[-1]["choices"][0]["finish_reason"] == full["choices"][0]["finish_reason"]
     assert chunks[0]["slm_route"] == full["slm_route"] and chunks[0]["object"] == "text_completion"
@@ -155,7 +156,7 @@ def test_validation_errors_are_openai_shaped_4xx(hf_server, body, status, param,
 def test_bad_json_chat_without_user_and_auth(hf_server):
     client, _ = hf_server
     r = client.post("/v1/completions", content=b"{not json", headers={"content-type": "application/json"})
-    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_parameter"
+    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json"
     r = client.post("/v1/chat/completions", json={"model": "slm", "messages": [{"role": "system", "content": "x"}]})
     assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
     bare = httpx.Client(base_url=client.base_url, timeout=30)
@@ -196,3 +197,30 @@ def test_hot_add_a_task_finished_after_start(served_run, task_queries, tmp_path,
     full_client, _ = hf_server
     assert hot["choices"][0]["message"] == chat(full_client, "law_overruling", q)["choices"][0]["message"]
     assert routed["slm_route"]["task"] == "law_overruling"
+
+
+def test_a_client_that_disconnects_mid_stream_leaves_the_batch(hf_server, task_queries):
+    """Decode steps are paused after the first token while the client goes away: the row must
+    leave at the next step, long before its max_tokens."""
+    import threading
+    import time
+
+    client, backend = hf_server
+    gate, step = threading.Event(), backend.batch.step
+    backend.batch.step = lambda *a, **kw: gate.wait() and step(*a, **kw)
+    body = {"model": "slm", "prompt": task_queries["law_overruling"][0], "max_tokens": 64, "temperature": 0,
+            "stream": True}
+    try:
+        with client.stream("POST", "/v1/completions", json=body) as r:
+            next(line for line in r.iter_lines() if line)  # the first token, from the prefill
+            (row,) = backend.batch.rows
+        deadline = time.monotonic() + 30  # the response is closed: the server closes the stream
+        while not row.job.cancelled and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert row.job.cancelled
+    finally:
+        backend.batch.step = step
+        gate.set()
+    while backend.batch.rows and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not backend.batch.rows and len(row.tokens) < 3

@@ -3,6 +3,9 @@
 Global slot ids are assigned in task order: task ``t`` owns ``t*P .. t*P+P-1``. The
 same numbering is used by the DTKR router, so a routing decision indexes slots here
 directly.
+
+Targets that read the same input (``PACKED``: q/k/v, gate/up, as vLLM's
+``packed_modules_mapping``) share one :class:`~slm_llm.jare.layer.Pack` at inference.
 """
 from __future__ import annotations
 
@@ -15,8 +18,10 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from slm_llm.config import JareConfig
-from slm_llm.jare.layer import JareLinear
+from slm_llm.jare.layer import JareLinear, Pack, Routing, SlotOrder
 from slm_llm.utils.io import atomic_path
+
+PACKED = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
 
 class JareModel(nn.Module):
@@ -37,6 +42,18 @@ class JareModel(nn.Module):
         if not self.layer_names:
             raise ValueError(f"jare.targets {cfg.targets} matched no nn.Linear in {type(base).__name__}")
         self.tasks: list[str] = []
+        self.scale = scale
+        self.order = SlotOrder()  # one slot order for every pack, so one Routing serves every layer
+        for layer in self.jare_layers():
+            layer.order = self.order
+        for parent in {name.rsplit(".", 1)[0] for name in self.layer_names if "." in name}:
+            module = base.get_submodule(parent)
+            for group in PACKED:
+                members = [getattr(module, leaf) for leaf in group if isinstance(getattr(module, leaf, None), JareLinear)]
+                if len(members) > 1:
+                    pack = Pack(members)
+                    for m in members:
+                        m.pack = pack
 
     # ---- tasks -------------------------------------------------------------------
     def jare_layers(self) -> list[JareLinear]:
@@ -69,15 +86,26 @@ class JareModel(nn.Module):
 
     # ---- routing -----------------------------------------------------------------
     def set_routing(self, slot_ids: torch.Tensor | None, slot_weights: torch.Tensor | None) -> None:
-        """Route every JARe layer with ``slot_ids``/``slot_weights`` ([B, K]); None = base only."""
+        """Route every JARe layer with ``slot_ids``/``slot_weights`` ([B, K]); None = base only.
+
+        Row b of the next forward uses row b of the routing: when rows join or leave a
+        KV-cached batch, set the routing of the new row order before the next step. The
+        packs keep the slots they hold until ``None`` is set, so a routing over slots already
+        held (rows leaving, a prefill of rows about to join) writes nothing.
+        """
         if slot_ids is not None:
             if slot_weights is None or slot_ids.shape != slot_weights.shape or slot_ids.dim() != 2:
                 raise ValueError("slot_ids and slot_weights must both be [batch, K]")
             n = len(self.tasks) * self.cfg.slots_per_task
             if slot_ids.numel() and (int(slot_ids.min()) < 0 or int(slot_ids.max()) >= n):
                 raise ValueError(f"slot id out of range [0, {n})")
+            self.order.track(p for layer in self.jare_layers() for p in layer.parameters())
+            routing = Routing(slot_ids, slot_weights, self.scale, self.order)
+        else:
+            routing = None
+            self.order.reset()  # the next routing holds only its own slots
         for layer in self.jare_layers():
-            layer.set_routing(slot_ids, slot_weights)
+            layer.routing = routing
 
     @contextlib.contextmanager
     def routing(self, slot_ids: torch.Tensor | None, slot_weights: torch.Tensor | None):

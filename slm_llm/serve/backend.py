@@ -12,9 +12,10 @@ from dataclasses import dataclass, field
 from typing import AsyncIterator, Protocol
 
 from slm_llm.dtkr import RouteDecision
+from slm_llm.errors import SlmError
 
 
-class ServeError(Exception):
+class ServeError(SlmError):
     """A request the server refuses; becomes an OpenAI-shaped JSON error."""
 
     def __init__(self, message: str, status: int = 400, param: str | None = None, code: str | None = None,
@@ -52,6 +53,7 @@ class GenRequest:
     temperature: float = 0.0
     top_p: float = 1.0
     stop: list[str] = field(default_factory=list)
+    ignore_eos: bool = False  # vLLM's extension: the stop token does not end the row (benchmarks)
 
 
 @dataclass

@@ -1,31 +1,35 @@
-"""The embedded backend: exact per-query JARe through RunPipeline, with micro-batching.
+"""The embedded backend: exact per-query JARe through RunPipeline, with continuous batching.
 
-Concurrent requests wait in an asyncio queue; the batcher takes the first, keeps
-collecting for ``serve.batch_wait_ms`` (or until ``serve.max_batch_size``), then runs
-ONE routing call and ONE KV-cached ``generate`` for the whole batch in a worker
-thread. Each row keeps its own top-K slots and weights for every decode step, so a
-batch that mixes tasks costs one forward per step, not one per task.
+Arriving requests are routed in a worker thread (one encoder call per ``model`` for
+whatever arrived together) while the decode thread runs. The decode thread drives a
+:class:`~slm_llm.serve.decode.DecodeBatch`: before each decode step, and between its
+forwards (a step runs at most ``serve.step_chunk_rows`` rows per forward), it takes the
+routed requests (up to ``serve.max_batch_size`` running rows and
+``serve.max_prefill_tokens`` prompt tokens per admission), prefills them together and
+adds them to the running batch; their first token is sent right after that prefill. A row leaves as soon as it is done,
+so a request waits for at most one forward (plus the prefills ahead of it), never for
+other requests' ``max_tokens``. Each row keeps its own top-K slots and weights, and its
+own sampling settings, in every step.
 
-Rows stop on their own: a per-row stopping criterion ends a row at its own
-``max_tokens`` (or its stop token) while the others go on. Requests with different
-sampling settings (greedy vs temperature/top_p) go in separate ``generate`` calls.
-Streaming rows receive their tokens from a batched streamer as they are decoded.
+The decode thread holds the model lock while it admits or steps; hot-add takes the same
+lock between two steps.
 """
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import AsyncIterator
 
-import torch
-from transformers import StoppingCriteria, StoppingCriteriaList
-
+from slm_llm.config import ServeConfig
 from slm_llm.dtkr.encoder import build_encoder
 from slm_llm.jare.export import check_adapter
 from slm_llm.pipeline import RunPipeline
 from slm_llm.serve.backend import GenRequest, GenResult, Route, ServeError, StreamDelta, cut_at_stop
+from slm_llm.serve.decode import DecodeBatch, Event, Row
 from slm_llm.serve.routing import BASE, SLM, QueryRouter
 
 log = logging.getLogger("slm_llm.serve")
@@ -34,36 +38,41 @@ log = logging.getLogger("slm_llm.serve")
 @dataclass
 class _Job:
     req: GenRequest
+    loop: asyncio.AbstractEventLoop
     future: asyncio.Future | None = None  # non-streaming result
-    tokens: asyncio.Queue | None = None  # streaming: ("route", report), ("token", id), ("end", None), ("error", e)
+    tokens: asyncio.Queue | None = None  # streaming: ("route", report), ("token", id), ("end", finish), ("error", e)
     route: Route | None = None
-    loop: asyncio.AbstractEventLoop = field(default=None, repr=False)
+    row: Row | None = field(default=None, repr=False)
+    cancelled: bool = False
 
 
 class HFBackend:
     name = "hf"
 
-    def __init__(self, pipeline: RunPipeline, max_batch_size: int = 16, batch_wait_ms: float = 5.0):
+    def __init__(self, pipeline: RunPipeline, cfg: ServeConfig | None = None):
         self.pipe = pipeline
-        cfg = pipeline.cfg
+        self.cfg = cfg = cfg or pipeline.cfg.serve
         # Served queries must not land in the on-disk embedding cache (privacy, growth, threads).
-        pipeline.encoder = build_encoder(cfg, cache=False)
-        self.router = QueryRouter(pipeline.encoder, pipeline.router, cfg.serve.ood_fallback)
+        pipeline.encoder = build_encoder(pipeline.cfg, cache=False)
+        self.router = QueryRouter(pipeline.encoder, pipeline.router, cfg.ood_fallback)
         self.tokenizer = pipeline.tokenizer
         self.stop_ids = pipeline.stop_ids
         self.base_model = pipeline.run.manifest()["base_model"]
-        positions = getattr(pipeline.model.model.config, "max_position_embeddings", None) or cfg.serve.max_model_len
-        self.max_model_len = min(cfg.serve.max_model_len, positions)
-        self.max_batch_size, self.batch_wait = max_batch_size, batch_wait_ms / 1000
-        self._queue: asyncio.Queue[_Job] | None = None
-        self._worker: asyncio.Task | None = None
-        self._model_lock = threading.Lock()  # generate vs hot-add
-        self.batch_sizes: list[int] = []  # observed batch sizes (tests, metrics)
+        positions = getattr(pipeline.model.model.config, "max_position_embeddings", None) or cfg.max_model_len
+        self.max_model_len = min(cfg.max_model_len, positions)
+        self.batch = DecodeBatch(pipeline.model, self.tokenizer, self.stop_ids, cfg.max_batch_size, self.max_model_len)
+        self._pending: collections.deque[_Job] = collections.deque()
+        self._wake = threading.Condition()
+        self._closing = False
+        self._thread: threading.Thread | None = None
+        self._to_route: asyncio.Queue[_Job] | None = None
+        self._router_task: asyncio.Task | None = None
+        self._model_lock = threading.Lock()  # decode steps vs hot-add
+        self.rows_per_step: collections.deque[int] = collections.deque(maxlen=4096)  # tests, metrics
 
     @classmethod
     def load(cls, run_dir: str, overrides: list[str] | None = None) -> HFBackend:
-        pipe = RunPipeline.load(run_dir, overrides)
-        return cls(pipe, pipe.cfg.serve.max_batch_size, pipe.cfg.serve.batch_wait_ms)
+        return cls(RunPipeline.load(run_dir, overrides))
 
     # ---- models and routing -------------------------------------------------------------
     def tasks(self) -> list[str]:
@@ -77,124 +86,181 @@ class HFBackend:
 
     # ---- lifecycle ------------------------------------------------------------------------
     async def start(self) -> None:
-        self._queue = asyncio.Queue()
-        self._worker = asyncio.create_task(self._batcher())
+        self._closing = False
+        self._to_route = asyncio.Queue()
+        self._router_task = asyncio.create_task(self._route_arrivals())
+        self._thread = threading.Thread(target=self._run, name="slm-decode", daemon=True)
+        self._thread.start()
 
     async def close(self) -> None:
-        if self._worker:
-            self._worker.cancel()
+        if self._router_task is not None:
+            self._router_task.cancel()
+        with self._wake:
+            self._closing = True
+            self._wake.notify()
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join, 60)
 
     # ---- generation -----------------------------------------------------------------------
     async def generate(self, req: GenRequest) -> GenResult:
         self.router.check_model(req.model)
         loop = asyncio.get_running_loop()
-        job = _Job(req, future=loop.create_future(), loop=loop)
-        await self._queue.put(job)
-        return await job.future
+        job = _Job(req, loop, future=loop.create_future())
+        self._submit(job)
+        try:
+            return await job.future
+        finally:
+            job.cancelled = True  # done, or the caller went away: the row leaves at the next step
 
     async def stream(self, req: GenRequest) -> AsyncIterator[StreamDelta]:
         self.router.check_model(req.model)
-        job = _Job(req, tokens=asyncio.Queue(), loop=asyncio.get_running_loop())
-        await self._queue.put(job)
+        job = _Job(req, asyncio.get_running_loop(), tokens=asyncio.Queue())
+        self._submit(job)
         ids: list[int] = []
-        sent = ""
-        first = True
-        while True:
-            kind, value = await job.tokens.get()
-            if kind == "error":
-                raise value
-            if kind == "route":
-                route = value
-                continue
-            finish = None
-            if kind == "token":
-                if value in self.stop_ids:
-                    finish = "stop"
-                else:
-                    ids.append(value)
-                    if len(ids) >= req.max_tokens:
-                        finish = "length"
-            else:  # "end" without a stop token or limit: generation was cut by the batch
-                finish = "length"
-            text = self.tokenizer.decode(ids, skip_special_tokens=True)
-            text, stopped = cut_at_stop(text, req.stop)
-            if stopped:
-                finish = "stop"
-            if text.endswith("\ufffd") and finish is None:  # half a multi-byte character
-                continue
-            delta = text[len(sent):]
-            sent = text
-            if delta or finish or first:
-                yield StreamDelta(delta, finish, route if first else None, len(ids))
-                first = False
-            if finish:
-                return
-
-    async def _batcher(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            jobs = [await self._queue.get()]
-            deadline = loop.time() + self.batch_wait
-            while len(jobs) < self.max_batch_size:
-                if not self._queue.empty():
-                    jobs.append(self._queue.get_nowait())
+        sent, first, route = "", True, None
+        try:
+            while True:
+                kind, value = await job.tokens.get()
+                if kind == "error":
+                    raise value
+                if kind == "route":
+                    route = value
                     continue
-                left = deadline - loop.time()
-                if left <= 0:
-                    break
-                try:
-                    jobs.append(await asyncio.wait_for(self._queue.get(), left))
-                except asyncio.TimeoutError:
-                    break
-            try:
-                await asyncio.to_thread(self._run_batch, jobs)
-            except Exception as e:  # noqa: BLE001 (every waiting request must hear about it)
-                log.exception("batch failed")
-                for job in jobs:
-                    _fail(job, e)
+                finish = None
+                if kind == "token":
+                    ids.append(value)
+                else:
+                    finish = value
+                text, stopped = cut_at_stop(self.tokenizer.decode(ids, skip_special_tokens=True), req.stop)
+                if stopped:
+                    finish = "stop"
+                if text.endswith("\ufffd") and finish is None:  # half a multi-byte character
+                    continue
+                delta, sent = text[len(sent):], text
+                if delta or finish or first:
+                    yield StreamDelta(delta, finish, route if first else None, len(ids))
+                    first = False
+                if finish:
+                    return
+        finally:
+            job.cancelled = True  # a client that disconnects frees its row at the next step
 
-    def _run_batch(self, jobs: list[_Job]) -> None:
-        """Route every job (one encoder call per mode), then one generate per sampling setting."""
-        self.batch_sizes.append(len(jobs))
-        by_model: dict[str, list[_Job]] = {}
-        for job in jobs:
-            by_model.setdefault(job.req.model, []).append(job)
-        for model, group in by_model.items():
-            try:
-                for job, route in zip(group, self.route([j.req.query for j in group], model)):
+    def _submit(self, job: _Job) -> None:
+        if self._closing or self._thread is None:
+            raise ServeError("the server is shutting down", status=503, code="server_unavailable",
+                             type_="server_error")
+        self._to_route.put_nowait(job)
+
+    async def _route_arrivals(self) -> None:
+        """Route arriving requests in a worker thread, one encoder call per model for whatever arrived
+        together, while the decode thread keeps stepping; then hand them to the decode thread."""
+        while True:
+            jobs = [await self._to_route.get()]
+            while not self._to_route.empty():
+                jobs.append(self._to_route.get_nowait())
+            by_model: dict[str, list[_Job]] = {}
+            for job in jobs:
+                if not job.cancelled:
+                    by_model.setdefault(job.req.model, []).append(job)
+            for model, group in by_model.items():
+                try:
+                    routes = await asyncio.to_thread(self.route, [j.req.query for j in group], model)
+                except Exception as e:  # noqa: BLE001 (only this group fails)
+                    for job in group:
+                        _fail(job, e)
+                    continue
+                for job, route in zip(group, routes):
                     job.route = route
                     if job.tokens is not None:
-                        _send(job, ("route", route.report))
-            except Exception as e:  # noqa: BLE001
-                for job in group:
+                        job.tokens.put_nowait(("route", route.report))
+                with self._wake:
+                    self._pending.extend(group)
+                    self._wake.notify()
+
+    # ---- the decode thread ----------------------------------------------------------------
+    def _run(self) -> None:
+        while True:
+            with self._wake:
+                while not self._closing and not self._pending and not self.batch.rows:
+                    self._wake.wait()
+                if self._closing:
+                    break
+                idle = not self.batch.rows
+            if idle and self.cfg.batch_wait_ms > 0:  # the first request of a burst waits for the others
+                time.sleep(self.cfg.batch_wait_ms / 1000)
+            jobs = self._take()
+            try:
+                with self._model_lock:
+                    if jobs:
+                        self._admit(jobs)
+                    if self.batch.rows:
+                        self.rows_per_step.append(len(self.batch.rows))
+                        self.batch.step(self.cfg.step_chunk_rows, after_chunk=self._after_chunk)
+            except Exception as e:  # noqa: BLE001 (every waiting request must hear about it)
+                log.exception("decode step failed")
+                running = [r.job for r in self.batch.rows]
+                for job in running + [j for j in jobs if all(j is not k for k in running)]:
                     _fail(job, e)
-                jobs = [j for j in jobs if j not in group]
-        by_sampling: dict[tuple, list[_Job]] = {}
+                self.batch.clear()
+        for job in [*self._pending, *(r.job for r in self.batch.rows)]:
+            _fail(job, ServeError("the server is shutting down", status=503, code="server_unavailable",
+                                  type_="server_error"))
+
+    def _after_chunk(self, events: list[Event]) -> None:
+        """Between two forwards of a step: send the tokens, and prefill whoever arrived meanwhile."""
+        self._dispatch(events)
+        jobs = self._take()
+        if jobs:
+            self._admit(jobs)
+
+    def _take(self) -> list[_Job]:
+        """Waiting jobs that fit: free rows, and the prompt-token budget of one prefill (at least one job)."""
+        jobs, tokens = [], 0
+        with self._wake:
+            while self._pending and len(self.batch.rows) + len(jobs) < self.cfg.max_batch_size:
+                job = self._pending[0]
+                if job.cancelled:
+                    self._pending.popleft()
+                    continue
+                width = max(tokens, len(job.req.prompt_ids)) * (len(jobs) + 1)  # the padded prefill
+                if jobs and width > self.cfg.max_prefill_tokens:
+                    break
+                jobs.append(self._pending.popleft())
+                tokens = max(tokens, len(job.req.prompt_ids))
+        return jobs
+
+    def _admit(self, jobs: list[_Job]) -> None:
+        """Prefill the new (routed) jobs into the batch."""
+        rows = []
         for job in jobs:
             r = job.req
-            key = (False, 1.0, 1.0) if r.temperature == 0 else (True, r.temperature, r.top_p)
-            by_sampling.setdefault(key, []).append(job)
-        for (sample, temperature, top_p), group in by_sampling.items():
-            kwargs = {"do_sample": True, "temperature": temperature, "top_p": top_p} if sample else {}
-            self._generate(group, kwargs)
+            job.row = Row(r.prompt_ids, job.route.decision, r.max_tokens, r.temperature, r.top_p, r.stop,
+                          r.ignore_eos, job=job)
+            rows.append(job.row)
+        try:
+            events = self.batch.admit(rows)
+        except Exception as e:  # noqa: BLE001 (these jobs are in no row yet: tell them here)
+            for job in jobs:
+                _fail(job, e)
+            raise
+        self._dispatch(events)
 
-    def _generate(self, jobs: list[_Job], sampling: dict) -> None:
-        prompts = [j.req.prompt for j in jobs]  # RunPipeline tokenises them to exactly ``prompt_ids``
-        limits = torch.tensor([j.req.max_tokens for j in jobs])
-        width = max(len(j.req.prompt_ids) for j in jobs)
-        streamer = _BatchStreamer(jobs) if any(j.tokens is not None for j in jobs) else None
-        with self._model_lock:
-            gens = self.pipe.generate(
-                prompts, [j.route.decision for j in jobs], int(limits.max()), batch_size=len(jobs),
-                stopping_criteria=StoppingCriteriaList([_RowLimits(width, limits)]), streamer=streamer, **sampling)
-        for job, gen in zip(jobs, gens):
-            if job.tokens is not None:
+    def _dispatch(self, events: list[Event]) -> None:
+        for e in events:
+            job = e.row.job
+            if job.cancelled:
+                e.row.cancelled = True
                 continue
-            ids = gen.token_ids[: job.req.max_tokens]
-            finish = "stop" if len(gen.token_ids) < job.req.max_tokens else "length"
-            text, stopped = cut_at_stop(self.tokenizer.decode(ids, skip_special_tokens=True), job.req.stop)
-            result = GenResult(text, ids, "stop" if stopped else finish, job.route.report)
-            job.loop.call_soon_threadsafe(_resolve, job.future, result)
+            if job.tokens is not None:
+                if e.token is not None:
+                    _send(job, ("token", e.token))
+                if e.finish:
+                    _send(job, ("end", e.finish))
+            elif e.finish:
+                ids = e.row.tokens
+                text, stopped = cut_at_stop(self.tokenizer.decode(ids, skip_special_tokens=True), job.req.stop)
+                result = GenResult(text, ids, "stop" if stopped else e.finish, job.route.report)
+                job.loop.call_soon_threadsafe(_resolve, job.future, result)
 
     # ---- hot-add --------------------------------------------------------------------------
     def reload(self) -> list[str]:
@@ -213,35 +279,6 @@ class HFBackend:
         raise ServeError("the hf backend serves the run's own JARe slots (POST /v1/admin/reload picks up new "
                          "tasks); loading an external PEFT adapter needs --backend vllm", status=400,
                          param="lora_path", code="unsupported_by_backend")
-
-
-class _RowLimits(StoppingCriteria):
-    """Row b is done once it has ``limits[b]`` new tokens; the batch goes on for the others."""
-
-    def __init__(self, prompt_width: int, limits: torch.Tensor):
-        self.prompt_width, self.limits = prompt_width, limits
-
-    def __call__(self, input_ids, scores, **kwargs) -> torch.BoolTensor:
-        return (input_ids.shape[1] - self.prompt_width) >= self.limits.to(input_ids.device)
-
-
-class _BatchStreamer:
-    """transformers streamer for a batch: hands row b's new token to job b's queue."""
-
-    def __init__(self, jobs: list[_Job]):
-        self.jobs = jobs
-
-    def put(self, value: torch.Tensor) -> None:
-        if value.dim() > 1:  # the prompt
-            return
-        for job, token in zip(self.jobs, value.tolist()):
-            if job.tokens is not None:
-                _send(job, ("token", token))
-
-    def end(self) -> None:
-        for job in self.jobs:
-            if job.tokens is not None:
-                _send(job, ("end", None))
 
 
 def _send(job: _Job, item) -> None:

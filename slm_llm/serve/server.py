@@ -1,6 +1,7 @@
 """Build a backend for a run folder and serve the HTTP app with uvicorn."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 
@@ -33,8 +34,9 @@ def serve(run_dir: str | Path, backend: str | None = None, host: str | None = No
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     be, cfg = load_backend(run_dir, backend, overrides)
-    app = build_app(be, cfg.serve)
-    uvicorn.run(app, host=host or cfg.serve.host, port=cfg.serve.port if port is None else port,
+    serve_cfg = dataclasses.replace(cfg.serve, host=host or cfg.serve.host)  # admin access depends on the bound host
+    app = build_app(be, serve_cfg)
+    uvicorn.run(app, host=serve_cfg.host, port=serve_cfg.port if port is None else port,
                 log_level="info", timeout_graceful_shutdown=5)
 
 
@@ -50,7 +52,7 @@ class ServerThread:
         from slm_llm.utils.env import free_port
 
         port = port or free_port(host)
-        self.url = f"http://{host}:{port}"
+        self.url = f"http://{'127.0.0.1' if host == '0.0.0.0' else host}:{port}"
         self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning",
                                                     timeout_graceful_shutdown=5))
         self.startup_timeout_s = startup_timeout_s

