@@ -117,3 +117,27 @@ def test_vllm_offline_per_prompt_lora_matches_hf_tokens(served_run, task_queries
         task = None if row["model"] == "base" else row["model"]
         assert row["token_ids"][:len(ref := fixed_weight_reference([row["prompt"]], task)[0])] == ref
         assert (row["slm_route"] is None) == (task is None)
+
+
+def test_vllm_gap_scores_the_evaluated_run_through_vllm(served_run, tmp_path):
+    """`slm-llm vllm-gap`: the exact column is the run's own final-row slm score; with P = K = 2 and
+    uniform weights the exported adapter IS exact JARe, so vLLM must score the same, cell by cell."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(served_run, run)
+    evals = ["eval.max_samples=4", "eval.views=paraphrase,input-only"]
+    cli = str(Path(sys.executable).parent / "slm-llm")
+    for cmd in (["eval", "--run", str(run), *evals], ["vllm-gap", "--run", str(run), *evals]):
+        out = subprocess.run([cli, *cmd], cwd=REPO, capture_output=True, text=True, timeout=900)
+        assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    gap = json.loads((run / "eval" / "vllm_gap.json").read_text())
+    matrix = json.loads((run / "eval" / "matrix.json").read_text())
+    assert set(gap["views"]) == {"paraphrase", "input-only"}
+    for view, v in gap["views"].items():
+        final = matrix["views"][view]["strict"]["R"]["slm"][-1]
+        assert list(v["per_task"]) == matrix["tasks"]
+        for i, (task, c) in enumerate(v["per_task"].items()):
+            assert c["n"] == 4 and c["exact"] == pytest.approx(final[i])
+            assert c["vllm"] == pytest.approx(c["exact"]) and c["same_text"] >= 75, (view, task, c)
+    assert "| **AP** |" in (run / "eval" / "vllm_gap.md").read_text()

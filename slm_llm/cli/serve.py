@@ -1,4 +1,4 @@
-"""`slm-llm` subcommands of serving: export, serve."""
+"""`slm-llm` subcommands of serving: export, serve, vllm-gap."""
 from __future__ import annotations
 
 
@@ -16,6 +16,22 @@ def register(sub, add_config_args) -> None:
     p.add_argument("--port", type=int, help="default: serve.port")
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. serve.api_key=secret")
     p.set_defaults(fn=cmd_serve)
+
+    p = sub.add_parser("vllm-gap", help="score an evaluated slm run's test queries through vLLM (exported adapters) "
+                                        "against its exact JARe predictions; <run>/eval/vllm_gap.{json,md}")
+    p.add_argument("--run", required=True, help="a finished slm run evaluated by `slm-llm eval` (its final row)")
+    p.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. serve.vllm_device=cuda")
+    p.set_defaults(fn=cmd_vllm_gap)
+
+
+def cmd_vllm_gap(args) -> int:
+    from slm_llm.recipes.vllm_gap import vllm_gap
+
+    result = vllm_gap(args.run, args.overrides)
+    for view, v in result["views"].items():
+        print(f"{view}: AP exact JARe {v['ap_exact']:.1f}, vLLM {v['ap_vllm']:.1f} (gap {v['ap_gap']:+.1f})")
+    print(f"table: {args.run}/eval/vllm_gap.md")
+    return 0
 
 
 def cmd_export(args) -> int:

@@ -10,7 +10,8 @@ vLLM's engine core is a spawned process: call :func:`generate_offline` from unde
     python -m slm_llm.serve.vllm_offline --run runs/X --prompts prompts.jsonl --out out.jsonl
 
 ``prompts.jsonl`` rows: ``{"prompt": str, "query": str (optional, default prompt),
-"model": "slm" | "base" | <task> (optional, default slm)}``; ``out.jsonl`` rows add
+"model": "slm" | "base" | <task> (optional, default slm), "max_tokens": int (optional,
+default --max-tokens)}``; ``out.jsonl`` rows add
 ``text``, ``token_ids`` and ``slm_route``.
 """
 from __future__ import annotations
@@ -46,8 +47,9 @@ def generate_offline(run_dir: str | Path, rows: list[dict], max_tokens: int = 32
     llm = LLM(model=setup.base_folder, enable_lora=True, max_lora_rank=setup.max_lora_rank,
               max_loras=max(1, len(adapters)), max_model_len=cfg.serve.vllm_max_model_len,
               dtype="bfloat16" if cuda else "float32", enforce_eager=not cuda, max_num_seqs=max(8, len(rows)))
-    sampling = SamplingParams(max_tokens=max_tokens, temperature=temperature, stop_token_ids=stop_token_ids(tok),
-                              skip_special_tokens=True)
+    stops = stop_token_ids(tok)
+    sampling = [SamplingParams(max_tokens=r.get("max_tokens", max_tokens), temperature=temperature,
+                               stop_token_ids=stops, skip_special_tokens=True) for r in rows]
     prompts = [{"prompt_token_ids": tok(r["prompt"], add_special_tokens=False)["input_ids"]} for r in rows]
     outs = llm.generate(prompts, sampling, lora_request=requests)
     return [{**r, "text": o.outputs[0].text, "token_ids": list(o.outputs[0].token_ids), "slm_route": rt.report}
