@@ -124,3 +124,34 @@ def test_compare_over_seeds_writes_intervals_and_paired_differences(tmp_path, da
     md = Path(f"{prefix}-seeds.md").read_text()
     assert "| slm − seq_lora |" in md and "### input-only, lenient" in md
     assert Path(f"{prefix}-seeds.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.slow
+def test_learning_rates_are_picked_on_dev_then_used_on_test(tmp_path, data_root):
+    """`compare --lr-grid`: one dev run per (method, rate) with data.eval_split=dev; each method's
+    test run trains at the rate with the best dev AP (ties to the smaller rate), recorded."""
+    import yaml
+
+    prefix = tmp_path / "lr"
+    slm_llm("compare", "--config", "configs/tiny.yaml", "--methods", "slm,seq_lora,base", "--lr-grid", "1e-2,1e-4",
+            "--query-view", "paraphrase", f"run_dir={prefix}", "data.max_train_samples=10", "eval.max_samples=2",
+            "eval.max_new_tokens=2", timeout=900)
+    sel = json.loads(Path(f"{prefix}-lr.json").read_text())
+    assert sel["grid"] == [1e-4, 1e-2] and set(sel["chosen"]) == {"slm", "seq_lora"}  # base is slm's mode
+    for method, aps in sel["dev_ap"].items():
+        best = max(aps.values())
+        assert sel["chosen"][method] == min(float(lr) for lr, ap in aps.items() if ap == best)
+        for lr in ("0.0001", "0.01"):
+            dev = yaml.safe_load(Path(f"{prefix}-lr{lr}-{method}/run.yaml").read_text())
+            assert dev["data"]["eval_split"] == "dev" and dev["train"]["lr"] == float(lr)
+        test = yaml.safe_load(Path(f"{prefix}-{method}/run.yaml").read_text())
+        assert test["data"]["eval_split"] == "test" and test["train"]["lr"] == sel["chosen"][method]
+    assert "| chosen |" in Path(f"{prefix}-lr.md").read_text()
+    assert json.loads(Path(f"{prefix}-compare.json").read_text())["runs"]["seq_lora"] == f"{prefix}-seq_lora"
+
+
+def test_a_bad_learning_rate_grid_is_one_clear_line():
+    out = subprocess.run([str(VENV_BIN / "slm-llm"), "compare", "--config", "configs/tiny.yaml", "--lr-grid", "1e-3,x"],
+                         cwd=REPO, env=ENV, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "--lr-grid takes comma-separated numbers" in out.stderr
+    assert "Traceback" not in out.stderr

@@ -20,6 +20,8 @@ def register(sub, add_config_args) -> None:
                                                 "default <run_dir>-compare.json")
     p.add_argument("--seeds", default=None, help="comma-separated seeds: every method once per seed "
                    "(<run_dir>-s<seed>-<method>), then <run_dir>-seeds.{json,md,png} with 95%% intervals")
+    p.add_argument("--lr-grid", default=None, help="comma-separated learning rates: each training method's rate "
+                   "is first picked on the dev split (<run_dir>-lr<rate>-<method>, <run_dir>-lr.{json,md})")
     _add_view_arg(p)
     p.set_defaults(fn=cmd_compare)
 
@@ -78,17 +80,36 @@ def cmd_compare(args) -> int:
     from slm_llm.recipes.compare import compare
 
     cfg = load_config(args.config, [*args.overrides, *_view_overrides(args)])
+    methods, lrs = parse_methods(args.methods), None
+    if args.lr_grid:
+        from slm_llm.recipes.compare import select_lrs
+
+        selection = select_lrs(cfg, methods, _floats(args.lr_grid, "--lr-grid"))
+        print(open(selection["paths"]["markdown"]).read())
+        lrs = selection["chosen"]
     if args.seeds:
         from slm_llm.recipes.compare import compare_seeds
 
-        table = compare_seeds(cfg, parse_methods(args.methods), [int(x) for x in args.seeds.split(",") if x.strip()])
+        table = compare_seeds(cfg, methods, [int(x) for x in args.seeds.split(",") if x.strip()], lrs)
         print(open(table["paths"]["markdown"]).read())
         print(f"table: {table['paths']['json']}  {table['paths']['markdown']}  {table['paths']['plot']}")
         return 0
-    table = compare(cfg, parse_methods(args.methods), args.out)
+    table = compare(cfg, methods, args.out, lrs)
     print(open(table["paths"]["markdown"]).read())
     print(f"table: {table['paths']['json']}  {table['paths']['markdown']}")
     return 0
+
+
+def _floats(text: str, flag: str) -> list[float]:
+    from slm_llm.config import ConfigError
+
+    try:
+        values = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ConfigError(f"{flag} takes comma-separated numbers, got {text!r}") from None
+    if not values or min(values) <= 0:
+        raise ConfigError(f"{flag} needs at least one learning rate, all > 0; got {text!r}")
+    return values
 
 
 def cmd_report(args) -> int:

@@ -10,10 +10,12 @@
 Each training method's run is trained (or resumed) in process by the continual driver,
 which fills its matrix after every stage; a run that is already complete is only
 evaluated where its matrix lacks a cell. With several seeds, each seed is such a
-comparison (``<run_dir>-s<seed>``), and the seeds' table carries intervals.
+comparison (``<run_dir>-s<seed>``), and the seeds' table carries intervals. With a learning-rate
+grid, each training method's rate is first picked on the dev split (:func:`select_lrs`).
 """
 from __future__ import annotations
 
+import copy
 import logging
 from pathlib import Path
 from typing import Any
@@ -29,11 +31,15 @@ from slm_llm.utils.io import write_json, write_text
 log = logging.getLogger("slm_llm.recipes")
 
 
-def compare(cfg: Config, methods: list[str], out: str | Path | None = None) -> dict[str, Any]:
-    """Train/evaluate what ``methods`` need, then write and return the comparison table."""
+def compare(cfg: Config, methods: list[str], out: str | Path | None = None,
+            lrs: dict[str, float] | None = None) -> dict[str, Any]:
+    """Train/evaluate what ``methods`` need (each training method at ``lrs[method]`` when given,
+    else ``train.lr``), then write and return the comparison table."""
     setup_process()
     for train_method in dict.fromkeys(TRAINED_BY[m] for m in methods):
         mcfg = method_config(cfg, train_method)
+        if lrs:
+            mcfg.train.lr = lrs[train_method]
         log.info(f"compare: {train_method} -> {mcfg.run_dir}")
         run = run_continual(mcfg, evaluate_after_task)
         evaluate_run(run.root, _eval_overrides(cfg))  # fills the last row where it is missing
@@ -45,13 +51,14 @@ def compare(cfg: Config, methods: list[str], out: str | Path | None = None) -> d
     return table
 
 
-def compare_seeds(cfg: Config, methods: list[str], seeds: list[int]) -> dict[str, Any]:
+def compare_seeds(cfg: Config, methods: list[str], seeds: list[int],
+                  lrs: dict[str, float] | None = None) -> dict[str, Any]:
     """Run (or resume) the comparison once per seed, then write and return the interval table
     ``<run_dir>-seeds.{json,md,png}``."""
     tables = {}
     for s in seeds:
         log.info(f"compare: seed {s}")
-        tables[s] = compare(seed_config(cfg, s), methods)
+        tables[s] = compare(seed_config(cfg, s), methods, lrs=lrs)
     table = seeds_table(cfg, methods, seeds, tables)
     out = Path(f"{cfg.run_dir}-seeds.json")
     write_json(out, table)
@@ -59,6 +66,36 @@ def compare_seeds(cfg: Config, methods: list[str], seeds: list[int]) -> dict[str
     plot_seeds(table, out.with_suffix(".png"))
     table["paths"] = {"json": str(out), "markdown": str(out.with_suffix(".md")), "plot": str(out.with_suffix(".png"))}
     return table
+
+
+def select_lrs(cfg: Config, methods: list[str], grid: list[float]) -> dict[str, Any]:
+    """Each training method's learning rate, picked from ``grid`` on the dev split: one comparison
+    per rate at ``<run_dir>-lr<rate>`` with ``data.eval_split=dev`` (each task's dev pool, never
+    its test split), scored by the method's own AP in the headline view, strict. A tie goes to the
+    smaller rate. Writes and returns ``<run_dir>-lr.{json,md}``: ``{"chosen": {method: lr},
+    "dev_ap": {method: {lr: AP}}, "view"}``."""
+    train_methods = list(dict.fromkeys(TRAINED_BY[m] for m in methods))
+    view = cfg.eval.views[0]
+    dev_ap: dict[str, dict[str, float]] = {m: {} for m in train_methods}
+    for lr in sorted(grid):
+        c = copy.deepcopy(cfg)
+        c.train.lr, c.data.eval_split, c.run_dir = lr, "dev", f"{cfg.run_dir}-lr{lr:g}"
+        log.info(f"compare: learning rate {lr:g} on dev -> {c.run_dir}-<method>")
+        cells = compare(c, train_methods)["cells"][view]["strict"]
+        for m in train_methods:
+            dev_ap[m][f"{lr:g}"] = cells[m]["ap"]
+    chosen = {m: float(max(aps, key=lambda k: (aps[k], -float(k)))) for m, aps in dev_ap.items()}
+    result = {"view": view, "grid": sorted(grid), "chosen": chosen, "dev_ap": dev_ap}
+    out = Path(f"{cfg.run_dir}-lr.json")
+    write_json(out, result)
+    lines = [f"Learning rate per method, picked on the dev split ({view} view, strict AP); the test runs use "
+             "the chosen rate.", "", "| method | " + " | ".join(f"lr {lr:g}" for lr in sorted(grid)) + " | chosen |",
+             "|---|" + "---|" * (len(grid) + 1)]
+    for m, aps in dev_ap.items():
+        lines.append(f"| {m} | " + " | ".join(f"{aps[f'{lr:g}']:.1f}" for lr in sorted(grid)) + f" | {chosen[m]:g} |")
+    write_text(out.with_suffix(".md"), "\n".join(lines) + "\n")
+    result["paths"] = {"json": str(out), "markdown": str(out.with_suffix(".md"))}
+    return result
 
 
 def _eval_overrides(cfg: Config) -> list[str]:
