@@ -3,8 +3,8 @@
 The exact (hf) side is the run's own final-row ``slm`` predictions, as ``slm-llm eval`` wrote
 them under ``<run>/eval/predictions/<view>/``. The vLLM side sends the same prompts through
 :func:`slm_llm.serve.vllm_offline.generate_offline`: each query routed by the run's router,
-then answered by its task's exported adapter (the task's P slots at their mean training
-weights, one ``LoRARequest`` per prompt) or by the base model when flagged OOD. Both are
+then answered by the adapter the vllm backend would pick (its slot set's, or its task's; one
+``LoRARequest`` per prompt) or by the base model when flagged OOD. Both are
 scored by ``eval.metrics.score``; the table is ``<run>/eval/vllm_gap.{json,md}``.
 
 Call it from a ``__main__`` process (the ``slm-llm vllm-gap`` command): vLLM spawns its engine.
@@ -19,6 +19,7 @@ from slm_llm.config import load_config
 from slm_llm.data import load_suite, query_text, records_in_view, render_prompt, run_records
 from slm_llm.eval.continual import max_new_tokens
 from slm_llm.eval.metrics import score
+from slm_llm.jare.export import slot_sets_served
 from slm_llm.models import load_tokenizer
 from slm_llm.run import RunDir, RunError
 from slm_llm.serve.vllm_offline import generate_offline
@@ -65,7 +66,7 @@ def vllm_gap(run_dir: str | Path, overrides: list[str] | None = None) -> dict[st
         c["same_text"] += float(text == exact["prediction"])
     result: dict[str, Any] = {"run": str(run.root), "views": {}, "settings": {
         "slots_per_task": cfg.jare.slots_per_task, "top_k": cfg.jare.top_k, "slot_weights": cfg.jare.slot_weights,
-        "max_samples": cfg.eval.max_samples}}
+        "max_samples": cfg.eval.max_samples, "vllm_adapters": "slot sets" if slot_sets_served(cfg) else "tasks"}}
     for view, tasks in table.items():
         per_task = {task: {"n": c["n"], "exact": 100 * c["exact"] / c["n"], "vllm": 100 * c["vllm"] / c["n"],
                            "gap": 100 * (c["vllm"] - c["exact"]) / c["n"], "same_text": 100 * c["same_text"] / c["n"]}
@@ -88,7 +89,8 @@ def _exact_predictions(run: RunDir, view: str, stage: int, task: str) -> dict[st
 
 def gap_markdown(result: dict[str, Any]) -> str:
     s = result["settings"]
-    lines = [f"vLLM (exported adapters, one per routed task) against exact JARe (top-{s['top_k']} of "
+    served = "each query's slot-set adapter" if s["vllm_adapters"] == "slot sets" else "the routed task's adapter"
+    lines = [f"vLLM ({served}) against exact JARe (top-{s['top_k']} of "
              f"{s['slots_per_task']} slots per query, {s['slot_weights']} weights), strict scores in points, "
              "final row.", "",
              "| view | task | n | exact JARe | vLLM | gap | same text % |", "|---|---|---|---|---|---|---|"]
