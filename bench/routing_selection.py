@@ -60,7 +60,7 @@ def main() -> None:
             cfg = load_config(None, over)
             name = f"{enc} whiten={int(whiten)} keys={keys} ood={rule}"
             print(f"== {name}", flush=True)
-            r = router_eval_seeds(cfg, seeds, views=VIEWS, max_test=args.max_test, off_domain=[off],
+            r = router_eval_seeds(cfg, seeds, views=VIEWS, max_test=args.max_test, off_domain=[off, "ifeval"],
                                   ood_percentiles=PERCENTILES, encoder=build_encoder(cfg))
             rows.append({"name": name, "overrides": over, "summary": r["summary"]})
             write_json(out / "selection.json", {"suite": args.suite, "seeds": seeds, "off_domain": off, "rows": rows})
@@ -74,14 +74,16 @@ def table(rows: list[dict], off: str, seeds: list[int]) -> str:
         return "–" if v is None else f"{100 * v['mean']:.1f} ± {100 * v['sd']:.1f}"
 
     lines = [f"Dev protocol, seeds {seeds}; served = routed to its own task and not flagged OOD; "
-             f"top-1 ignores the OOD flag; off-domain = share of `{off}` queries flagged OOD.", "",
+             f"top-1 ignores the OOD flag; off-domain = share of `{off}` queries and of the official IFEval "
+             "prompts flagged OOD.", "",
              "| configuration | OOD percentile | paraphrase served | input-only served | paraphrase top-1 | "
-             f"input-only top-1 | {off} flagged |", "|---|---|---|---|---|---|---|"]
+             f"input-only top-1 | {off} flagged | IFEval flagged |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         s = r["summary"]
         for p in PERCENTILES:
             lines.append(f"| {r['name']} | {p} | {cell(s, f'sweep.{p}.paraphrase')} | {cell(s, f'sweep.{p}.input-only')} "
-                         f"| {cell(s, 'paraphrase.top1')} | {cell(s, 'input-only.top1')} | {cell(s, f'sweep.{p}.off:{off}')} |")
+                         f"| {cell(s, 'paraphrase.top1')} | {cell(s, 'input-only.top1')} | {cell(s, f'sweep.{p}.off:{off}')} "
+                         f"| {cell(s, f'sweep.{p}.off:ifeval')} |")
     return "\n".join(lines) + "\n"
 
 
