@@ -118,3 +118,15 @@ def table_markdown(table: dict[str, Any]) -> str:
                      _fmt(r["forgetting"]), _fmt(r["fwt"]), _fmt(r["routing_accuracy"])]
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def lr_markdown(result: dict[str, Any]) -> str:
+    """The learning-rate grid of :func:`slm_llm.recipes.compare.select_lrs` as a markdown table."""
+    grid = result["grid"]
+    lines = [f"Learning rate per method, picked on the dev split ({result['view']} view, strict AP); the test runs "
+             "use the chosen rate.", "", "| method | " + " | ".join(f"lr {lr:g}" for lr in grid) + " | chosen |",
+             "|---|" + "---|" * (len(grid) + 1)]
+    for m, aps in result["dev_ap"].items():
+        lines.append(f"| {m} | " + " | ".join(f"{aps[f'{lr:g}']:.1f}" for lr in grid)
+                     + f" | {result['chosen'][m]:g} |")
+    return "\n".join(lines) + "\n"

@@ -104,8 +104,9 @@ def export_task_adapter(run: RunDir, task: str, cfg: Config | None = None, peft_
     tdir = run.task_dir(task)
     factors = lora_factors(load_file(str(tdir / "increments.safetensors")), info["mean_weights"], cfg.jare.scale)
     out = tdir / "adapter"
-    _write_adapter(lora_base(cfg) if peft_model is None else peft_model, factors, out, cfg, run,
-                   {"task": task, "mean_weights": info["mean_weights"]})
+    with atomic_dir(out) as tmp:
+        _write_adapter(lora_base(cfg) if peft_model is None else peft_model, factors, tmp, cfg, run,
+                       {"task": task, "mean_weights": info["mean_weights"]})
     run.record_task_files(task, "adapter", out)
     log.info(f"{task}: adapter -> {out}")
     return out
@@ -123,52 +124,48 @@ def slot_set_name(task: str, positions) -> str:
     return f"{task}@" + "-".join(str(p) for p in sorted(positions))
 
 
-def export_slot_sets(run: RunDir, task: str, cfg: Config | None = None, peft_model=None) -> dict[str, Path]:
-    """Every K-subset S of ``task``'s P slots as its own adapter, its slots at weight 1/K and the
+def export_slot_sets(run: RunDir, tasks: list[str], cfg: Config | None = None) -> dict[str, Path]:
+    """Every K-subset S of each task's P slots as its own adapter, its slots at weight 1/K and the
     others at 0, under ``<task dir>/slot_sets/<i-j>/``: exactly what exact JARe (uniform weights)
-    gives a query routed to S, so vLLM can serve it. Kept while the manifest's hashes match.
+    gives a query routed to S, so vLLM can serve it. A task's sets are kept while the manifest's
+    hashes match; the base model is loaded only if some task needs writing.
     Returns ``{slot_set_name: folder}``."""
     from safetensors.torch import load_file
 
     cfg = cfg or load_config(run.root / "run.yaml")
     P, K = cfg.jare.slots_per_task, cfg.jare.top_k
-    tdir = run.task_dir(task)
     subsets = list(itertools.combinations(range(P), K))
-    folders = {slot_set_name(task, S): tdir / "slot_sets" / "-".join(map(str, S)) for S in subsets}
-    if artifact_is_current(run, task, "slot_sets"):
-        return folders
-    run.check_base(model_id(cfg.model))
-    state = load_file(str(tdir / "increments.safetensors"))
-    peft_model = lora_base(cfg) if peft_model is None else peft_model
-    with atomic_dir(tdir / "slot_sets") as tmp:
-        for S in subsets:
-            weights = [1.0 / K if i in S else 0.0 for i in range(P)]
-            _write_adapter(peft_model, lora_factors(state, weights, cfg.jare.scale),
-                           tmp / "-".join(map(str, S)), cfg, run, {"task": task, "slots": list(S), "weights": weights},
-                           atomic=False)
-    run.record_task_files(task, "slot_sets", tdir / "slot_sets")
-    log.info(f"{task}: {len(subsets)} slot-set adapters -> {tdir / 'slot_sets'}")
-    return folders
+    out, peft_model = {}, None
+    for task in tasks:
+        tdir = run.task_dir(task)
+        out.update({slot_set_name(task, S): tdir / "slot_sets" / "-".join(map(str, S)) for S in subsets})
+        if artifact_is_current(run, task, "slot_sets"):
+            continue
+        if peft_model is None:
+            run.check_base(model_id(cfg.model))
+            peft_model = lora_base(cfg)
+        state = load_file(str(tdir / "increments.safetensors"))
+        with atomic_dir(tdir / "slot_sets") as tmp:
+            for S in subsets:
+                weights = [1.0 / K if i in S else 0.0 for i in range(P)]
+                folder = tmp / "-".join(map(str, S))
+                folder.mkdir()
+                _write_adapter(peft_model, lora_factors(state, weights, cfg.jare.scale), folder, cfg, run,
+                               {"task": task, "slots": list(S), "weights": weights})
+        run.record_task_files(task, "slot_sets", tdir / "slot_sets")
+        log.info(f"{task}: {len(subsets)} slot-set adapters -> {tdir / 'slot_sets'}")
+    return out
 
 
-def _write_adapter(peft_model, factors: dict[str, tuple[torch.Tensor, torch.Tensor]], out: Path, cfg: Config,
-                   run: RunDir, meta: dict, atomic: bool = True) -> None:
-    """``factors`` as a PEFT adapter folder ``out`` with our ``slm_adapter.json`` beside it."""
+def _write_adapter(peft_model, factors: dict[str, tuple[torch.Tensor, torch.Tensor]], folder: Path, cfg: Config,
+                   run: RunDir, meta: dict) -> None:
+    """``factors`` as a PEFT adapter in ``folder``, with our ``slm_adapter.json`` beside it."""
     set_lora_weights(peft_model, factors)
     peft_model.peft_config[ADAPTER_NAME].base_model_name_or_path = str(base_model_folder(cfg, run))
-
-    def write(folder: Path) -> None:
-        peft_model.save_pretrained(str(folder))
-        (folder / ADAPTER_META).write_text(json.dumps({
-            "base_model": model_id(cfg.model), "config_hash": cfg.hash(), **meta, "rank": adapter_rank(cfg),
-            "jare_scale": cfg.jare.scale}, indent=1))
-
-    if not atomic:
-        out.mkdir(parents=True)
-        write(out)
-        return
-    with atomic_dir(out) as tmp:
-        write(tmp)
+    peft_model.save_pretrained(str(folder))
+    (folder / ADAPTER_META).write_text(json.dumps({
+        "base_model": model_id(cfg.model), "config_hash": cfg.hash(), **meta, "rank": adapter_rank(cfg),
+        "jare_scale": cfg.jare.scale}, indent=1))
 
 
 def export_olora_adapter(run: RunDir, task: str, cfg: Config | None = None) -> Path:

