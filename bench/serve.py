@@ -128,7 +128,7 @@ def decode_section(cfg, a) -> JareModel:
 
 def write_run(cfg, root: Path, model: JareModel) -> Path:
     """A run folder any ``slm-llm serve`` can load: ``model``'s tasks as finished increments and
-    a router whose task t keys sit around QUERIES[t] (no training)."""
+    a router whose task t keys sit around QUERIES[t] (no training), calibrated on 16 variants of it."""
     from slm_llm.dtkr import Router
     from slm_llm.dtkr.encoder import build_encoder
     from slm_llm.run import RunDir
@@ -142,7 +142,8 @@ def write_run(cfg, root: Path, model: JareModel) -> Path:
     run.init(cfg, model_id(cfg.model), encoder.id, list(model.tasks))
     for t, task in enumerate(model.tasks):
         keys = emb[t][None] + 0.05 * rng.normal(size=(P, encoder.dim)).astype(np.float32)
-        router.add_task(task, torch.from_numpy(keys.reshape(P, G, -1)))
+        train_emb = encoder.encode([QUERIES[t] + f" (request {i})" for i in range(16)])
+        router.add_task(task, torch.from_numpy(keys.reshape(P, G, -1)), train_emb=train_emb)
         run.task_dir(task).mkdir(parents=True, exist_ok=True)
         model.save_task(task, run.task_dir(task) / "increments.safetensors")
         run.mark_task_done(task, {})

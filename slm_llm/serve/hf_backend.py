@@ -1,15 +1,19 @@
 """The embedded backend: exact per-query JARe through RunPipeline, with continuous batching.
 
-Arriving requests are routed in a worker thread (one encoder call per ``model`` for
-whatever arrived together) while the decode thread runs. The decode thread drives a
-:class:`~slm_llm.serve.decode.DecodeBatch`: before each decode step, and between its
-forwards (a step runs at most ``serve.step_chunk_rows`` rows per forward), it takes the
-routed requests (up to ``serve.max_batch_size`` running rows and
-``serve.max_prefill_tokens`` prompt tokens per admission), prefills them together and
-adds them to the running batch; their first token is sent right after that prefill. A row leaves as soon as it is done,
-so a request waits for at most one forward (plus the prefills ahead of it), never for
-other requests' ``max_tokens``. Each row keeps its own top-K slots and weights, and its
-own sampling settings, in every step.
+One decode thread drives a :class:`~slm_llm.serve.decode.DecodeBatch`. Before each decode
+step, and between its forwards (a step runs at most ``serve.step_chunk_rows`` rows per
+forward), it takes the waiting requests (up to ``serve.max_batch_size`` running rows and
+``serve.max_prefill_tokens`` prompt tokens per admission), routes them (one encoder call
+per ``model``), prefills them together and adds them to the running batch; their first
+token is sent right after that prefill. A row leaves as soon as it is done, so a request
+waits for at most one forward (plus the routing and prefills ahead of it), never for other
+requests' ``max_tokens``. Each row keeps its own top-K slots and weights, and its own
+sampling settings, in every step.
+
+Routing runs in the decode thread, not beside it: the encoder (the base model's first
+blocks by default) and the decode forwards would otherwise split the same cores, and a
+burst of arrivals waited for both (64 clients on 2 cores: routing a burst of 8 took 0.85 s
+beside the decode forwards, at most 0.25 s in the decode thread; bench/RESULTS.md).
 
 The decode thread holds the model lock while it admits or steps; hot-add takes the same
 lock between two steps.
@@ -65,8 +69,6 @@ class HFBackend:
         self._wake = threading.Condition()
         self._closing = False
         self._thread: threading.Thread | None = None
-        self._to_route: asyncio.Queue[_Job] | None = None
-        self._router_task: asyncio.Task | None = None
         self._model_lock = threading.Lock()  # decode steps vs hot-add
         self.rows_per_step: collections.deque[int] = collections.deque(maxlen=4096)  # tests, metrics
 
@@ -87,14 +89,10 @@ class HFBackend:
     # ---- lifecycle ------------------------------------------------------------------------
     async def start(self) -> None:
         self._closing = False
-        self._to_route = asyncio.Queue()
-        self._router_task = asyncio.create_task(self._route_arrivals())
         self._thread = threading.Thread(target=self._run, name="slm-decode", daemon=True)
         self._thread.start()
 
     async def close(self) -> None:
-        if self._router_task is not None:
-            self._router_task.cancel()
         with self._wake:
             self._closing = True
             self._wake.notify()
@@ -149,33 +147,9 @@ class HFBackend:
         if self._closing or self._thread is None:
             raise ServeError("the server is shutting down", status=503, code="server_unavailable",
                              type_="server_error")
-        self._to_route.put_nowait(job)
-
-    async def _route_arrivals(self) -> None:
-        """Route arriving requests in a worker thread, one encoder call per model for whatever arrived
-        together, while the decode thread keeps stepping; then hand them to the decode thread."""
-        while True:
-            jobs = [await self._to_route.get()]
-            while not self._to_route.empty():
-                jobs.append(self._to_route.get_nowait())
-            by_model: dict[str, list[_Job]] = {}
-            for job in jobs:
-                if not job.cancelled:
-                    by_model.setdefault(job.req.model, []).append(job)
-            for model, group in by_model.items():
-                try:
-                    routes = await asyncio.to_thread(self.route, [j.req.query for j in group], model)
-                except Exception as e:  # noqa: BLE001 (only this group fails)
-                    for job in group:
-                        _fail(job, e)
-                    continue
-                for job, route in zip(group, routes):
-                    job.route = route
-                    if job.tokens is not None:
-                        job.tokens.put_nowait(("route", route.report))
-                with self._wake:
-                    self._pending.extend(group)
-                    self._wake.notify()
+        with self._wake:
+            self._pending.append(job)
+            self._wake.notify()
 
     # ---- the decode thread ----------------------------------------------------------------
     def _run(self) -> None:
@@ -188,19 +162,18 @@ class HFBackend:
                 idle = not self.batch.rows
             if idle and self.cfg.batch_wait_ms > 0:  # the first request of a burst waits for the others
                 time.sleep(self.cfg.batch_wait_ms / 1000)
-            jobs = self._take()
             try:
                 with self._model_lock:
+                    jobs = self._take()
                     if jobs:
                         self._admit(jobs)
                     if self.batch.rows:
                         self.rows_per_step.append(len(self.batch.rows))
                         self.batch.step(self.cfg.step_chunk_rows, after_chunk=self._after_chunk)
-            except Exception as e:  # noqa: BLE001 (every waiting request must hear about it)
+            except Exception as e:  # noqa: BLE001 (every running request must hear about it; _admit told its own)
                 log.exception("decode step failed")
-                running = [r.job for r in self.batch.rows]
-                for job in running + [j for j in jobs if all(j is not k for k in running)]:
-                    _fail(job, e)
+                for row in self.batch.rows:
+                    _fail(row.job, e)
                 self.batch.clear()
         for job in [*self._pending, *(r.job for r in self.batch.rows)]:
             _fail(job, ServeError("the server is shutting down", status=503, code="server_unavailable",
@@ -230,20 +203,43 @@ class HFBackend:
         return jobs
 
     def _admit(self, jobs: list[_Job]) -> None:
-        """Prefill the new (routed) jobs into the batch."""
-        rows = []
-        for job in jobs:
-            r = job.req
-            job.row = Row(r.prompt_ids, job.route.decision, r.max_tokens, r.temperature, r.top_p, r.stop,
-                          r.ignore_eos, job=job)
-            rows.append(job.row)
+        """Route the new jobs (one encoder call per model) and prefill them into the batch."""
+        jobs = self._route_jobs(jobs)
+        if not jobs:
+            return
         try:
+            rows = []
+            for job in jobs:
+                r = job.req
+                job.row = Row(r.prompt_ids, job.route.decision, r.max_tokens, r.temperature, r.top_p, r.stop,
+                              r.ignore_eos, job=job)
+                rows.append(job.row)
             events = self.batch.admit(rows)
         except Exception as e:  # noqa: BLE001 (these jobs are in no row yet: tell them here)
             for job in jobs:
                 _fail(job, e)
             raise
         self._dispatch(events)
+
+    def _route_jobs(self, jobs: list[_Job]) -> list[_Job]:
+        """Route ``jobs``; returns those routed (a group whose routing fails hears about it and drops out)."""
+        by_model: dict[str, list[_Job]] = {}
+        for job in jobs:
+            by_model.setdefault(job.req.model, []).append(job)
+        routed = []
+        for model, group in by_model.items():
+            try:
+                routes = self.route([j.req.query for j in group], model)
+            except Exception as e:  # noqa: BLE001 (only this group fails)
+                for job in group:
+                    _fail(job, e)
+                continue
+            for job, route in zip(group, routes):
+                job.route = route
+                if job.tokens is not None:
+                    _send(job, ("route", route.report))
+            routed += group
+        return routed
 
     def _dispatch(self, events: list[Event]) -> None:
         for e in events:
