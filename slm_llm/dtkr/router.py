@@ -234,13 +234,19 @@ class Router:
         return self._slot_task[self._row_slot[ids[:, 0]]]
 
     def _route_within(self, emb: np.ndarray, task_pos: np.ndarray, k: int) -> list[RouteDecision]:
-        """Row b among the slots of task ``task_pos[b]`` only, by exact plain mean group cosines."""
+        """Row b among the slots of task ``task_pos[b]`` only, by exact plain mean group cosines
+        (over the last ``dtkr.slot_groups`` groups when set; the OOD score over all groups)."""
         plain_q = group_normalise(emb, self.groups)
+        cols = slice(self.dim - self.dim // self.groups * self.cfg.slot_groups if self.cfg.slot_groups else 0, None)
         out = []
         for b, (q, pos) in enumerate(zip(plain_q, task_pos)):
-            scores = self._plain_keys[pos] @ q  # [R_t]
+            keys = self._plain_keys[pos]
+            scores = keys[:, cols] @ q[cols]  # [R_t]
             order = np.argsort(-scores, kind="stable")
             d = self._decide(scores[order], self.tasks[pos]["first_row"] + order, k)
+            if self.cfg.slot_groups:  # the OOD score, as its threshold was set: every group
+                d.score = float((keys @ q).max())
+                d.ood = d.score < self._threshold[pos]
             gaussian = self._gaussians[pos]
             if gaussian is not None:
                 d.ood = bool(gaussian.distance(emb[b : b + 1], self.groups)[0] > gaussian.threshold)
