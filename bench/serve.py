@@ -3,6 +3,7 @@
     python bench/serve.py                                  # everything, SmolLM2-135M fp32 on CPU
     python bench/serve.py --decode-only --targets all      # increments on all seven projections
     python bench/serve.py --http-only --clients 1,16,64 --duration 60
+    python bench/serve.py --decode-only --device cuda model.dtype=bfloat16   # on a GPU (bench/gpu_check.sh)
 
 1. Decode tokens/s, KV-cached greedy generation, a batch whose rows all use different
    slots (4 tasks x P=4 random nonzero slots of rank 8 on --targets, default o_proj, K=2):
@@ -91,22 +92,28 @@ def routing(batch: int, P: int, K: int):
 
 
 def decode_tps(model, tok, batch: int, new_tokens: int, slot_ids=None, slot_weights=None, clock=time.perf_counter):
+    device = next(model.parameters()).device
     prompts = [QUERIES[b % len(QUERIES)] for b in range(batch)]
-    enc = tok(prompts, return_tensors="pt", padding=True, padding_side="left")
+    enc = tok(prompts, return_tensors="pt", padding=True, padding_side="left").to(device)
     kw = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync()
     t0 = clock()
     with torch.no_grad():
         if slot_ids is None:
             model.generate(**enc, **kw)
         else:
-            model.generate(enc["input_ids"], attention_mask=enc["attention_mask"], slot_ids=slot_ids,
-                           slot_weights=slot_weights, **kw)
+            model.generate(enc["input_ids"], attention_mask=enc["attention_mask"], slot_ids=slot_ids.to(device),
+                           slot_weights=slot_weights.to(device), **kw)
+    sync()
     return batch * new_tokens / (clock() - t0)
 
 
 def decode_section(cfg, a) -> JareModel:
     plain, tok = load_base_model(cfg.model)
+    plain.to(a.device)
     model, tok = jare_model(cfg)
+    model.to(a.device)
     ids, w = routing(a.batch, cfg.jare.slots_per_task, cfg.jare.top_k)
     clock = time.thread_time if a.clock == "cpu" else time.perf_counter
     base_tps = jare_tps = 0.0
@@ -322,6 +329,8 @@ def main() -> int:
     ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                     help="decode: wall time, or this thread's CPU time (with --threads 1: a busy machine's other "
                          "processes do not count)")
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                    help="decode: where the models run (cuda: pass model.dtype=bfloat16 for the GPU's own precision)")
     ap.add_argument("--targets", default="o_proj", help=f"comma-separated JARe target modules, or all ({ALL_TARGETS})")
     ap.add_argument("--clients", default="1,16,64", help="HTTP: concurrent streaming clients, one level after another")
     ap.add_argument("--models", default="slm,base", help="HTTP: the models measured at each level, in turn")
@@ -338,11 +347,14 @@ def main() -> int:
     part.add_argument("--http-only", action="store_true", help="only the HTTP section")
     a = ap.parse_args()
     targets = ALL_TARGETS if a.targets == "all" else a.targets
+    if a.device == "cuda" and not (a.decode_only and torch.cuda.is_available()):
+        ap.error("--device cuda needs --decode-only and a CUDA device visible to torch")
     if a.threads:
         torch.set_num_threads(a.threads)
     cfg = load_config(None, [f"model.name={a.model}", "jare.rank=8", "jare.slots_per_task=4", "jare.top_k=2",
                              f"jare.targets=[{targets}]", *a.overrides])
-    print(f"# bench/serve.py  model={model_id(cfg.model)} fp32 threads={torch.get_num_threads()} batch={a.batch} "
+    where = torch.cuda.get_device_name() if a.device == "cuda" else f"cpu threads={torch.get_num_threads()}"
+    print(f"# bench/serve.py  model={model_id(cfg.model)} {cfg.model.dtype} {where} batch={a.batch} "
           f"new_tokens={a.new_tokens} targets={','.join(cfg.jare.targets)}")
     model = decode_section(cfg, a) if not a.http_only else jare_model(cfg)[0]
     if a.decode_only:

@@ -25,12 +25,14 @@ def decision(slots, weights):
 
 def alone(model, row: Row) -> list[int]:
     """The row generated on its own by transformers' generate: the reference."""
+    device = next(model.parameters()).device
     if row.decision is None:
         s, w = torch.zeros(1, 1, dtype=torch.long), torch.zeros(1, 1)
     else:
         s, w = routing_tensors([row.decision])
-    out = model.generate(torch.tensor([row.prompt_ids]), slot_ids=s, slot_weights=w, max_new_tokens=row.max_tokens,
-                         do_sample=False, pad_token_id=0, eos_token_id=[STOP])[0, len(row.prompt_ids):].tolist()
+    out = model.generate(torch.tensor([row.prompt_ids], device=device), slot_ids=s.to(device), slot_weights=w.to(device),
+                         max_new_tokens=row.max_tokens, do_sample=False, pad_token_id=0,
+                         eos_token_id=[STOP])[0, len(row.prompt_ids):].tolist()
     return out[: out.index(STOP)] if STOP in out else out
 
 

@@ -31,7 +31,7 @@ from slm_llm.dtkr.encoder import Encoder, build_encoder
 from slm_llm.jare import JareModel
 from slm_llm.models import load_base_model, load_tokenizer, model_id
 from slm_llm.run import RunDir
-from slm_llm.train.distributed import barrier, rank_and_world
+from slm_llm.train.distributed import barrier, rank_and_world, training_environment
 from slm_llm.train.engine import build_engine, load_ds_config, zero_stage
 from slm_llm.train.loop import total_steps, train_task
 from slm_llm.train.olora import OLoraObjective, olora_model
@@ -150,6 +150,7 @@ def run_continual(cfg: Config, after_task: Callable[[Config, RunDir, int], objec
                 "steps": steps,
                 "final_loss": result.losses[-1] if result.losses else None,
                 "mean_weights": routing.mean_weights.round(6).tolist(),
+                "trained_on": training_environment(cfg.train.precision),
             })
             log.info(f"{tag}: trained, loss {result.losses[-1] if result.losses else float('nan'):.4f}")
             if after_task is not None:

@@ -1,0 +1,80 @@
+#!/usr/bin/env bash
+# The GPU check: the CUDA tests (tests/test_gpu.py) and the GPU benchmarks, in one command on a
+# CUDA machine whose Python already has torch, transformers, peft and sentence-transformers.
+#
+#   bench/gpu_check.sh --prepare      # here, with pip: .gpu/ = wheels of what such an image lacks or has in another version
+#                                     # (deepspeed, faiss-cpu, pydantic, transformers, peft), the data, the tokenizer
+#   bench/gpu_check.sh OUT_DIR        # there, from the repo root (.gpu/ beside it): writes OUT_DIR/gpu_check.log
+#
+# Models are random-weight Llamas in SmolLM2-135M's shape (and SmolLM2-1.7B's for decode), so no
+# weights travel: the numbers are speed and exactness, not accuracy. Every step has its own time
+# limit, so one hang does not cost the others.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+SMOL135="model.name=tiny-llama model.tiny_hidden_size=576 model.tiny_layers=30 model.tiny_heads=9 model.tiny_kv_heads=3 model.tiny_intermediate_size=1536"
+SMOL1700="model.name=tiny-llama model.tiny_hidden_size=2048 model.tiny_layers=24 model.tiny_heads=32 model.tiny_kv_heads=32 model.tiny_intermediate_size=8192"
+
+if [[ "${1:-}" == "--prepare" ]]; then
+  set -e
+  py=.venv/bin/python
+  rm -rf .gpu && mkdir -p .gpu/whl .gpu/cache/models .gpu/data
+  ver() { "$py" -c "import importlib.metadata as m; print(m.version('$1'))"; }
+  "$py" -m pip wheel -q --no-deps --no-build-isolation -w .gpu/whl "deepspeed==$(ver deepspeed)"
+  for pkg in transformers peft hjson pydantic pydantic_core annotated_types typing_inspection faiss-cpu; do
+    "$py" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+      --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+      -d .gpu/whl "$pkg==$(ver "$pkg")"
+  done
+  SLM_CACHE="$PWD/.gpu/cache" "$py" -c "from slm_llm.models.gguf import ensure_tokenizer; ensure_tokenizer('smollm2-135m-instruct')"
+  data=$("$py" -c "from slm_llm.data import resolve_data_root; print(resolve_data_root())")
+  cp -r "$data/instruct" "$data/ifeval" .gpu/data/
+  grep -qx "/.gpu/" .git/info/exclude 2>/dev/null || echo "/.gpu/" >> .git/info/exclude
+  du -sh .gpu
+  exit 0
+fi
+
+out="${1:?usage: bench/gpu_check.sh OUT_DIR (or --prepare)}"
+mkdir -p "$out"
+exec > >(tee "$out/gpu_check.log") 2>&1
+step() { echo; echo "== $(date -u +%FT%TZ) $*"; }
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .gpu/whl/*.whl || exit 1
+export PYTHONPATH="/tmp/site:$PWD" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+export SLM_CACHE="$PWD/.gpu/cache" SLM_DATA="$PWD/.gpu/data"
+
+step "machine"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+python3 -c "import torch, transformers, peft, deepspeed, faiss; print('torch', torch.__version__, 'cuda', torch.version.cuda, '| transformers', transformers.__version__, '| peft', peft.__version__, '| deepspeed', deepspeed.__version__, '| faiss', faiss.__version__)"
+
+step "CUDA tests: JARe fp32/bf16, continuous batching, encoder, FAISS"
+timeout 240 python3 -m pytest -q -rA -p no:cacheprovider -m gpu tests/test_gpu.py -k "not launcher" --durations=0
+
+step "decode, SmolLM2-135M shape, bf16: o_proj and all seven projections at batch 8, all seven at batch 64"
+for run in "o_proj 8" "all 8" "all 64"; do
+  set -- $run
+  timeout 90 python3 bench/serve.py --decode-only --device cuda --model tiny-llama --targets $1 --batch $2 \
+    --new-tokens 32 --reps 2 ${SMOL135#model.name=tiny-llama } model.dtype=bfloat16
+done
+
+step "CUDA tests: deepspeed launcher, ZeRO-2 (with stage evaluation), ZeRO-3, ZeRO-3 offload, bf16, NCCL"
+timeout 420 python3 -m pytest -q -rA -p no:cacheprovider -m gpu tests/test_gpu.py -k "launcher" --durations=0
+
+step "training throughput: deepspeed launch/train.py, SmolLM2-135M shape, instruct6 x 200 samples, ZeRO-2 bf16"
+timeout 180 python3 -m deepspeed.launcher.runner --num_gpus 1 launch/train.py --config configs/quickstart.yaml \
+  run_dir=/tmp/gpu_train $SMOL135 train.precision=bf16 data.max_train_samples=200 train.micro_batch_size=16 \
+  eval.during_training=false
+python3 - <<'EOF'
+import json, pathlib
+for log in sorted(pathlib.Path("/tmp/gpu_train/tasks").glob("*/train_log.jsonl")):
+    rows = [json.loads(line) for line in log.read_text().splitlines()]
+    steady = rows[2:] or rows
+    tokens, seconds = sum(r["tokens"] for r in steady), sum(r["tokens"] / r["tok_per_s"] for r in steady)
+    print(f"{log.parent.name}: {len(rows)} steps, loss {rows[0]['loss']:.3f} -> {rows[-1]['loss']:.3f}, "
+          f"{tokens / seconds:,.0f} tokens/s after 2 warm-up steps")
+manifest = json.loads(pathlib.Path("/tmp/gpu_train/manifest.json").read_text())
+print("trained on:", next(iter(manifest["tasks"].values()))["trained_on"])
+EOF
+
+step "decode, SmolLM2-1.7B shape, bf16, batch 8, all seven projections"
+timeout 150 python3 bench/serve.py --decode-only --device cuda --model tiny-llama --targets all --batch 8 \
+  --new-tokens 32 --reps 2 ${SMOL1700#model.name=tiny-llama } model.dtype=bfloat16
+step "done"
