@@ -56,10 +56,10 @@ for run in "o_proj 8" "all 8" "all 64"; do
 done
 
 step "CUDA tests: deepspeed launcher, ZeRO-2 (with stage evaluation), ZeRO-3, ZeRO-3 offload, bf16, NCCL"
-timeout 420 python3 -m pytest -q -rA -p no:cacheprovider -m gpu tests/test_gpu.py -k "launcher" --durations=0
+timeout 300 python3 -m pytest -q -rA -p no:cacheprovider -m gpu tests/test_gpu.py -k "launcher" --durations=0
 
 step "training throughput: deepspeed launch/train.py, SmolLM2-135M shape, instruct6 x 200 samples, ZeRO-2 bf16"
-timeout 180 python3 -m deepspeed.launcher.runner --num_gpus 1 launch/train.py --config configs/quickstart.yaml \
+timeout 150 python3 -m deepspeed.launcher.runner --num_gpus 1 launch/train.py --config configs/quickstart.yaml \
   run_dir=/tmp/gpu_train $SMOL135 train.precision=bf16 data.max_train_samples=200 train.micro_batch_size=16 \
   eval.during_training=false
 python3 - <<'EOF'
