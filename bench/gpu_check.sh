@@ -4,7 +4,8 @@
 #
 #   bench/gpu_check.sh --prepare      # here, with pip: .gpu/ = wheels of what such an image lacks or has in another version
 #                                     # (deepspeed, faiss-cpu, pydantic, transformers, peft), the data, the tokenizer
-#   bench/gpu_check.sh OUT_DIR        # there, from the repo root (.gpu/ beside it): writes OUT_DIR/gpu_check.log
+#   bench/gpu_check.sh OUT_DIR [SECTION ...]   # there, from the repo root (.gpu/ beside it): writes
+#                                     # OUT_DIR/gpu_check.log; sections: tests decode train (default: all)
 #
 # Models are random-weight Llamas in SmolLM2-135M's shape (and SmolLM2-1.7B's for decode), so no
 # weights travel: the numbers are speed and exactness, not accuracy. Every step has its own time
@@ -33,7 +34,10 @@ if [[ "${1:-}" == "--prepare" ]]; then
   exit 0
 fi
 
-out="${1:?usage: bench/gpu_check.sh OUT_DIR (or --prepare)}"
+out="${1:?usage: bench/gpu_check.sh OUT_DIR [tests|decode|train ...] (or --prepare)}"
+shift
+sections=" ${*:-tests decode train} "
+want() { [[ "$sections" == *" $1 "* ]]; }
 mkdir -p "$out"
 exec > >(tee "$out/gpu_check.log") 2>&1
 step() { echo; echo "== $(date -u +%FT%TZ) $*"; }
@@ -45,23 +49,23 @@ step "machine"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 python3 -c "import torch, transformers, peft, deepspeed, faiss; print('torch', torch.__version__, 'cuda', torch.version.cuda, '| transformers', transformers.__version__, '| peft', peft.__version__, '| deepspeed', deepspeed.__version__, '| faiss', faiss.__version__)"
 
-step "CUDA tests: JARe fp32/bf16, continuous batching, encoder, FAISS"
+want tests && step "CUDA tests: JARe fp32/bf16, continuous batching, encoder, FAISS" &&
 timeout 240 python3 -m pytest -q -rA -p no:cacheprovider -m gpu tests/test_gpu.py -k "not launcher" --durations=0
 
-step "decode, SmolLM2-135M shape, bf16: o_proj and all seven projections at batch 8, all seven at batch 64"
+want decode && step "decode, SmolLM2-135M shape, bf16: o_proj and all seven projections at batch 8, all seven at batch 64" &&
 for run in "o_proj 8" "all 8" "all 64"; do
   set -- $run
   timeout 90 python3 bench/serve.py --decode-only --device cuda --model tiny-llama --targets $1 --batch $2 \
     --new-tokens 32 --reps 2 ${SMOL135#model.name=tiny-llama } model.dtype=bfloat16
 done
 
-step "CUDA tests: deepspeed launcher, ZeRO-2 (with stage evaluation), ZeRO-3, ZeRO-3 offload, bf16, NCCL"
+want tests && step "CUDA tests: deepspeed launcher, ZeRO-2 (with stage evaluation), ZeRO-3, ZeRO-3 offload, bf16, NCCL" &&
 timeout 300 python3 -m pytest -q -rA -p no:cacheprovider -m gpu tests/test_gpu.py -k "launcher" --durations=0
 
-step "training throughput: deepspeed launch/train.py, SmolLM2-135M shape, instruct6 x 200 samples, ZeRO-2 bf16"
+want train && step "training throughput: deepspeed launch/train.py, SmolLM2-135M shape, instruct6 x 200 samples, ZeRO-2 bf16" &&
 timeout 150 python3 -m deepspeed.launcher.runner --num_gpus 1 launch/train.py --config configs/quickstart.yaml \
   run_dir=/tmp/gpu_train $SMOL135 train.precision=bf16 data.max_train_samples=200 train.micro_batch_size=16 \
-  eval.during_training=false
+  eval.during_training=false &&
 python3 - <<'EOF'
 import json, pathlib
 for log in sorted(pathlib.Path("/tmp/gpu_train/tasks").glob("*/train_log.jsonl")):
@@ -74,7 +78,9 @@ manifest = json.loads(pathlib.Path("/tmp/gpu_train/manifest.json").read_text())
 print("trained on:", next(iter(manifest["tasks"].values()))["trained_on"])
 EOF
 
-step "decode, SmolLM2-1.7B shape, bf16, batch 8, all seven projections"
-timeout 150 python3 bench/serve.py --decode-only --device cuda --model tiny-llama --targets all --batch 8 \
-  --new-tokens 32 --reps 2 ${SMOL1700#model.name=tiny-llama } model.dtype=bfloat16
+want decode && step "decode, SmolLM2-1.7B shape, bf16, batch 8: o_proj, all seven projections" &&
+for targets in o_proj all; do
+  timeout 120 python3 bench/serve.py --decode-only --device cuda --model tiny-llama --targets $targets --batch 8 \
+    --new-tokens 32 --reps 2 ${SMOL1700#model.name=tiny-llama } model.dtype=bfloat16
+done
 step "done"

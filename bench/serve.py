@@ -79,7 +79,7 @@ def dense_forward(self, x):
     B_all = torch.cat([getattr(self, f"B_{i}") for i in range(len(self.task_names))])
     rows = []
     for b in range(x.shape[0]):
-        s, w = self.routing.slot_ids[b], self.routing.slot_weights[b]
+        s, w = self.routing.slot_ids[b], self.routing.slot_weights[b].to(self.base.weight.dtype)
         delta = torch.einsum("k,kor,kri->oi", self.scale * w, B_all[s], A_all[s])  # [out, in]
         rows.append(F.linear(x[b], self.base.weight + delta, self.base.bias))
     return torch.stack(rows)
