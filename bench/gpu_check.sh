@@ -56,7 +56,7 @@ want decode && step "decode, SmolLM2-135M shape, bf16: o_proj and all seven proj
 for run in "o_proj 8" "all 8" "all 64"; do
   set -- $run
   timeout 90 python3 bench/serve.py --decode-only --device cuda --model tiny-llama --targets $1 --batch $2 \
-    --new-tokens 32 --reps 2 ${SMOL135#model.name=tiny-llama } model.dtype=bfloat16
+    --new-tokens 32 --reps 3 $([[ $2 -gt 8 ]] && echo --no-dense) ${SMOL135#model.name=tiny-llama } model.dtype=bfloat16
 done
 
 want tests && step "CUDA tests: deepspeed launcher, ZeRO-2 (with stage evaluation), ZeRO-3, ZeRO-3 offload, bf16, NCCL" &&
@@ -81,6 +81,6 @@ EOF
 want decode && step "decode, SmolLM2-1.7B shape, bf16, batch 8: o_proj, all seven projections" &&
 for targets in o_proj all; do
   timeout 120 python3 bench/serve.py --decode-only --device cuda --model tiny-llama --targets $targets --batch 8 \
-    --new-tokens 32 --reps 2 ${SMOL1700#model.name=tiny-llama } model.dtype=bfloat16
+    --new-tokens 32 --reps 3 --no-dense ${SMOL1700#model.name=tiny-llama } model.dtype=bfloat16
 done
 step "done"
