@@ -108,6 +108,8 @@ def test_two_task_run_folder_contract_and_skip_on_rerun(tmp_path):
         assert not (tdir / "ckpt").exists()
         info = m["tasks"][task]
         assert info["status"] == "done" and sum(info["mean_weights"]) == pytest.approx(1.0, abs=1e-5)
+        where = info["trained_on"]  # tests/test_gpu.py checks the same record says nccl and the card on a GPU
+        assert (where["device"], where["backend"], where["world_size"], where["precision"]) == ("cpu", "gloo", 1, "fp32")
         assert set(info["artifacts"]) >= {f"tasks/{n}-{task}/increments.safetensors"}
         assert losses(run, f"{n}-{task}")[-1] < losses(run, f"{n}-{task}")[0]
     slots = json.loads((run / "router" / "slots.json").read_text())
