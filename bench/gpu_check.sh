@@ -13,6 +13,8 @@
 # (ignored files stay there between calls; a machine idle for 30 s is given back, so call back to back):
 #   run "true" carrying .gpuw/part-aa;  run "true" carrying .gpuw/part-ab;
 #   run "bench/gpu_check.sh $OUT headline" carrying .gpu
+# It resumes from its run folders, so on the same warm machine a second call continues it (not sized
+# yet: math_gsm8k's 160-token answers are most of the generation).
 #
 # Models are random-weight Llamas in SmolLM2-135M's shape (and SmolLM2-1.7B's for decode), so no
 # weights travel: the numbers are speed and exactness, not accuracy. Every step has its own time
