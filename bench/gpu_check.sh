@@ -27,6 +27,8 @@ SMOL1700="model.name=tiny-llama model.tiny_hidden_size=2048 model.tiny_layers=24
 if [[ "${1:-}" == "--prepare" ]]; then
   set -e
   py=.venv/bin/python
+  mkdir -p .git/info  # .gpu/ and .gpuw/ stay out of git (they travel as carried paths)
+  for d in /.gpu/ /.gpuw/; do grep -qx "$d" .git/info/exclude 2>/dev/null || echo "$d" >> .git/info/exclude; done
   rm -rf .gpu && mkdir -p .gpu/whl .gpu/cache/models .gpu/data
   ver() { "$py" -c "import importlib.metadata as m; print(m.version('$1'))"; }
   "$py" -m pip wheel -q --no-deps --no-build-isolation -w .gpu/whl "deepspeed==$(ver deepspeed)"
@@ -40,7 +42,6 @@ if [[ "${1:-}" == "--prepare" ]]; then
   cp -r "$data/instruct" "$data/ifeval" .gpu/data/
   gguf=$("$py" -c "from slm_llm.models.gguf import packaged_gguf; print(packaged_gguf('smollm2-135m-instruct'))")
   rm -rf .gpuw && mkdir -p .gpuw && split -b 60M "$gguf" .gpuw/part- && sha256sum "$gguf" | cut -d' ' -f1 > .gpu/gguf.sha256
-  for d in /.gpu/ /.gpuw/; do grep -qx "$d" .git/info/exclude 2>/dev/null || echo "$d" >> .git/info/exclude; done
   du -sh .gpu .gpuw/*
   exit 0
 fi
