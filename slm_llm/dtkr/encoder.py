@@ -180,6 +180,26 @@ class JoinedEncoders:
         return join_parts([p.encode(texts, progress=show_progress_bar) for p in self.parts])
 
 
+def check_slot_span(d: Any, encoder: Encoder) -> None:
+    """Refuse ``dtkr.slot_groups`` (``d``: the dtkr section) whose dims cut a joined encoder's part in
+    two: the slots would be ranked by a slice of one encoder and the whole of another."""
+    if not d.slot_groups or not isinstance(encoder.model, JoinedEncoders):
+        return
+    dims = [p.dim for p in encoder.model.parts]
+    total, bounds = sum(dims), np.cumsum([0, *dims]).tolist()
+    start = total - total // d.groups * d.slot_groups
+    if start in bounds:
+        return
+    last = bounds[-2]
+    fit = next((g for g in range(d.groups, 8 * d.groups + 1) if total % g == 0 and last % (total // g) == 0), None)
+    hint = (f"; e.g. dtkr.groups={fit} dtkr.slot_groups={(total - last) // (total // fit)} ranks them by the last "
+            "part" if fit else "")
+    raise ConfigError(
+        f"dtkr.slot_groups={d.slot_groups} with dtkr.groups={d.groups} ranks slots by dims {start}-{total} of "
+        f"{encoder.id!r}, whose parts span {', '.join(f'{a}-{b}' for a, b in zip(bounds, bounds[1:]))}: the span "
+        f"must start where a part starts{hint}")
+
+
 def join_parts(vectors: list[np.ndarray]) -> np.ndarray:
     """Several encoders' embeddings of the same texts ([N, D_i] each) as one [N, Σ D_i] float32,
     each part scaled to unit length."""

@@ -27,7 +27,7 @@ from slm_llm.config import SHARED_ADAPTER as SHARED
 from slm_llm.config import Config, shared_adapter_config
 from slm_llm.data import Collator, load_suite, query_text, run_records, task_split, tokenize_example, training_records
 from slm_llm.dtkr import Router, init_keys, load_keys, open_router, routing_tensors, save_keys, score_matrix, train_keys
-from slm_llm.dtkr.encoder import Encoder, build_encoder
+from slm_llm.dtkr.encoder import Encoder, build_encoder, check_slot_span
 from slm_llm.jare import JareModel
 from slm_llm.models import load_base_model, load_tokenizer, model_id
 from slm_llm.run import RunDir
@@ -79,6 +79,8 @@ def run_continual(cfg: Config, after_task: Callable[[Config, RunDir, int], objec
     tasks = suite.order_tasks(cfg.data.order, cfg.data.tasks or None)
     stages = [MULTITASK] if method == "multitask" else tasks
     encoder = build_encoder(cfg)
+    if method == "slm":
+        check_slot_span(cfg.dtkr, encoder)  # before the run folder exists
     run = RunDir(cfg.run_dir)
     if rank == 0:
         phrasings = {t: task_split(suite.tasks[t], cfg.data).record() for t in tasks} \
