@@ -66,12 +66,12 @@ def remove_stale_build_locks() -> list[Path]:
 
 
 def training_environment(precision: str) -> dict[str, object]:
-    """Where a task was trained, for the run manifest: device, process-group backend, world size, precision."""
-    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-    backend = torch.distributed.get_backend() if torch.distributed.is_initialized() else "none"
+    """Where a task was trained, for the run manifest: device, process-group backend, world size,
+    precision (inside the process group an entry point set up, :func:`init_distributed`)."""
+    _, world = rank_and_world()
     device = torch.cuda.get_device_name(torch.cuda.current_device()) if on_gpu() else "cpu"
-    return {"device": device, "backend": str(backend), "world_size": world, "precision": precision,
-            "torch": torch.__version__}
+    return {"device": device, "backend": str(torch.distributed.get_backend()), "world_size": world,
+            "precision": precision, "torch": torch.__version__}
 
 
 def barrier() -> None:
