@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -540,3 +541,19 @@ def test_cli_route_prints_decisions(real_encoder, tmp_path, capsys):
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [(d["task"], d["ood"], d["slots"][0] in range(4)) for d in lines] == [("math", False, True),
                                                                                   ("math", True, True)]
+
+
+@pytest.mark.parametrize("argv, sizes", [
+    (["router-eval", "--config", "eval/instruct5.yaml"], (200, 100)),  # the config's sizes, as its training run
+    (["router-eval", "--config", "eval/instruct5.yaml", "--max-train", "50", "--max-test", "20"], (50, 20)),
+    (["router-eval", "--suite", "cl9"], (400, 300)),
+])
+def test_router_eval_takes_its_sizes_from_the_flags_then_the_config(argv, sizes):
+    from slm_llm.cli import build_parser
+    from slm_llm.cli.dtkr import router_eval_sizes
+    from slm_llm.config import load_config
+
+    args = build_parser().parse_args(argv)
+    repo = Path(__file__).resolve().parent.parent
+    cfg = load_config(repo / args.config if args.config else None, args.overrides)
+    assert router_eval_sizes(args, cfg) == sizes

@@ -19,8 +19,10 @@ def register(sub, add_config_args) -> None:
     p.add_argument("--query-view", default=None,
                    help="comma-separated views: paraphrase, input-only, fixed (default: eval.views)")
     p.add_argument("--data-root", default=None, help="default: data.data_root, $SLM_DATA, ../shared/data")
-    p.add_argument("--max-train", type=int, default=400, help="training queries per task (data.max_train_samples)")
-    p.add_argument("--max-test", type=int, default=300, help="evaluation queries per task and view")
+    p.add_argument("--max-train", type=int, default=None,
+                   help="training queries per task (default: the --config's data.max_train_samples, else 400)")
+    p.add_argument("--max-test", type=int, default=None,
+                   help="evaluation queries per task and view (default: the --config's eval.max_samples, else 300)")
     p.add_argument("--eval-split", choices=("test", "dev"), default=None,
                    help="dev: each task's dev pool and dev phrasings (choosing settings without test); "
                         "default data.eval_split")
@@ -47,6 +49,14 @@ def cmd_route(args) -> int:
     return 0
 
 
+def router_eval_sizes(args, cfg) -> tuple[int, int]:
+    """(training queries, evaluation queries) per task: the flags, else the --config's
+    data.max_train_samples and eval.max_samples, else 400 and 300."""
+    if args.config:
+        return args.max_train or cfg.data.max_train_samples, args.max_test or cfg.eval.max_samples
+    return args.max_train or 400, args.max_test or 300
+
+
 def cmd_router_eval(args) -> int:
     from slm_llm.config import load_config
     from slm_llm.dtkr.encoder import build_encoder
@@ -55,11 +65,11 @@ def cmd_router_eval(args) -> int:
     cfg = load_config(args.config, args.overrides)
     if args.data_root:
         cfg.data.data_root = args.data_root
-    cfg.data.max_train_samples = args.max_train
+    cfg.data.max_train_samples, max_test = router_eval_sizes(args, cfg)
     cfg.data.eval_split = args.eval_split or cfg.data.eval_split
     views = _csv(args.query_view) or cfg.eval.views
     r = router_eval_seeds(cfg, [int(s) for s in _csv(args.seeds)], suite=args.suite, views=views,
-                          max_test=args.max_test,
+                          max_test=max_test,
                           off_domain=_csv(args.off_domain), ood_percentiles=[float(p) for p in _csv(args.ood_sweep)],
                           encoder=build_encoder(cfg), out_dir=args.out, progress=True)
     s = r["summary"]
