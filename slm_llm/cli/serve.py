@@ -20,6 +20,8 @@ def register(sub, add_config_args) -> None:
     p = sub.add_parser("vllm-gap", help="score an evaluated slm run's test queries through vLLM (exported adapters) "
                                         "against its exact JARe predictions; <run>/eval/vllm_gap.{json,md}")
     p.add_argument("--run", required=True, help="a finished slm run evaluated by `slm-llm eval` (its final row)")
+    p.add_argument("--limit", type=int, default=None,
+                   help="only the first N evaluated queries per task and view (vLLM on a small CPU is slow)")
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. serve.vllm_device=cuda")
     p.set_defaults(fn=cmd_vllm_gap)
 
@@ -27,7 +29,7 @@ def register(sub, add_config_args) -> None:
 def cmd_vllm_gap(args) -> int:
     from slm_llm.recipes.vllm_gap import vllm_gap
 
-    result = vllm_gap(args.run, args.overrides)
+    result = vllm_gap(args.run, args.overrides, args.limit)
     for view, v in result["views"].items():
         print(f"{view}: AP exact JARe {v['ap_exact']:.1f}, vLLM {v['ap_vllm']:.1f} (gap {v['ap_gap']:+.1f})")
     print(f"table: {args.run}/eval/vllm_gap.md")

@@ -26,9 +26,13 @@ from slm_llm.serve.vllm_offline import generate_offline
 from slm_llm.utils.io import write_json, write_text
 
 
-def vllm_gap(run_dir: str | Path, overrides: list[str] | None = None) -> dict[str, Any]:
+def vllm_gap(run_dir: str | Path, overrides: list[str] | None = None, limit: int | None = None) -> dict[str, Any]:
     """Per view and task: exact JARe and vLLM strict scores (points), their gap, and the share
-    of queries answered with the same text; AP of both per view. Written beside the matrix."""
+    of queries answered with the same text; AP of both per view. Written beside the matrix.
+    ``limit``: only the first ``limit`` evaluated queries per task and view (vLLM on a small CPU
+    serves a few seconds per query)."""
+    if limit is not None and limit < 1:
+        raise RunError(f"vllm-gap --limit must be at least 1, got {limit}")
     run = RunDir(run_dir)
     cfg = load_config(run.root / "run.yaml", overrides)
     manifest = run.manifest()
@@ -45,7 +49,7 @@ def vllm_gap(run_dir: str | Path, overrides: list[str] | None = None) -> dict[st
             spec = suite.tasks[task]
             exact = _exact_predictions(run, view, last, task)
             records = records_in_view(run_records(suite, task, "eval", cfg.data, cfg.eval.max_samples), spec, view,
-                                      cfg.data)
+                                      cfg.data)[:limit]
             for r in records:
                 if r.id not in exact:
                     raise RunError(f"{run.eval_dir}/predictions/{view}/stage{last}-{task}.jsonl has no prediction "
@@ -66,7 +70,7 @@ def vllm_gap(run_dir: str | Path, overrides: list[str] | None = None) -> dict[st
         c["same_text"] += float(text == exact["prediction"])
     result: dict[str, Any] = {"run": str(run.root), "views": {}, "settings": {
         "slots_per_task": cfg.jare.slots_per_task, "top_k": cfg.jare.top_k, "slot_weights": cfg.jare.slot_weights,
-        "max_samples": cfg.eval.max_samples, "vllm_adapters": "slot sets" if slot_sets_served(cfg) else "tasks"}}
+        "max_samples": cfg.eval.max_samples, "limit": limit, "vllm_adapters": "slot sets" if slot_sets_served(cfg) else "tasks"}}
     for view, tasks in table.items():
         per_task = {task: {"n": c["n"], "exact": 100 * c["exact"] / c["n"], "vllm": 100 * c["vllm"] / c["n"],
                            "gap": 100 * (c["vllm"] - c["exact"]) / c["n"], "same_text": 100 * c["same_text"] / c["n"]}
@@ -90,9 +94,10 @@ def _exact_predictions(run: RunDir, view: str, stage: int, task: str) -> dict[st
 def gap_markdown(result: dict[str, Any]) -> str:
     s = result["settings"]
     served = "each query's slot-set adapter" if s["vllm_adapters"] == "slot sets" else "the routed task's adapter"
+    scope = "" if s.get("limit") is None else f", the first {s['limit']} queries per task and view"
     lines = [f"vLLM ({served}) against exact JARe (top-{s['top_k']} of "
              f"{s['slots_per_task']} slots per query, {s['slot_weights']} weights), strict scores in points, "
-             "final row.", "",
+             f"final row{scope}.", "",
              "| view | task | n | exact JARe | vLLM | gap | same text % |", "|---|---|---|---|---|---|---|"]
     for view, v in result["views"].items():
         for task, c in v["per_task"].items():
