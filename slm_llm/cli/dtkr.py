@@ -52,9 +52,8 @@ def cmd_route(args) -> int:
 def router_eval_sizes(args, cfg) -> tuple[int, int]:
     """(training queries, evaluation queries) per task: the flags, else the --config's
     data.max_train_samples and eval.max_samples, else 400 and 300."""
-    if args.config:
-        return args.max_train or cfg.data.max_train_samples, args.max_test or cfg.eval.max_samples
-    return args.max_train or 400, args.max_test or 300
+    train, test = (cfg.data.max_train_samples, cfg.eval.max_samples) if args.config else (400, 300)
+    return (train if args.max_train is None else args.max_train), (test if args.max_test is None else args.max_test)
 
 
 def cmd_router_eval(args) -> int:
