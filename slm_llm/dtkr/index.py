@@ -51,6 +51,11 @@ def check_groups(dim: int, groups: int) -> int:
     return dim // groups
 
 
+def slot_span_start(dim: int, groups: int, slot_groups: int) -> int:
+    """The first dim of the last ``slot_groups`` groups, which rank a task's slots (0: all groups)."""
+    return dim - dim // groups * slot_groups if slot_groups else 0
+
+
 def group_normalise(x: np.ndarray, groups: int) -> np.ndarray:
     """[N, D] (or [N, G, D/G]) -> [N, D] float32: each group unit-normalised, all divided by sqrt(G)."""
     x = np.asarray(x, dtype=np.float32)

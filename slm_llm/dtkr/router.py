@@ -39,7 +39,7 @@ import torch
 
 from safetensors.torch import load_file, save_file
 
-from slm_llm.dtkr.index import SlotIndex, check_groups, group_normalise
+from slm_llm.dtkr.index import SlotIndex, check_groups, group_normalise, slot_span_start
 from slm_llm.dtkr.keys import load_keys, save_keys, score_matrix
 from slm_llm.config import DtkrConfig, JareConfig
 from slm_llm.dtkr.ood import MIN_QUERIES, TaskGaussian, calibrate
@@ -237,7 +237,7 @@ class Router:
         """Row b among the slots of task ``task_pos[b]`` only, by exact plain mean group cosines
         (over the last ``dtkr.slot_groups`` groups when set; the OOD score over all groups)."""
         plain_q = group_normalise(emb, self.groups)
-        cols = slice(self.dim - self.dim // self.groups * self.cfg.slot_groups if self.cfg.slot_groups else 0, None)
+        cols = slice(slot_span_start(self.dim, self.groups, self.cfg.slot_groups), None)
         out = []
         for b, (q, pos) in enumerate(zip(plain_q, task_pos)):
             keys = self._plain_keys[pos]
