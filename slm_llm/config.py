@@ -158,7 +158,7 @@ class JareConfig(Section):
 class DtkrConfig(Section):
     SECTION: ClassVar[str] = "dtkr"
     POSITIVE: ClassVar[tuple[str, ...]] = ("groups", "keys_per_slot", "encoder_layer", "hnsw_threshold", "batch_size",
-                                           "lr", "encode_batch_size", "ood_rank", "top_n")
+                                           "lr", "encode_batch_size", "ood_rank", "top_n", "renderings")
     NON_NEGATIVE: ClassVar[tuple[str, ...]] = ("centrifugal", "epochs", "slot_groups")
     # The defaults were chosen on dev (held-out train records, dev phrasings; bench/routing_selection.py,
     # bench/RESULTS.md): the base model as encoder at block 20, whitened task choice, k-means keys, a
@@ -174,6 +174,10 @@ class DtkrConfig(Section):
     # slot_groups=8 on a 576-wide base: the task by both encoders, the slots by MiniLM's 384 dims
     # (docs/routing.md)
     slot_groups: int = 0
+    # wordings of each training record the router is fitted on (keys, whitening, OOD test): the
+    # training sample's own, then renderings - 1 more drawn the same way (train phrasings or input
+    # alone; slm_llm.data.router_records). The slots a sample trains follow its own wording only.
+    renderings: int = 1
     key_init: str = "kmeans"  # random_subsets | kmeans
     epochs: int = 0  # key training passes after the init (the pull loss); 0 = the init's centroids
     lr: float = 1e-2

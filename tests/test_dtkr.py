@@ -501,7 +501,7 @@ def test_ood_flag_on_foreign_text(real_encoder):
 def test_router_eval_end_to_end(real_encoder, data_root, tmp_path):
     """Keys learn from train phrasings (and input-only queries); held-out paraphrases and bare inputs
     are routed per query; IFEval prompts and another suite's queries measure the OOD flag."""
-    from slm_llm.dtkr.evaluate import router_eval_seeds
+    from slm_llm.dtkr.evaluate import router_eval, router_eval_seeds
 
     cfg = Config()
     cfg.dtkr.epochs = 1
@@ -522,6 +522,10 @@ def test_router_eval_end_to_end(real_encoder, data_root, tmp_path):
     assert (tmp_path / "router_eval_seeds.json").exists()
     assert {p.name for p in (tmp_path / "seed1").iterdir()} >= {"router_eval.json", "confusion-paraphrase.txt",
                                                                   "confusion-input-only.png"}
+    assert run["n_train"] == {t: 24 for t in cfg.data.tasks}
+    cfg.dtkr.renderings = 2  # the router is fitted on two wordings of each training record
+    assert router_eval(cfg, views=["input-only"], max_test=4, encoder=real_encoder)["n_train"] == \
+        {t: 48 for t in cfg.data.tasks}
 
 
 def test_cli_route_prints_decisions(real_encoder, tmp_path, capsys):

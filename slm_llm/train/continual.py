@@ -25,7 +25,8 @@ import torch
 
 from slm_llm.config import SHARED_ADAPTER as SHARED
 from slm_llm.config import Config, shared_adapter_config
-from slm_llm.data import Collator, load_suite, query_text, run_records, task_split, tokenize_example, training_records
+from slm_llm.data import (Collator, load_suite, query_text, router_records, run_records, task_split, tokenize_example,
+                          training_records)
 from slm_llm.dtkr import Router, init_keys, load_keys, open_router, routing_tensors, save_keys, score_matrix, train_keys
 from slm_llm.dtkr.encoder import Encoder, build_encoder, check_slot_span
 from slm_llm.jare import JareModel
@@ -107,18 +108,21 @@ def run_continual(cfg: Config, after_task: Callable[[Config, RunDir, int], objec
 
         if method == "slm":
             # 1. DTKR keys on this task's queries only (old tasks' keys are frozen; no old data).
-            emb = encoder.encode([query_text(r) for r in records])  # [N, D]
+            queries = router_records(run_records(suite, stage, "train", cfg.data), suite.tasks[stage], cfg.data,
+                                     cfg.dtkr.renderings)
+            fit = encoder.encode([query_text(r) for r in queries])  # [R*N, D]
+            emb = fit[: len(records)]  # [N, D] the training samples' own wordings come first
             router = open_router(run, cfg, encoder, create=True)
             if rank == 0 and not (tdir / "keys.safetensors").exists():
-                keys = init_keys(emb, cfg.jare.slots_per_task * cfg.dtkr.keys_per_slot, cfg.dtkr.groups,
+                keys = init_keys(fit, cfg.jare.slots_per_task * cfg.dtkr.keys_per_slot, cfg.dtkr.groups,
                                  cfg.dtkr.key_init, cfg.dtkr.seed + t)
-                keys = train_keys(emb, keys, cfg.dtkr, frozen_keys=router.all_keys())
+                keys = train_keys(fit, keys, cfg.dtkr, frozen_keys=router.all_keys())
                 save_keys(tdir / "keys.safetensors", keys, {"task": stage, "encoder": encoder.id})
             barrier()
             keys, _ = load_keys(tdir / "keys.safetensors")
-            best = score_matrix(emb, keys).max(1)  # [N] for the task's OOD threshold
+            best = score_matrix(fit, keys).max(1)  # [R*N] for the task's OOD threshold
             if stage not in router.task_names:  # (it is, if a crash fell between router save and manifest)
-                router.add_task(stage, keys, best, train_emb=emb)  # in memory; saved when the task is done
+                router.add_task(stage, keys, best, train_emb=fit)  # in memory; saved when the task is done
             routing = task_routing(router, stage, emb)
             # 2. Increments: base + old tasks (frozen) + this task's new slots (trainable).
             model, name = _jare_model(cfg, run, stages[:t]), stage
