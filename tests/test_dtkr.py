@@ -268,11 +268,31 @@ def test_gaussian_ood_rule_is_calibrated_out_of_fold_frozen_and_persisted(tmp_pa
     router.save(tmp_path / "r")
     loaded = Router.load(tmp_path / "r")
     assert loaded.route(fresh[:50]) == router.route(fresh[:50])
-    with pytest.raises(ValueError, match="at least 10 training queries"):
+    with pytest.raises(ValueError, match="at least 10 training records"):
         calibrate(data["task0"][:5], G, 0.3, 16, 1.0)
     few = data["task0"][:8]
     with pytest.raises(RouterError, match=r"'task9' has 8.*dtkr.ood_rule=keys"):
         router.add_task("task9", init_keys(few, P, G), train_emb=few)
+
+
+def test_gaussian_ood_folds_keep_a_records_wordings_together():
+    """dtkr.renderings: two wordings of one record (here: near copies) must share a calibration
+    fold. Split across folds, each copy's twin is in the fit and the threshold collapses; kept
+    together, the threshold is what the records alone give."""
+    from slm_llm.dtkr.ood import calibrate
+
+    rng = np.random.default_rng(0)
+    emb = rng.normal(size=(200, 96)).astype(np.float32) + 2
+    twins = np.concatenate([emb, emb + rng.normal(size=emb.shape).astype(np.float32) * 1e-3])
+    alone = calibrate(emb, 4, 0.3, 64, 1.0).threshold
+    together = calibrate(twins, 4, 0.3, 64, 1.0, records=np.arange(400) % 200).threshold
+    apart = calibrate(twins, 4, 0.3, 64, 1.0).threshold
+    assert together == pytest.approx(alone, rel=0.02)
+    assert apart < 0.9 * alone
+    few = clusters(1, 20, seed=33)["task0"]
+    router = make_router(ood_rule="gaussian", ood_rank=16)
+    with pytest.raises(RouterError, match=r"'t' has 5"):  # 20 rows, but only 5 records
+        router.add_task("t", init_keys(few, P, G), train_emb=few, train_records=np.arange(20) % 5)
 
 
 def test_persistence_round_trip(tmp_path):

@@ -3,7 +3,7 @@ import pytest
 
 from slm_llm.config import DataConfig
 from slm_llm.data import (DataError, Record, dev_split, load_suite, load_task_split, phrasing_split, query_text,
-                          records_in_view, router_records, task_split, training_records)
+                          records_in_view, rendered_record, router_records, task_split, training_records)
 from slm_llm.data.views import phrase, placement, view_record
 
 SUITES = ("instruct6", "cl9")
@@ -75,7 +75,8 @@ def test_router_records_add_wordings_of_the_same_records_in_train_phrasings_only
     assert sum(a.instruction != b.instruction for a, b in zip(fit[: len(records)], fit[len(records):2 * len(records)])) \
         > len(records) // 2
     assert router_records(records, spec, data, 3) == fit
-    assert router_records(records, spec, DataConfig(phrasing="fixed"), 3) == records  # one wording: the dataset's
+    assert router_records(records, spec, DataConfig(phrasing="fixed"), 3) == records * 3  # the dataset's one wording
+    assert rendered_record(6, 3) == [0, 1, 0, 1, 0, 1]  # query i words record i % len(records)
 
 
 def test_views_of_a_record():

@@ -177,14 +177,20 @@ def training_records(records: list[Record], spec, data) -> list[Record]:
 def router_records(records: list[Record], spec, data, renderings: int = 1) -> list[Record]:
     """The queries the router is fitted on (keys, whitening, OOD test): the task's training
     records as training words them, then ``renderings - 1`` further wordings of each, drawn
-    the same way (train phrasings or input alone). The first ``len(records)`` are the training
-    samples themselves, in order; with ``data.phrasing=fixed`` there is only that one wording."""
+    the same way (train phrasings or input alone). Query ``i`` words record ``i % len(records)``
+    (:func:`rendered_record`), so the first ``len(records)`` are the training samples themselves;
+    with ``data.phrasing=fixed`` every rendering is the dataset's one wording."""
     trained = training_records(records, spec, data)
-    if data.phrasing == "fixed" or renderings <= 1:
-        return trained
+    if data.phrasing == "fixed":
+        return trained * renderings
     train = task_split(spec, data).train
     return trained + [training_record(r, train, data.input_only_share, spec.content, data.seed, draw)
                       for draw in range(1, renderings) for r in records]
+
+
+def rendered_record(n_queries: int, renderings: int) -> list[int]:
+    """The record (its position) each of :func:`router_records`' ``n_queries`` queries words."""
+    return [i % (n_queries // renderings) for i in range(n_queries)]
 
 
 def records_in_view(records: list[Record], spec, view: str, data) -> list[Record]:

@@ -34,7 +34,7 @@ import numpy as np
 
 from slm_llm.config import Config
 from slm_llm.data import (DataError, Suite, load_suite, load_task_split, query_text, records_in_view, resolve_data_root,
-                          router_records, run_records, view_records)
+                          rendered_record, router_records, run_records, view_records)
 from slm_llm.dtkr.encoder import Encoder
 from slm_llm.dtkr.keys import init_keys, score_matrix, train_keys
 from slm_llm.dtkr.router import Router
@@ -80,7 +80,8 @@ def off_domain_queries(name: str, cfg: Config, max_test: int) -> list[str]:
 
 def build_router_continual(train_emb: dict[str, np.ndarray], cfg: Config) -> Router:
     """Add tasks in the order of ``train_emb``: init keys, train them (centrifugal against
-    the router's frozen keys), calibrate on the task's own training queries, add.
+    the router's frozen keys), calibrate on the task's own training queries (``dtkr.renderings`` wordings
+    of each record, router_records' layout), add.
     Task t's embeddings are used only while task t is added."""
     d = cfg.dtkr
     dim = next(iter(train_emb.values())).shape[1]
@@ -89,7 +90,7 @@ def build_router_continual(train_emb: dict[str, np.ndarray], cfg: Config) -> Rou
     for t, (task, emb) in enumerate(train_emb.items()):
         keys = init_keys(emb, n_keys, d.groups, d.key_init, d.seed + t)
         keys = train_keys(emb, keys, d, frozen_keys=router.all_keys())
-        router.add_task(task, keys, train_emb=emb)
+        router.add_task(task, keys, train_emb=emb, train_records=rendered_record(len(emb), d.renderings))
     return router
 
 

@@ -13,8 +13,9 @@ live). Its covariance is shrunk towards a scaled identity, Σ_s = (1 - a) Σ + a
 rest of the spectrum (their mean), so a task stores D * (rank + 1) + rank + 2 numbers, not
 D x D. A distance measured on the points the Gaussian was fitted on is biased low (with a
 few hundred queries in hundreds of dimensions, badly), so the threshold comes from
-*out-of-fold* distances: each fifth of the training queries is measured under the Gaussian
-fitted on the other four fifths. Everything is fitted once, when the task is added, from
+*out-of-fold* distances: each fifth of the training records is measured under the Gaussian
+fitted on the other four fifths. Several wordings of one record (``dtkr.renderings``) stay in
+one fold, or its twin in the other folds would pull its distance down. Everything is fitted once, when the task is added, from
 that task's queries only, and never changes: an old task's OOD decisions cannot drift.
 """
 from __future__ import annotations
@@ -71,16 +72,18 @@ def fit_gaussian(u: np.ndarray, shrinkage: float, rank: int) -> tuple[np.ndarray
 
 
 def calibrate(emb: np.ndarray, groups: int, shrinkage: float, rank: int, percentile: float,
-              seed: int = 0) -> TaskGaussian:
-    """The task's Gaussian from its training query embeddings [N, D], thresholded out of fold."""
+              seed: int = 0, records: np.ndarray | None = None) -> TaskGaussian:
+    """The task's Gaussian from its training query embeddings [N, D], thresholded out of fold;
+    ``records`` [N] names the training record each row words (default: a record per row)."""
     u = group_unit(emb, groups)
-    if len(u) < MIN_QUERIES:
-        raise ValueError(f"the gaussian OOD rule needs at least {MIN_QUERIES} training queries, got {len(u)}")
-    order = np.random.default_rng(seed).permutation(len(u))
+    records = np.arange(len(u)) if records is None else np.asarray(records)
+    ids = np.unique(records)
+    if len(ids) < MIN_QUERIES:
+        raise ValueError(f"the gaussian OOD rule needs at least {MIN_QUERIES} training records, got {len(ids)}")
     oof = np.zeros(len(u))
-    for fold in np.array_split(order, FOLDS):
-        rest = np.setdiff1d(order, fold)
-        g = TaskGaussian(*fit_gaussian(u[rest], shrinkage, rank), threshold=np.inf)
+    for fold_ids in np.array_split(ids[np.random.default_rng(seed).permutation(len(ids))], FOLDS):
+        fold = np.isin(records, fold_ids)
+        g = TaskGaussian(*fit_gaussian(u[~fold], shrinkage, rank), threshold=np.inf)
         oof[fold] = g.distance(emb[fold], groups)
     return TaskGaussian(*fit_gaussian(u, shrinkage, rank), threshold=float(np.percentile(oof, 100 - percentile)),
                         oof=oof)

@@ -119,7 +119,8 @@ class Router:
         return torch.cat(self._keys) if self._keys else None
 
     def add_task(
-        self, task: str, keys: torch.Tensor, train_scores: np.ndarray | None = None, train_emb: np.ndarray | None = None
+        self, task: str, keys: torch.Tensor, train_scores: np.ndarray | None = None, train_emb: np.ndarray | None = None,
+        train_records: np.ndarray | None = None,
     ) -> range:
         """Add a task's keys [P*keys_per_slot, G, D/G]; return its global slot ids.
 
@@ -129,7 +130,9 @@ class Router:
         never flags OOD. ``train_emb`` [N, D], the task's training query embeddings,
         gives both: the scores are computed from it when not passed, and with
         ``whiten=True`` it is required, to fold the task's statistics into the
-        whitening (the embeddings themselves are not kept).
+        whitening (the embeddings themselves are not kept). ``train_records`` [N] names the
+        training record each row words (``dtkr.renderings`` > 1: rows of one record share a
+        calibration fold of the Gaussian OOD test); default: one record per row.
         """
         if task in self._pos:
             raise RouterError(f"task {task!r} is already in the router")
@@ -158,11 +161,13 @@ class Router:
         gaussian = None
         if self.ood_rule == "gaussian":
             c = self.cfg
-            if len(train_emb) < MIN_QUERIES:
+            n_records = len(train_emb) if train_records is None else len(np.unique(train_records))
+            if n_records < MIN_QUERIES:
                 raise RouterError(f"dtkr.ood_rule=gaussian needs at least {MIN_QUERIES} training queries per task to "
-                                  f"calibrate its threshold out of fold; {task!r} has {len(train_emb)}. Train on more "
+                                  f"calibrate its threshold out of fold; {task!r} has {n_records}. Train on more "
                                   "samples (data.max_train_samples) or set dtkr.ood_rule=keys")
-            gaussian = calibrate(train_emb, self.groups, c.ood_shrinkage, c.ood_rank, c.ood_percentile)
+            gaussian = calibrate(train_emb, self.groups, c.ood_shrinkage, c.ood_rank, c.ood_percentile,
+                                 records=train_records)
             entry["threshold"] = gaussian.threshold
         self._gaussians.append(gaussian)
         self._pos[task] = len(self.tasks)

@@ -25,8 +25,8 @@ import torch
 
 from slm_llm.config import SHARED_ADAPTER as SHARED
 from slm_llm.config import Config, shared_adapter_config
-from slm_llm.data import (Collator, load_suite, query_text, router_records, run_records, task_split, tokenize_example,
-                          training_records)
+from slm_llm.data import (Collator, load_suite, query_text, rendered_record, router_records, run_records, task_split,
+                          tokenize_example, training_records)
 from slm_llm.dtkr import Router, init_keys, load_keys, open_router, routing_tensors, save_keys, score_matrix, train_keys
 from slm_llm.dtkr.encoder import Encoder, build_encoder, check_slot_span
 from slm_llm.jare import JareModel
@@ -122,7 +122,8 @@ def run_continual(cfg: Config, after_task: Callable[[Config, RunDir, int], objec
             keys, _ = load_keys(tdir / "keys.safetensors")
             best = score_matrix(fit, keys).max(1)  # [R*N] for the task's OOD threshold
             if stage not in router.task_names:  # (it is, if a crash fell between router save and manifest)
-                router.add_task(stage, keys, best, train_emb=fit)  # in memory; saved when the task is done
+                router.add_task(stage, keys, best, train_emb=fit,  # in memory; saved when the task is done
+                                train_records=rendered_record(len(fit), cfg.dtkr.renderings))
             routing = task_routing(router, stage, emb)
             # 2. Increments: base + old tasks (frozen) + this task's new slots (trainable).
             model, name = _jare_model(cfg, run, stages[:t]), stage
