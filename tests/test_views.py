@@ -72,8 +72,8 @@ def test_router_records_add_wordings_of_the_same_records_in_train_phrasings_only
         assert r.instruction == body or any(r.instruction == phrase(p, body) for p in split.train)
         assert r.output == records[i % len(records)].output
     # each further draw is a new wording for most records, and a rerun draws the same ones (resume)
-    assert sum(a.instruction != b.instruction for a, b in zip(fit[: len(records)], fit[len(records):2 * len(records)])) \
-        > len(records) // 2
+    first, second = fit[: len(records)], fit[len(records) : 2 * len(records)]
+    assert sum(a.instruction != b.instruction for a, b in zip(first, second)) > len(records) // 2
     assert router_records(records, spec, data, 3) == fit
     assert router_records(records, spec, DataConfig(phrasing="fixed"), 3) == records * 3  # the dataset's one wording
     assert rendered_record(6, 3) == [0, 1, 0, 1, 0, 1]  # query i words record i % len(records)

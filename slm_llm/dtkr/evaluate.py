@@ -46,8 +46,8 @@ OOD = "<ood>"
 def suite_queries(cfg: Config, suite: Suite, task: str, views: list[str], max_test: int
                   ) -> tuple[list[str], dict[str, list[str]]]:
     """(the router's training query texts, {view: evaluation query texts}) of one task, as a run
-    with ``cfg`` trains and evaluates (``slm_llm.data.run_records``; ``data.eval_split`` "dev" evaluates on the
-    dev pool and dev phrasings)."""
+    with ``cfg`` trains and evaluates (``slm_llm.data.run_records``; ``data.eval_split`` "dev"
+    evaluates on the dev pool and dev phrasings)."""
     data, spec = cfg.data, suite.tasks[task]
     train = router_records(run_records(suite, task, "train", data), spec, data, cfg.dtkr.renderings)
     sample = run_records(suite, task, "eval", data, max_test)
@@ -80,8 +80,8 @@ def off_domain_queries(name: str, cfg: Config, max_test: int) -> list[str]:
 
 def build_router_continual(train_emb: dict[str, np.ndarray], cfg: Config) -> Router:
     """Add tasks in the order of ``train_emb``: init keys, train them (centrifugal against
-    the router's frozen keys), calibrate on the task's own training queries (``dtkr.renderings`` wordings
-    of each record, router_records' layout), add.
+    the router's frozen keys), calibrate on the task's own training queries (``dtkr.renderings``
+    wordings of each record, in :func:`slm_llm.data.router_records`' order), add.
     Task t's embeddings are used only while task t is added."""
     d = cfg.dtkr
     dim = next(iter(train_emb.values())).shape[1]

@@ -15,8 +15,9 @@ D x D. A distance measured on the points the Gaussian was fitted on is biased lo
 few hundred queries in hundreds of dimensions, badly), so the threshold comes from
 *out-of-fold* distances: each fifth of the training records is measured under the Gaussian
 fitted on the other four fifths. Several wordings of one record (``dtkr.renderings``) stay in
-one fold, or its twin in the other folds would pull its distance down. Everything is fitted once, when the task is added, from
-that task's queries only, and never changes: an old task's OOD decisions cannot drift.
+one fold, or its twin in the other folds would pull its distance down. Everything is fitted
+once, when the task is added, from that task's queries only, and never changes: an old
+task's OOD decisions cannot drift.
 """
 from __future__ import annotations
 

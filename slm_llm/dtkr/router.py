@@ -119,8 +119,8 @@ class Router:
         return torch.cat(self._keys) if self._keys else None
 
     def add_task(
-        self, task: str, keys: torch.Tensor, train_scores: np.ndarray | None = None, train_emb: np.ndarray | None = None,
-        train_records: np.ndarray | None = None,
+        self, task: str, keys: torch.Tensor, train_scores: np.ndarray | None = None,
+        train_emb: np.ndarray | None = None, train_records: np.ndarray | None = None,
     ) -> range:
         """Add a task's keys [P*keys_per_slot, G, D/G]; return its global slot ids.
 
