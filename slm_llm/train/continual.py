@@ -26,7 +26,7 @@ import torch
 from slm_llm.config import SHARED_ADAPTER as SHARED
 from slm_llm.config import Config, shared_adapter_config
 from slm_llm.data import (Collator, load_suite, query_text, rendered_record, router_records, run_records, task_split,
-                          tokenize_example, training_records)
+                          tokenize_example)
 from slm_llm.dtkr import Router, init_keys, load_keys, open_router, routing_tensors, save_keys, score_matrix, train_keys
 from slm_llm.dtkr.encoder import Encoder, build_encoder, check_slot_span
 from slm_llm.jare import JareModel
@@ -92,10 +92,13 @@ def run_continual(cfg: Config, after_task: Callable[[Config, RunDir, int], objec
     tokenizer = load_tokenizer(cfg.model)
     collate = Collator(tokenizer.pad_token_id)
 
-    def load(task: str):
-        """The task's training records, worded as users word them (data.phrasing); held-out
-        phrasings never reach this point."""
-        return training_records(run_records(suite, task, "train", cfg.data), suite.tasks[task], cfg.data)
+    def load(task: str, renderings: int = 1):
+        """The task's training records, worded as users word them (data.phrasing), then, for the
+        router, ``renderings - 1`` further wordings of each (router_records); held-out phrasings
+        never reach this point."""
+        return router_records(run_records(suite, task, "train", cfg.data), suite.tasks[task], cfg.data, renderings)
+
+    renderings = cfg.dtkr.renderings if method == "slm" else 1
 
     for t, stage in enumerate(stages):
         tag = f"[{t + 1}/{len(stages)}] {stage}"
@@ -104,14 +107,13 @@ def run_continual(cfg: Config, after_task: Callable[[Config, RunDir, int], objec
             continue
         tdir = run.task_dir(stage)
         tdir.mkdir(parents=True, exist_ok=True)
-        records = [r for task in tasks for r in load(task)] if stage == MULTITASK else load(stage)
+        queries = [r for task in tasks for r in load(task)] if stage == MULTITASK else load(stage, renderings)
+        records = queries[: len(queries) // renderings]  # the training samples' own wordings come first
 
         if method == "slm":
             # 1. DTKR keys on this task's queries only (old tasks' keys are frozen; no old data).
-            queries = router_records(run_records(suite, stage, "train", cfg.data), suite.tasks[stage], cfg.data,
-                                     cfg.dtkr.renderings)
             fit = encoder.encode([query_text(r) for r in queries])  # [R*N, D]
-            emb = fit[: len(records)]  # [N, D] the training samples' own wordings come first
+            emb = fit[: len(records)]  # [N, D]
             router = open_router(run, cfg, encoder, create=True)
             if rank == 0 and not (tdir / "keys.safetensors").exists():
                 keys = init_keys(fit, cfg.jare.slots_per_task * cfg.dtkr.keys_per_slot, cfg.dtkr.groups,
@@ -123,7 +125,7 @@ def run_continual(cfg: Config, after_task: Callable[[Config, RunDir, int], objec
             best = score_matrix(fit, keys).max(1)  # [R*N] for the task's OOD threshold
             if stage not in router.task_names:  # (it is, if a crash fell between router save and manifest)
                 router.add_task(stage, keys, best, train_emb=fit,  # in memory; saved when the task is done
-                                train_records=rendered_record(len(fit), cfg.dtkr.renderings))
+                                train_records=rendered_record(len(fit), renderings))
             routing = task_routing(router, stage, emb)
             # 2. Increments: base + old tasks (frozen) + this task's new slots (trainable).
             model, name = _jare_model(cfg, run, stages[:t]), stage
