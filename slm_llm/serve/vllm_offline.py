@@ -46,7 +46,8 @@ def generate_offline(run_dir: str | Path, rows: list[dict], max_tokens: int = 32
     requests = [LoRARequest(n, ids[n], adapters[n]) for n in names]
     tok = load_tokenizer(cfg.model)
     llm = LLM(model=setup.base_folder, enable_lora=True, max_lora_rank=setup.max_lora_rank,
-              max_loras=max(1, len(adapters)), max_model_len=cfg.serve.vllm_max_model_len,
+              max_loras=max(1, len(adapters)), lora_target_modules=list(cfg.jare.targets),
+              max_model_len=cfg.serve.vllm_max_model_len,
               dtype="bfloat16" if cuda else "float32", enforce_eager=not cuda, max_num_seqs=max(8, len(rows)))
     stops = stop_token_ids(tok)
     sampling = [SamplingParams(max_tokens=r.get("max_tokens", max_tokens), temperature=temperature,
