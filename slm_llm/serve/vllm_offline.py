@@ -38,9 +38,13 @@ def generate_offline(run_dir: str | Path, rows: list[dict], max_tokens: int = 32
     setup = prepare_vllm(run_dir, overrides)
     cfg, adapters, router = setup.cfg, setup.adapters, setup.router
     cuda = cfg.serve.vllm_device == "cuda"
-    routes = []
-    for r in rows:  # per query; grouped calls would be faster but rows are few in batch evaluation
-        routes += router.route([r.get("query") or r["prompt"]], r.get("model", "slm"))
+    routes: list = [None] * len(rows)
+    by_model: dict[str, list[int]] = {}
+    for i, r in enumerate(rows):
+        by_model.setdefault(r.get("model", "slm"), []).append(i)
+    for model, idx in by_model.items():  # one routing call per model: the encoder batches the queries
+        for i, route in zip(idx, router.route([rows[i].get("query") or rows[i]["prompt"] for i in idx], model)):
+            routes[i] = route
     ids = {task: i + 1 for i, task in enumerate(adapters)}  # lora_int_id must be > 0
     names = [BASE if rt.decision is None else setup.adapter_for(rt.decision) for rt in routes]
     requests = [LoRARequest(n, ids[n], adapters[n]) for n in names]
