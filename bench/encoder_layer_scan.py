@@ -8,10 +8,10 @@ of fold (``slm_llm.dtkr.ood``); the table gives, per layer and OOD percentile, t
 queries served by their own task and the share of off-domain queries flagged.
 
 ``--combine 4+20,16+20+24`` writes ``combined-<suite>.md`` instead: the queries are routed at
-``--route-layer`` (alone, the first rows) and the OOD test averages several layers: each layer's squared Mahalanobis distance is divided by the
-median of the task's out-of-fold training distances at that layer, and the mean of their logs is
-thresholded at the percentile of the same mean over the training queries (out of fold: every
-layer's folds hold the same records).
+``--route-layer`` (alone, the first rows) and the OOD test averages several layers. Each layer's
+squared Mahalanobis distance is divided by the median of the task's out-of-fold training
+distances at that layer, and the mean of their logs is thresholded at the percentile of the same
+mean over the training queries (out of fold: every layer's folds hold the same records).
 
     python bench/encoder_layer_scan.py --suite instruct6 --tasks math_gsm8k,finance_phrasebank,\
 medical_medmcqa,law_overruling,science_arc_easy --out runs/layer_scan
