@@ -49,12 +49,13 @@ class ServerThread:
     def __init__(self, app, host: str = "127.0.0.1", port: int = 0, startup_timeout_s: float = 900):
         import uvicorn
 
-        from slm_llm.utils.env import free_port
-
-        port = port or free_port(host)
+        config = uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5)
+        # Bound now, not when uvicorn gets to it: the app's startup (a vLLM engine's own ports, say)
+        # runs first, and a port that was merely free could be taken by then.
+        self.socket = config.bind_socket()
+        port = self.socket.getsockname()[1]
         self.url = f"http://{'127.0.0.1' if host == '0.0.0.0' else host}:{port}"
-        self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning",
-                                                    timeout_graceful_shutdown=5))
+        self.server = uvicorn.Server(config)
         self.startup_timeout_s = startup_timeout_s
         self.thread = None
 
@@ -62,7 +63,7 @@ class ServerThread:
         import threading
         import time
 
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.socket]}, daemon=True)
         self.thread.start()
         deadline = time.monotonic() + self.startup_timeout_s
         while not self.server.started:
@@ -76,3 +77,4 @@ class ServerThread:
     def __exit__(self, *exc) -> None:
         self.server.should_exit = True
         self.thread.join(timeout=60)
+        self.socket.close()
