@@ -52,7 +52,10 @@ class ServerThread:
         config = uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5)
         # Bound now, not when uvicorn gets to it: the app's startup (a vLLM engine's own ports, say)
         # runs first, and a port that was merely free could be taken by then.
-        self.socket = config.bind_socket()
+        try:
+            self.socket = config.bind_socket()
+        except SystemExit:  # uvicorn logs the reason and exits; say it here as a start failure did before
+            raise RuntimeError(f"the server failed to bind {host}:{port} (see the log above)") from None
         port = self.socket.getsockname()[1]
         self.url = f"http://{'127.0.0.1' if host == '0.0.0.0' else host}:{port}"
         self.server = uvicorn.Server(config)
