@@ -193,6 +193,9 @@ class DtkrConfig(Section):
     ood_percentile: float = 1.0
     ood_shrinkage: float = 0.3  # gaussian: covariance shrinkage towards a scaled identity, in [0, 1]
     ood_rank: int = 64  # gaussian: eigen-directions kept per task
+    # And a background test against generic chat requests: "builtin" (shipped), "none", or a file of
+    # your own (.txt one per line, .jsonl with "prompt"); see slm_llm/dtkr/ood.py.
+    ood_background: str = "builtin"
     encode_batch_size: int = 64
     keys_per_slot: int = 1  # routing keys per slot: a task has slots_per_task * keys_per_slot keys
     whiten: bool = True  # pick the task by cosines after whitening with the pooled within-task covariance
@@ -213,6 +216,9 @@ class DtkrConfig(Section):
         _choice("dtkr.ood_rule", self.ood_rule, ("keys", "gaussian"))
         if not 0.0 < self.ood_shrinkage <= 1.0:
             raise ConfigError("dtkr.ood_shrinkage must be in (0, 1]")
+        if self.ood_background not in ("builtin", "none") and not self.ood_background.endswith((".txt", ".jsonl")):
+            raise ConfigError(f"dtkr.ood_background={self.ood_background!r}: use builtin, none, or a .txt/.jsonl "
+                              "file of requests")
         if self.slot_groups > self.groups:
             raise ConfigError(f"dtkr.slot_groups={self.slot_groups} is more than dtkr.groups={self.groups}")
 

@@ -42,6 +42,7 @@ def test_int_is_accepted_for_float_but_not_str_for_int():
     ("train:\n  lr: -1\n", r"train\.lr must be > 0"),
     ("- a\n- b\n", r"top level must be a mapping"),
     ("train: {lr: 1\n", r"invalid YAML"),
+    ("dtkr:\n  ood_background: chat.csv\n", r"dtkr\.ood_background='chat\.csv': use builtin, none, or a \.txt/\.jsonl"),
 ])
 def test_errors_name_the_key_and_file(tmp_path, text, pattern):
     with pytest.raises(ConfigError, match=pattern):

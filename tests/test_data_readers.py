@@ -269,3 +269,23 @@ def test_hf_rows_are_validated_with_index_and_field(tmp_path):
 def test_hf_unknown_id_offline_says_the_hub_was_not_tried(tmp_path):
     with pytest.raises(DataError, match=r"HF_HUB_OFFLINE"):
         read_hf_dataset("someone/not-a-local-dataset", "t")
+
+
+def test_requests_files_read_one_request_per_line_and_name_bad_lines(tmp_path):
+    from slm_llm.data import read_requests
+
+    txt = tmp_path / "chat.txt"
+    txt.write_text("# everyday requests\nWrite a haiku.\n\n  What's the capital of Peru?  \n")
+    assert read_requests(txt) == ["Write a haiku.", "What's the capital of Peru?"]
+    jsonl = tmp_path / "chat.jsonl"
+    jsonl.write_text('{"prompt": "Write a haiku."}\n\n{"query": "Name a river.", "x": 1}\n')
+    assert read_requests(jsonl) == ["Write a haiku.", "Name a river."]
+    for text, message in [('{"prompt": "a"}\n{"prompt": \n', r"chat\.jsonl:2: invalid JSON"),
+                          ('{"prompt": "a"}\n["b"]\n', r"chat\.jsonl:2: expected an object with a non-empty string"),
+                          ('{"text": "a"}\n', r"chat\.jsonl:1: expected an object"),
+                          ("\n\n", r"chat\.jsonl: no requests")]:
+        jsonl.write_text(text)
+        with pytest.raises(DataError, match=message):
+            read_requests(jsonl)
+    with pytest.raises(DataError, match=r"missing\.txt: cannot read the requests file"):
+        read_requests(tmp_path / "missing.txt")

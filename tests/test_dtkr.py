@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -295,6 +296,44 @@ def test_gaussian_ood_folds_keep_a_records_wordings_together():
         router.add_task("t", init_keys(few, P, G), train_emb=few, train_records=np.arange(20) % 5)
 
 
+def test_background_test_flags_what_looks_generic_frozen_and_persisted(tmp_path):
+    """A background cluster inside the task's Gaussian (ordinary chat near a task of short inputs)
+    passes the Gaussian test; the task's background test flags it, not the task's fresh queries,
+    never moves when a task is added, and survives save/load."""
+    rng = np.random.default_rng(7)
+    pool = clusters(2, 600, noise=0.6, seed=41)
+    data = {t: e[:300] for t, e in pool.items()}
+    fresh = pool["task0"][300:]
+    centre = pool["task0"].mean(0)
+    shift = rng.normal(size=D).astype(np.float32)
+    shift *= 1.5 / np.linalg.norm(shift)
+    generic = centre + shift + 0.1 * rng.normal(size=(400, D)).astype(np.float32)
+    background, unseen = generic[:200], generic[200:]  # fitted on / never seen
+    plain = make_router(ood_rule="gaussian", ood_rank=16)
+    plain.add_task("task0", init_keys(data["task0"], P, G), train_emb=data["task0"])
+    assert np.mean([d.ood for d in plain.route(unseen)]) < 0.2  # the Gaussian alone lets them through
+    assert plain.background("task0") is None
+    router = make_router(ood_rule="gaussian", ood_rank=16)
+    router.add_task("task0", init_keys(data["task0"], P, G), train_emb=data["task0"], background_emb=background)
+    assert np.mean([d.ood for d in router.route(unseen)]) > 0.95
+    assert np.mean([d.ood for d in router.route(fresh)]) < 0.06
+    test = router.background("task0")
+    assert test.threshold <= test.score(data["task0"], G).min() + 1e-6  # below every training query
+    before = router.route(unseen[:50])
+    router.add_task("task1", init_keys(data["task1"], P, G), train_emb=data["task1"], background_emb=background)
+    assert router.route(unseen[:50]) == before and router.background("task0") is test
+    router.save(tmp_path / "r")
+    assert (tmp_path / "r" / "background.safetensors").exists()
+    loaded = Router.load(tmp_path / "r")
+    assert loaded.route(np.concatenate([unseen[:50], fresh[:50]])) == router.route(np.concatenate([unseen[:50],
+                                                                                                  fresh[:50]]))
+    with pytest.raises(RouterError, match=r"background_emb must be \[M, 48\]"):
+        router.add_task("task2", init_keys(data["task1"], P, G), train_emb=data["task1"],
+                        background_emb=background[:, :10])
+    with pytest.raises(RouterError, match="needs train_emb"):
+        make_router().add_task("t", init_keys(data["task1"], P, G), background_emb=background)
+
+
 def test_persistence_round_trip(tmp_path):
     data = clusters(4, 40, seed=12)
     for kind in ("flat", "hnsw"):
@@ -518,6 +557,37 @@ def test_ood_flag_on_foreign_text(real_encoder):
         router.route_texts(inside, Encoder("some/other-model", cache=False, model=FakeModel()))
 
 
+def test_builtin_background_rejects_ordinary_chat_that_the_gaussian_lets_through(real_encoder, data_root):
+    """Real data: finance and law routers fitted on their training queries. Everyday requests
+    (written here, in no file of the repository) get through the Gaussian test but not the
+    background test of slm_llm's own generic requests; held-out phrasings of the tasks still do."""
+    from slm_llm.data import load_suite
+    from slm_llm.dtkr.evaluate import build_router_continual, suite_queries
+    from slm_llm.dtkr.ood import background_embeddings
+
+    cfg = Config()
+    cfg.data.tasks = ["finance_phrasebank", "law_overruling"]
+    cfg.data.max_train_samples = 120
+    suite = load_suite("instruct6")
+    train, held_out = {}, []
+    for task in cfg.data.tasks:
+        queries, views = suite_queries(cfg, suite, task, ["paraphrase"], 15)
+        train[task] = real_encoder.encode(queries)
+        held_out += [(task, q) for q in views["paraphrase"]]
+    chat = ["What's the capital of Australia?", "Write a haiku about autumn leaves.",
+            "Can you recommend a good book for a long flight?", "Tell me a joke about cats.",
+            "Draft a polite email asking my landlord to fix the heating.", "How do I reverse a list in Python?"]
+    flagged = {}
+    for name, background in [("none", None), ("builtin", background_embeddings("builtin", real_encoder))]:
+        router = build_router_continual(train, cfg, background)
+        flagged[name] = np.mean([d.ood for d in router.route_texts(chat, real_encoder)])
+        decisions = router.route_texts([q for _, q in held_out], real_encoder)
+        served = np.mean([d.task == t and not d.ood for (t, _), d in zip(held_out, decisions)])
+        assert served >= 0.85, (name, served)
+    assert flagged["builtin"] == 1.0 and flagged["none"] < 1.0, flagged
+    assert background_embeddings("none", real_encoder) is None
+
+
 def test_router_eval_end_to_end(real_encoder, data_root, tmp_path):
     """Keys learn from train phrasings (and input-only queries); held-out paraphrases and bare inputs
     are routed per query; IFEval prompts and another suite's queries measure the OOD flag."""
@@ -527,8 +597,10 @@ def test_router_eval_end_to_end(real_encoder, data_root, tmp_path):
     cfg.dtkr.epochs = 1
     cfg.data.tasks = ["math_gsm8k", "code_codealpaca", "finance_phrasebank"]
     cfg.data.max_train_samples = 24
+    chat = tmp_path / "chat.txt"
+    chat.write_text("# your own off-domain requests\nWhat's the capital of Australia?\nTell me a joke about cats.\n")
     report = router_eval_seeds(cfg, [0, 1], views=["paraphrase", "input-only"], max_test=10,
-                               off_domain=["ifeval"], ood_percentiles=[1.0, 50.0], encoder=real_encoder,
+                               off_domain=["ifeval", str(chat)], ood_percentiles=[1.0, 50.0], encoder=real_encoder,
                                out_dir=tmp_path)
     run = report["runs"]["0"]
     assert run["tasks"] == cfg.data.tasks and set(run["views"]) == {"paraphrase", "input-only"}
@@ -536,6 +608,7 @@ def test_router_eval_end_to_end(real_encoder, data_root, tmp_path):
         assert np.array(view["confusion"]).sum() == 30 and len(view["confusion"][0]) == 4  # 3 tasks + OOD
         assert view["top1"] >= 0.8 and view["served"] <= view["top1"]
     assert run["n_off_domain"]["ifeval"] == 541 and 0.0 <= run["off_domain"]["ifeval"] <= 1.0
+    assert run["n_off_domain"][str(chat)] == 2 and run["off_domain"][str(chat)] == 1.0  # the background test
     low, high = run["ood_sweep"]["1.0"], run["ood_sweep"]["50.0"]  # a higher percentile flags more
     assert high["paraphrase"] <= low["paraphrase"] and high["off:ifeval"] >= low["off:ifeval"]
     assert report["summary"]["paraphrase.served"]["sd"] >= 0.0 and len(report["runs"]) == 2
@@ -565,6 +638,42 @@ def test_cli_route_prints_decisions(real_encoder, tmp_path, capsys):
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [(d["task"], d["ood"], d["slots"][0] in range(4)) for d in lines] == [("math", False, True),
                                                                                   ("math", True, True)]
+
+
+def test_route_check_words_a_runs_test_records_in_your_phrasings(served_run, tmp_path, capsys):
+    """`slm-llm route-check`: every listed task's records in each phrasing, routed by the run's own
+    router; a phrasing the run trained on is marked; bad check files name the file and key."""
+    from slm_llm.cli import main
+
+    manifest = json.loads((served_run / "manifest.json").read_text())
+    trained = manifest["phrasings"]["law_overruling"]["train"][0]
+    check = tmp_path / "check.yaml"
+    check.write_text(json.dumps({
+        "phrasings": {"finance_phrasebank": ["Just saw this in the news feed: {input} Good or bad for shareholders?",
+                                             "Sentiment label for this line, please."],
+                      "law_overruling": [trained]},
+        "off_domain": ["What's the capital of Australia?", "Write a haiku about autumn leaves."]}))
+    out = tmp_path / "out"
+    assert main(["route-check", "--run", str(served_run), "--phrasings", str(check), "--max-test", "6",
+                 "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    result = json.loads((out / "route_check.json").read_text())
+    rows = result["phrasings"]
+    assert [(r["task"], r["n"], r["trained_on"]) for r in rows] == [
+        ("finance_phrasebank", 6, False), ("finance_phrasebank", 6, False), ("law_overruling", 6, True)]
+    for r in rows:
+        assert 0.0 <= r["served"] <= r["top1"] <= 1.0 and sum(r["routed_elsewhere"].values()) == round(6 * (1 - r["top1"]))
+    assert result["per_task"]["finance_phrasebank"]["n"] == 12 and result["n"] == 18
+    assert result["off_domain"]["n"] == 2 and "*(trained on)*" in printed and "Off-domain requests flagged" in printed
+    assert (out / "route_check.md").read_text() == printed.split("written:")[0]
+    for text, message in [('{"phrasings": {"medical_medmcqa": ["x"]}}', r"phrasings\.medical_medmcqa: the run has no task"),
+                          ('{"phrasings": {"law_overruling": []}}', r"phrasings\.law_overruling must be a non-empty list"),
+                          ('{"phrasings": {"law_overruling": ["ok", 3]}}', r"phrasings\.law_overruling\[1\] must be"),
+                          ('{"phrasings": {"law_overruling": ["ok"]}, "offdomain": ["x"]}', r"unknown key\(s\) \['offdomain'\]"),
+                          ("phrasings: [", "invalid YAML")]:
+        check.write_text(text)
+        assert main(["route-check", "--run", str(served_run), "--phrasings", str(check)]) == 2
+        assert re.search(message, capsys.readouterr().err), (text, message)
 
 
 @pytest.mark.parametrize("argv, sizes", [

@@ -1,4 +1,4 @@
-"""`slm-llm` subcommands of routing: route, router-eval."""
+"""`slm-llm` subcommands of routing: route, route-check, router-eval."""
 from __future__ import annotations
 
 import json
@@ -12,6 +12,16 @@ def register(sub, add_config_args) -> None:
     p.add_argument("--k", type=int, default=None, help="slots per query (default: the router's K)")
     p.add_argument("--json", action="store_true", help="one JSON decision per line")
     p.set_defaults(fn=cmd_route)
+
+    p = sub.add_parser("route-check", help="route a run's test records in phrasings you write (and off-domain "
+                                           "requests) through its router: served, top-1, OOD per phrasing")
+    p.add_argument("--run", required=True, help="run folder (its router/ and run.yaml are used)")
+    p.add_argument("--phrasings", required=True,
+                   help="YAML: phrasings: {task: [phrasing, ...]}, optional off_domain: [request, ...]")
+    p.add_argument("--max-test", type=int, default=100, help="evaluation records per task (default 100)")
+    p.add_argument("--data-root", default=None, help="default: the run's data.data_root, $SLM_DATA, ../shared/data")
+    p.add_argument("--out", default=None, help="folder for route_check.json and route_check.md")
+    p.set_defaults(fn=cmd_route_check)
 
     p = sub.add_parser("router-eval", help="continual routing quality of DTKR on a suite, per query view, at batch size 1")
     add_config_args(p)
@@ -27,7 +37,8 @@ def register(sub, add_config_args) -> None:
                    help="dev: each task's dev pool and dev phrasings (choosing settings without test); "
                         "default data.eval_split")
     p.add_argument("--seeds", default="0", help="comma-separated seeds (data sample, phrasings, key init)")
-    p.add_argument("--off-domain", default="", help="comma-separated off-domain sets: ifeval and/or suite names")
+    p.add_argument("--off-domain", default="", help="comma-separated off-domain sets: ifeval, suite names, or files of "
+                                                        "your own requests (.txt one per line, .jsonl with 'prompt')")
     p.add_argument("--ood-sweep", default="", help="comma-separated ood_percentile values to re-score")
     p.add_argument("--out", default=None, help="folder for router_eval_seeds.json and per-seed confusions")
     p.set_defaults(fn=cmd_router_eval)
@@ -46,6 +57,36 @@ def cmd_route(args) -> int:
     router = open_router(RunDir(args.run), cfg, encoder)
     for text, d in zip(args.queries, router.route_texts(args.queries, encoder, k=args.k)):
         print(json.dumps({"query": text, **d.to_dict()}) if args.json else format_decision(d, text))
+    return 0
+
+
+def cmd_route_check(args) -> int:
+    from pathlib import Path
+
+    from slm_llm.config import load_config
+    from slm_llm.data import load_suite
+    from slm_llm.dtkr.encoder import build_encoder
+    from slm_llm.dtkr.phrasing_check import format_check, load_check_file, route_check
+    from slm_llm.dtkr.router import open_router
+    from slm_llm.run import RunDir
+    from slm_llm.utils.io import write_json, write_text
+
+    run = RunDir(args.run)
+    cfg = load_config(run.root / "run.yaml")
+    if args.data_root:
+        cfg.data.data_root = args.data_root
+    tasks = run.done_tasks()
+    spec = load_check_file(args.phrasings, tasks)
+    encoder = build_encoder(cfg, cache=False)
+    router = open_router(run, cfg, encoder)
+    trained = {t: p.get("train", []) for t, p in (run.manifest().get("phrasings") or {}).items()}
+    result = route_check(router, encoder, cfg, load_suite(cfg.data.suite), spec, args.max_test, trained)
+    text = format_check(result)
+    print(text, end="")
+    if args.out:
+        write_json(Path(args.out) / "route_check.json", result)
+        write_text(Path(args.out) / "route_check.md", text)
+        print(f"written: {args.out}/route_check.{{json,md}}")
     return 0
 
 

@@ -1,6 +1,6 @@
 """Records, readers, task suites, prompt templates, tokenisation and batching."""
 from .collate import Collator
-from .readers import read_alpaca, read_cl_benchmark, read_hf_dataset
+from .readers import REQUEST_FILES, read_alpaca, read_cl_benchmark, read_hf_dataset, read_requests
 from .schema import DataError, Record
 from .suites import Suite, TaskSpec, load_suite, load_task_split, resolve_data_root, run_records
 from .templates import TEMPLATES, end_of_turn_text, query_text, render_prompt, render_response, stop_token_ids
@@ -11,7 +11,8 @@ from .views import (VIEWS, PhrasingSplit, dev_split, phrasing_split, records_in_
 __all__ = [
     "Collator", "DataError", "IGNORE_INDEX", "Record", "Suite", "TEMPLATES", "TaskSpec",
     "cut_prompt", "end_of_turn_text", "load_suite", "load_task_split", "query_text",
-    "read_alpaca", "read_cl_benchmark", "read_hf_dataset", "render_prompt", "render_response",
+    "REQUEST_FILES", "read_alpaca", "read_cl_benchmark", "read_hf_dataset", "read_requests", "render_prompt",
+    "render_response",
     "resolve_data_root", "run_records", "stop_token_ids", "tokenize_example", "tokenize_prompt",
     "VIEWS", "PhrasingSplit", "dev_split", "phrasing_split", "records_in_view", "rendered_record", "router_records",
     "task_split", "training_record", "training_records", "view_records",

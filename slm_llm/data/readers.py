@@ -221,3 +221,34 @@ def _load_json_list(path: Path, text: str) -> list[Any]:
     if not isinstance(data, list):
         raise DataError(f"{path}: top level must be a JSON list of records, got {type(data).__name__}")
     return data
+
+
+REQUEST_FILES = (".txt", ".jsonl")
+
+
+def read_requests(path: str | Path) -> list[str]:
+    """Requests, one per line: a ``.txt`` file (blank lines and ``#`` comments skipped) or a
+    ``.jsonl`` file whose objects carry ``prompt`` (IFEval's field) or ``query``."""
+    path = Path(path)
+    try:
+        lines = path.read_text().splitlines()
+    except OSError as e:
+        raise DataError(f"{path}: cannot read the requests file ({e.strerror})") from None
+    out = []
+    for i, line in enumerate(lines, 1):
+        if not line.strip() or (path.suffix == ".txt" and line.lstrip().startswith("#")):
+            continue
+        if path.suffix == ".txt":
+            out.append(line.strip())
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{i}: invalid JSON ({e.msg})") from None
+        text = obj.get("prompt", obj.get("query")) if isinstance(obj, dict) else None
+        if not isinstance(text, str) or not text.strip():
+            raise DataError(f"{path}:{i}: expected an object with a non-empty string 'prompt' or 'query'")
+        out.append(text)
+    if not out:
+        raise DataError(f"{path}: no requests")
+    return out

@@ -33,10 +33,11 @@ from typing import Any
 import numpy as np
 
 from slm_llm.config import Config
-from slm_llm.data import (DataError, Suite, load_suite, load_task_split, query_text, records_in_view, resolve_data_root,
-                          rendered_record, router_records, run_records, view_records)
+from slm_llm.data import (REQUEST_FILES, DataError, Suite, load_suite, load_task_split, query_text, records_in_view, resolve_data_root,
+                          read_requests, rendered_record, router_records, run_records, view_records)
 from slm_llm.dtkr.encoder import Encoder
 from slm_llm.dtkr.keys import init_keys, score_matrix, train_keys
+from slm_llm.dtkr.ood import background_embeddings
 from slm_llm.dtkr.router import Router
 from slm_llm.utils.io import atomic_path, write_json, write_text
 
@@ -56,8 +57,11 @@ def suite_queries(cfg: Config, suite: Suite, task: str, views: list[str], max_te
 
 
 def off_domain_queries(name: str, cfg: Config, max_test: int) -> list[str]:
-    """Texts no task of the evaluated suite covers: ``ifeval`` (the official IFEval prompts) or
-    another suite's queries (its records in its own phrasings, half of them input-only)."""
+    """Texts no task of the evaluated suite covers: ``ifeval`` (the official IFEval prompts),
+    another suite's queries (its records in its own phrasings, half of them input-only), or a
+    file of your own requests (:func:`read_requests`)."""
+    if Path(name).suffix in REQUEST_FILES:
+        return read_requests(name)
     root = resolve_data_root(cfg.data.data_root or None)
     if name == "ifeval":
         path = root / "ifeval" / "input_data.jsonl"
@@ -78,11 +82,13 @@ def off_domain_queries(name: str, cfg: Config, max_test: int) -> list[str]:
     return out
 
 
-def build_router_continual(train_emb: dict[str, np.ndarray], cfg: Config) -> Router:
+def build_router_continual(train_emb: dict[str, np.ndarray], cfg: Config,
+                           background_emb: np.ndarray | None = None) -> Router:
     """Add tasks in the order of ``train_emb``: init keys, train them (centrifugal against
     the router's frozen keys), calibrate on the task's own training queries (``dtkr.renderings``
     wordings of each record, in :func:`slm_llm.data.router_records`' order), add.
-    Task t's embeddings are used only while task t is added."""
+    Task t's embeddings are used only while task t is added. ``background_emb``: the
+    ``dtkr.ood_background`` requests' embeddings (each task's background test), or None."""
     d = cfg.dtkr
     dim = next(iter(train_emb.values())).shape[1]
     router = Router(dim, d, cfg.jare)
@@ -90,7 +96,8 @@ def build_router_continual(train_emb: dict[str, np.ndarray], cfg: Config) -> Rou
     for t, (task, emb) in enumerate(train_emb.items()):
         keys = init_keys(emb, n_keys, d.groups, d.key_init, d.seed + t)
         keys = train_keys(emb, keys, d, frozen_keys=router.all_keys())
-        router.add_task(task, keys, train_emb=emb, train_records=rendered_record(len(emb), d.renderings))
+        router.add_task(task, keys, train_emb=emb, train_records=rendered_record(len(emb), d.renderings),
+                        background_emb=background_emb)
     return router
 
 
@@ -129,8 +136,9 @@ def router_eval(
     off_emb = {n: encoder.encode(off_domain_queries(n, cfg, max_test), progress=progress)
                for n in off_domain}
 
+    background = background_embeddings(cfg.dtkr.ood_background, encoder)
     t0 = time.perf_counter()
-    router = build_router_continual(train_emb, cfg)
+    router = build_router_continual(train_emb, cfg, background)
     build_s = time.perf_counter() - t0
     train_best = {t: score_matrix(e, router.task_keys(t)).max(1) for t, e in train_emb.items()}
 
@@ -186,7 +194,11 @@ def router_eval(
 
 
 def _ood_statistic(router: Router, emb: np.ndarray, d) -> float:
-    """How far out the query is for its routed task, larger = farther (the rule's own measure)."""
+    """How far out the query is for its routed task, larger = farther (the rule's own measure);
+    +inf when the task's background test flags it (a sweep of the rule's threshold cannot serve it)."""
+    background = router.background(d.task)
+    if background is not None and background.flags(emb, router.groups)[0]:
+        return float("inf")
     if router.ood_rule == "gaussian":
         return float(router.gaussian(d.task).distance(emb, router.groups)[0])
     return -d.score

@@ -1,6 +1,6 @@
 """Out-of-distribution test of a routed query: a per-task Gaussian over its training queries.
 
-``dtkr.ood_rule``:
+``dtkr.ood_rule`` (the task's own distribution):
 
     keys       the query's best plain score against the routed task's keys is below the
                ``ood_percentile``-th percentile of the task's own training queries' scores
@@ -18,17 +18,32 @@ fitted on the other four fifths. Several wordings of one record (``dtkr.renderin
 one fold, or its twin in the other folds would pull its distance down. Everything is fitted
 once, when the task is added, from that task's queries only, and never changes: an old
 task's OOD decisions cannot drift.
+
+Neither rule alone rejects ordinary chat ("What's the capital of Australia?"): a short
+generic request sits as close to a task of short inputs (news sentences, court sentences)
+as that task's own queries do. So each task also gets a **background test**
+(``dtkr.ood_background``): a linear classifier (logistic regression, same space) between the
+task's training queries and a fixed set of generic assistant requests shipped with slm_llm
+(``background_requests.txt``, or your own file). A query the classifier places on the
+background's side of every training query of the task (their out-of-fold scores) is OOD.
+The background set is the same for every task and never grows, so the test, too, is fitted
+once per task, and no old task's data is needed.
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
+from slm_llm.data import read_requests
 from slm_llm.dtkr.whiten import group_unit
 
 FOLDS = 5
 MIN_QUERIES = 2 * FOLDS  # two per fold, at least
+BACKGROUND_C = 1000.0  # inverse L2 strength of the background classifier (chosen on dev, bench/RESULTS.md)
+BUILTIN_BACKGROUND = Path(__file__).with_name("background_requests.txt")
 
 
 @dataclass
@@ -88,3 +103,61 @@ def calibrate(emb: np.ndarray, groups: int, shrinkage: float, rank: int, percent
         oof[fold] = g.distance(emb[fold], groups)
     return TaskGaussian(*fit_gaussian(u, shrinkage, rank), threshold=float(np.percentile(oof, 100 - percentile)),
                         oof=oof)
+
+
+@dataclass
+class BackgroundTest:
+    """A task's queries against generic requests: ``w . u + bias`` over the per-group unit-normalised
+    embedding ``u``; a query scoring below ``threshold`` (the lowest out-of-fold score of the task's
+    own training queries) looks more like the background than any of them: OOD."""
+
+    weight: np.ndarray  # [D]
+    bias: float
+    threshold: float
+
+    def score(self, emb: np.ndarray, groups: int) -> np.ndarray:
+        return group_unit(emb, groups) @ self.weight + self.bias
+
+    def flags(self, emb: np.ndarray, groups: int) -> np.ndarray:
+        return self.score(emb, groups) < self.threshold
+
+    def state(self) -> np.ndarray:
+        return np.concatenate([self.weight, [self.bias, self.threshold]])
+
+    @classmethod
+    def from_state(cls, v: np.ndarray) -> BackgroundTest:
+        return cls(v[:-2], float(v[-2]), float(v[-1]))
+
+
+def fit_background_test(emb: np.ndarray, background: np.ndarray, groups: int, seed: int = 0,
+                        records: np.ndarray | None = None) -> BackgroundTest:
+    """The task's background test from its training query embeddings [N, D] and the background
+    requests' [M, D]; the threshold from out-of-fold scores (``records`` as in :func:`calibrate`)."""
+    u, bg = group_unit(emb, groups), group_unit(background, groups)
+    records = np.arange(len(u)) if records is None else np.asarray(records)
+    ids = np.unique(records)
+    oof = np.zeros(len(u))
+    for fold_ids in np.array_split(ids[np.random.default_rng(seed).permutation(len(ids))], FOLDS):
+        fold = np.isin(records, fold_ids)
+        oof[fold] = _classifier(u[~fold], bg).decision_function(u[fold])
+    clf = _classifier(u, bg)
+    return BackgroundTest(clf.coef_[0].astype(np.float32), float(clf.intercept_[0]), float(oof.min()))
+
+
+def _classifier(task: np.ndarray, background: np.ndarray):
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.linear_model import LogisticRegression
+
+    x = np.concatenate([task, background])
+    y = np.r_[np.ones(len(task)), np.zeros(len(background))]
+    with warnings.catch_warnings():  # nearly separable sets stop at max_iter with a usable boundary
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        return LogisticRegression(C=BACKGROUND_C, class_weight="balanced", max_iter=2000).fit(x, y)
+
+
+def background_embeddings(setting: str, encoder) -> np.ndarray | None:
+    """``encoder``'s embeddings [M, D] of the ``dtkr.ood_background`` requests: "builtin" (shipped
+    with slm_llm), a file (.txt one per line, .jsonl with ``prompt``/``query``), or "none" (None)."""
+    if setting == "none":
+        return None
+    return encoder.encode(read_requests(BUILTIN_BACKGROUND if setting == "builtin" else setting))

@@ -14,8 +14,7 @@ One slot rule, the same in training and at inference, for each query q:
      its top K, with weights w_k = max(s_k, ε) / Σ_j max(s_j, ε) (``slot_weights="similarity"``,
      the paper's) or w_k = 1/K (``"uniform"``: a mix a plain LoRA adapter can hold exactly, so
      the vLLM backend serves what exact JARe computes);
-  3. the query is out of distribution (OOD) when the best plain score is below the
-     task's threshold.
+  3. the query is out of distribution (OOD) when the task's OOD test flags it (below).
 Training knows the task and runs steps 2-3 only (``restrict_task``), so a query routed to
 the right task gets exactly the mix of slots its task was trained with, never half a slot
 of another task. Plain scores depend only on frozen keys and the frozen encoder, while T
@@ -26,7 +25,9 @@ OOD calibration (``slm_llm.dtkr.ood``), once, when the task is added, from its o
 training queries: with ``ood_rule="keys"`` the threshold is the ``ood_percentile``-th
 percentile of their plain best scores against the task's keys; with ``"gaussian"`` a
 Gaussian of the task's queries flags the ``ood_percentile`` % farthest (measured out of
-fold). Either way about ood_percentile % of in-task queries would be flagged.
+fold). Either way about ood_percentile % of in-task queries would be flagged. With
+``ood_background`` (the default) a task's background test (generic chat requests vs its
+queries) flags it too.
 """
 from __future__ import annotations
 
@@ -42,7 +43,7 @@ from safetensors.torch import load_file, save_file
 from slm_llm.dtkr.index import SlotIndex, check_groups, group_normalise, slot_span_start
 from slm_llm.dtkr.keys import load_keys, save_keys, score_matrix
 from slm_llm.config import DtkrConfig, JareConfig
-from slm_llm.dtkr.ood import MIN_QUERIES, TaskGaussian, calibrate
+from slm_llm.dtkr.ood import MIN_QUERIES, BackgroundTest, TaskGaussian, calibrate, fit_background_test
 from slm_llm.dtkr.whiten import Whitener
 from slm_llm.errors import SlmError
 from slm_llm.run import RunDir
@@ -82,6 +83,7 @@ class Router:
         self.device = device or cfg.index_device
         self.whitener = Whitener(dim, cfg.groups, cfg.whiten_shrinkage) if cfg.whiten else None
         self._gaussians: list[TaskGaussian | None] = []  # per task, with ood_rule "gaussian"
+        self._backgrounds: list[BackgroundTest | None] = []  # per task, when added with background_emb
         self.index = self._new_index()
         self.tasks: list[dict] = []  # name, first_slot, n_slots, first_row, n_rows, threshold
         self._pos: dict[str, int] = {}  # task name -> position in self.tasks
@@ -111,6 +113,10 @@ class Router:
         """The task's OOD Gaussian (ood_rule "gaussian"), else None."""
         return self._gaussians[self._task_pos(task)]
 
+    def background(self, task: str) -> BackgroundTest | None:
+        """The task's background test (added with ``background_emb``), else None."""
+        return self._backgrounds[self._task_pos(task)]
+
     def task_keys(self, task: str) -> torch.Tensor:
         return self._keys[self._task_pos(task)]
 
@@ -121,6 +127,7 @@ class Router:
     def add_task(
         self, task: str, keys: torch.Tensor, train_scores: np.ndarray | None = None,
         train_emb: np.ndarray | None = None, train_records: np.ndarray | None = None,
+        background_emb: np.ndarray | None = None,
     ) -> range:
         """Add a task's keys [P*keys_per_slot, G, D/G]; return its global slot ids.
 
@@ -133,6 +140,8 @@ class Router:
         whitening (the embeddings themselves are not kept). ``train_records`` [N] names the
         training record each row words (``dtkr.renderings`` > 1: rows of one record share a
         calibration fold of the Gaussian OOD test); default: one record per row.
+        ``background_emb`` [M, D], generic requests embedded by the same encoder
+        (``ood.background_embeddings``), adds the task's background test (needs ``train_emb``).
         """
         if task in self._pos:
             raise RouterError(f"task {task!r} is already in the router")
@@ -143,9 +152,10 @@ class Router:
         rows = keys.shape[0]
         if rows % self.keys_per_slot:
             raise RouterError(f"{task!r} has {rows} keys, not a multiple of keys_per_slot={self.keys_per_slot}")
-        if (self.whitener is not None or self.ood_rule == "gaussian") and train_emb is None:
-            raise RouterError(f"whiten=True or ood_rule='gaussian': add_task({task!r}) needs train_emb, the task's "
-                              "training embeddings")
+        if (self.whitener is not None or self.ood_rule == "gaussian" or background_emb is not None) \
+                and train_emb is None:
+            raise RouterError(f"whiten=True, ood_rule='gaussian' or a background test: add_task({task!r}) needs "
+                              "train_emb, the task's training embeddings")
         if train_emb is not None:
             train_emb = np.asarray(train_emb, dtype=np.float32)
             if train_emb.ndim != 2 or train_emb.shape[1] != self.dim:
@@ -169,7 +179,15 @@ class Router:
             gaussian = calibrate(train_emb, self.groups, c.ood_shrinkage, c.ood_rank, c.ood_percentile,
                                  records=train_records)
             entry["threshold"] = gaussian.threshold
+        background = None
+        if background_emb is not None:
+            background_emb = np.asarray(background_emb, dtype=np.float32)
+            if background_emb.ndim != 2 or background_emb.shape[1] != self.dim:
+                raise RouterError(f"background_emb must be [M, {self.dim}], got {tuple(background_emb.shape)}")
+            background = fit_background_test(train_emb, background_emb, self.groups, records=train_records)
+        entry["background"] = background is not None
         self._gaussians.append(gaussian)
+        self._backgrounds.append(background)
         self._pos[task] = len(self.tasks)
         self.tasks.append(entry)
         self._keys.append(keys)
@@ -255,6 +273,9 @@ class Router:
             gaussian = self._gaussians[pos]
             if gaussian is not None:
                 d.ood = bool(gaussian.distance(emb[b : b + 1], self.groups)[0] > gaussian.threshold)
+            background = self._backgrounds[pos]
+            if background is not None and not d.ood:
+                d.ood = bool(background.flags(emb[b : b + 1], self.groups)[0])
             out.append(d)
         return out
 
@@ -307,6 +328,10 @@ class Router:
             state = {k: v for pos, g in enumerate(self._gaussians) for k, v in g.state(f"task{pos}").items()}
             with atomic_path(router_dir / "ood.safetensors") as tmp:
                 save_file({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state.items()}, str(tmp))
+        if any(b is not None for b in self._backgrounds):
+            state = {f"task{pos}": b.state() for pos, b in enumerate(self._backgrounds) if b is not None}
+            with atomic_path(router_dir / "background.safetensors") as tmp:
+                save_file({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state.items()}, str(tmp))
         sizes = {t["n_slots"] for t in self.tasks}
         slots = []
         for pos, t in enumerate(self.tasks):
@@ -351,6 +376,11 @@ class Router:
             self._gaussians = [TaskGaussian.from_state(ood, f"task{pos}") for pos in range(len(self.tasks))]
         else:
             self._gaussians = [None] * len(self.tasks)
+        self._backgrounds = [None] * len(self.tasks)
+        if any(t.get("background") for t in self.tasks):
+            state = load_file(str(router_dir / "background.safetensors"))
+            self._backgrounds = [BackgroundTest.from_state(state[f"task{pos}"].numpy()) if t.get("background")
+                                 else None for pos, t in enumerate(self.tasks)]
         if self.whitener is not None:
             state = load_file(str(router_dir / "whitening.safetensors"))
             self.whitener = Whitener.from_state(self.dim, self.groups, self.cfg.whiten_shrinkage,

@@ -29,6 +29,7 @@ from slm_llm.data import (Collator, load_suite, query_text, rendered_record, rou
                           tokenize_example)
 from slm_llm.dtkr import Router, init_keys, load_keys, open_router, routing_tensors, save_keys, score_matrix, train_keys
 from slm_llm.dtkr.encoder import Encoder, build_encoder, check_slot_span
+from slm_llm.dtkr.ood import background_embeddings
 from slm_llm.jare import JareModel
 from slm_llm.models import load_base_model, load_tokenizer, model_id
 from slm_llm.run import RunDir
@@ -125,7 +126,8 @@ def run_continual(cfg: Config, after_task: Callable[[Config, RunDir, int], objec
             best = score_matrix(fit, keys).max(1)  # [R*N] for the task's OOD threshold
             if stage not in router.task_names:  # (it is, if a crash fell between router save and manifest)
                 router.add_task(stage, keys, best, train_emb=fit,  # in memory; saved when the task is done
-                                train_records=rendered_record(len(fit), renderings))
+                                train_records=rendered_record(len(fit), renderings),
+                                background_emb=background_embeddings(cfg.dtkr.ood_background, encoder))
             routing = task_routing(router, stage, emb)
             # 2. Increments: base + old tasks (frozen) + this task's new slots (trainable).
             model, name = _jare_model(cfg, run, stages[:t]), stage
