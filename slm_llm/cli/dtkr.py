@@ -23,7 +23,8 @@ def register(sub, add_config_args) -> None:
     p.add_argument("--out", default=None, help="folder for route_check.json and route_check.md")
     p.set_defaults(fn=cmd_route_check)
 
-    p = sub.add_parser("router-eval", help="continual routing quality of DTKR on a suite, per query view, at batch size 1")
+    p = sub.add_parser("router-eval",
+                       help="continual routing quality of DTKR on a suite, per query view, at batch size 1")
     add_config_args(p)
     p.add_argument("--suite", default=None, help="instruct6 | cl9 | a suite YAML (default: data.suite)")
     p.add_argument("--query-view", default=None,

@@ -321,17 +321,13 @@ class Router:
         if all_keys is not None:
             save_keys(router_dir / "keys.safetensors", all_keys, {"encoder_id": self.encoder_id})
         if self.whitener is not None:
-            with atomic_path(router_dir / "whitening.safetensors") as tmp:
-                save_file({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in self.whitener.state().items()},
-                          str(tmp))
+            _save_arrays(router_dir / "whitening.safetensors", self.whitener.state())
         if self.ood_rule == "gaussian" and self.tasks:
-            state = {k: v for pos, g in enumerate(self._gaussians) for k, v in g.state(f"task{pos}").items()}
-            with atomic_path(router_dir / "ood.safetensors") as tmp:
-                save_file({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state.items()}, str(tmp))
+            _save_arrays(router_dir / "ood.safetensors",
+                         {k: v for pos, g in enumerate(self._gaussians) for k, v in g.state(f"task{pos}").items()})
         if any(b is not None for b in self._backgrounds):
-            state = {f"task{pos}": b.state() for pos, b in enumerate(self._backgrounds) if b is not None}
-            with atomic_path(router_dir / "background.safetensors") as tmp:
-                save_file({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state.items()}, str(tmp))
+            _save_arrays(router_dir / "background.safetensors",
+                         {f"task{pos}": b.state() for pos, b in enumerate(self._backgrounds) if b is not None})
         sizes = {t["n_slots"] for t in self.tasks}
         slots = []
         for pos, t in enumerate(self.tasks):
@@ -394,6 +390,11 @@ class Router:
             self._slot_task_list[s["slot"]] = pos[s["task"]]
         self._invalidate_table()
         return self
+
+
+def _save_arrays(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    with atomic_path(path) as tmp:
+        save_file({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()}, str(tmp))
 
 
 def open_router(run: RunDir, cfg, encoder, create: bool = False) -> Router:
