@@ -679,6 +679,41 @@ def test_route_check_words_a_runs_test_records_in_your_phrasings(served_run, tmp
         assert re.search(message, capsys.readouterr().err), (text, message)
 
 
+def test_refit_router_changes_only_the_ood_tests_and_records_them(served_run, task_queries, tmp_path, capsys):
+    """`slm-llm refit-router`: the same tasks, slots and weights from the saved keys; the OOD tests
+    follow the new dtkr.ood_* settings, run.yaml records them; other keys are refused."""
+    import shutil
+
+    import yaml
+
+    from slm_llm.cli import main
+    from slm_llm.config import load_config
+    from slm_llm.dtkr.encoder import build_encoder
+    from slm_llm.dtkr.router import open_router
+    from slm_llm.run import RunDir
+
+    run = tmp_path / "run"
+    shutil.copytree(served_run, run)
+    queries = [q for qs in task_queries.values() for q in qs] + ["What's the capital of Australia?"]
+
+    def decisions():
+        cfg = load_config(run / "run.yaml")
+        encoder = build_encoder(cfg, cache=False)
+        return open_router(RunDir(run), cfg, encoder).route_texts(queries, encoder)
+
+    before = decisions()
+    assert main(["refit-router", "--run", str(run), "dtkr.ood_background=none"]) == 0
+    assert "background test yes -> no" in capsys.readouterr().out
+    assert yaml.safe_load((run / "run.yaml").read_text())["dtkr"]["ood_background"] == "none"
+    assert not (run / "router" / "background.safetensors").exists() and not (run / "router.old").exists()
+    after = decisions()
+    assert [(d.task, d.slots, d.weights) for d in after] == [(d.task, d.slots, d.weights) for d in before]
+    assert main(["refit-router", "--run", str(run), "dtkr.ood_background=builtin"]) == 0
+    assert decisions() == before  # back to how the run was trained: the same OOD decisions too
+    assert main(["refit-router", "--run", str(run), "dtkr.groups=3"]) == 2
+    assert "refit-router changes OOD settings only" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("argv, sizes", [
     (["router-eval", "--config", "eval/instruct5.yaml"], (200, 100)),  # the config's sizes, as its training run
     (["router-eval", "--config", "eval/instruct5.yaml", "--max-train", "50", "--max-test", "20"], (50, 20)),

@@ -1,4 +1,4 @@
-"""`slm-llm` subcommands of routing: route, route-check, router-eval."""
+"""`slm-llm` subcommands of routing: route, route-check, refit-router, router-eval."""
 from __future__ import annotations
 
 import json
@@ -22,6 +22,12 @@ def register(sub, add_config_args) -> None:
     p.add_argument("--data-root", default=None, help="default: the run's data.data_root, $SLM_DATA, ../shared/data")
     p.add_argument("--out", default=None, help="folder for route_check.json and route_check.md")
     p.set_defaults(fn=cmd_route_check)
+
+    p = sub.add_parser("refit-router", help="refit a finished slm run's router with other dtkr.ood_* settings "
+                                            "(keys, slots and increments unchanged)")
+    p.add_argument("--run", required=True, help="run folder")
+    p.add_argument("overrides", nargs="*", help="dtkr.ood_* overrides, e.g. dtkr.ood_background=builtin")
+    p.set_defaults(fn=cmd_refit_router)
 
     p = sub.add_parser("router-eval",
                        help="continual routing quality of DTKR on a suite, per query view, at batch size 1")
@@ -88,6 +94,17 @@ def cmd_route_check(args) -> int:
         write_json(Path(args.out) / "route_check.json", result)
         write_text(Path(args.out) / "route_check.md", text)
         print(f"written: {args.out}/route_check.{{json,md}}")
+    return 0
+
+
+def cmd_refit_router(args) -> int:
+    from slm_llm.recipes.refit_router import refit_router
+
+    for task, r in refit_router(args.run, args.overrides).items():
+        before, after = r["before"], r["after"]
+        print(f"{task}: threshold {before['threshold']:.4g} -> {after['threshold']:.4g}, "
+              f"background test {'yes' if before['background'] else 'no'} -> {'yes' if after['background'] else 'no'}")
+    print(f"refitted: {args.run}/router (run.yaml records the settings)")
     return 0
 
 
