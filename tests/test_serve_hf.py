@@ -57,6 +57,10 @@ def test_health_models_and_route(hf_server, task_queries):
     # an off-domain request (an IFEval-style task; neither finance sentiment nor legal overruling)
     ood = client.post("/v1/route", json={"input": "Write a poem about the sea in 4 lines."}).json()["data"][0]
     assert ood["ood"] and ood["fallback"] == "base"
+    # everyday chat, which the Gaussian test alone lets through to a task (the background test)
+    chat = ["What's the capital of Australia?", "Give me a recipe for banana bread.", "Tell me a joke about penguins."]
+    assert [(r["ood"], r["fallback"]) for r in client.post("/v1/route", json={"input": chat}).json()["data"]] == \
+        [(True, "base")] * 3
     assert client.post("/v1/route", json={"input": fin, "model": "base"}).json()["data"] == [None]
 
 
