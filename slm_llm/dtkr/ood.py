@@ -87,18 +87,25 @@ def fit_gaussian(u: np.ndarray, shrinkage: float, rank: int) -> tuple[np.ndarray
     return mean, vecs[:, ::-1][:, :k].copy(), top, float(rest.mean()) if len(rest) else float(scale)
 
 
+def record_folds(records: np.ndarray, seed: int) -> list[np.ndarray]:
+    """The FOLDS out-of-fold calibration folds as row masks over ``records`` [N] (the training
+    record each row words): a record's rows stay in one fold, records are shuffled by ``seed``."""
+    ids = np.unique(records)
+    shuffled = ids[np.random.default_rng(seed).permutation(len(ids))]
+    return [np.isin(records, fold) for fold in np.array_split(shuffled, FOLDS)]
+
+
 def calibrate(emb: np.ndarray, groups: int, shrinkage: float, rank: int, percentile: float,
               seed: int = 0, records: np.ndarray | None = None) -> TaskGaussian:
     """The task's Gaussian from its training query embeddings [N, D], thresholded out of fold;
     ``records`` [N] names the training record each row words (default: a record per row)."""
     u = group_unit(emb, groups)
     records = np.arange(len(u)) if records is None else np.asarray(records)
-    ids = np.unique(records)
-    if len(ids) < MIN_QUERIES:
-        raise ValueError(f"the gaussian OOD rule needs at least {MIN_QUERIES} training records, got {len(ids)}")
+    n_records = len(np.unique(records))
+    if n_records < MIN_QUERIES:
+        raise ValueError(f"the gaussian OOD rule needs at least {MIN_QUERIES} training records, got {n_records}")
     oof = np.zeros(len(u))
-    for fold_ids in np.array_split(ids[np.random.default_rng(seed).permutation(len(ids))], FOLDS):
-        fold = np.isin(records, fold_ids)
+    for fold in record_folds(records, seed):
         g = TaskGaussian(*fit_gaussian(u[~fold], shrinkage, rank), threshold=np.inf)
         oof[fold] = g.distance(emb[fold], groups)
     return TaskGaussian(*fit_gaussian(u, shrinkage, rank), threshold=float(np.percentile(oof, 100 - percentile)),
@@ -135,10 +142,8 @@ def fit_background_test(emb: np.ndarray, background: np.ndarray, groups: int, se
     requests' [M, D]; the threshold from out-of-fold scores (``records`` as in :func:`calibrate`)."""
     u, bg = group_unit(emb, groups), group_unit(background, groups)
     records = np.arange(len(u)) if records is None else np.asarray(records)
-    ids = np.unique(records)
     oof = np.zeros(len(u))
-    for fold_ids in np.array_split(ids[np.random.default_rng(seed).permutation(len(ids))], FOLDS):
-        fold = np.isin(records, fold_ids)
+    for fold in record_folds(records, seed):
         oof[fold] = _classifier(u[~fold], bg).decision_function(u[fold])
     clf = _classifier(u, bg)
     return BackgroundTest(clf.coef_[0].astype(np.float32), float(clf.intercept_[0]), float(oof.min()))

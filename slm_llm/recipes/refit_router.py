@@ -17,11 +17,12 @@ from pathlib import Path
 from typing import Any
 
 from slm_llm.config import ConfigError, load_config
-from slm_llm.data import load_suite, query_text, rendered_record, router_records, run_records
-from slm_llm.dtkr import Router, load_keys, open_router, score_matrix
+from slm_llm.data import load_suite, query_text
+from slm_llm.dtkr import Router, load_keys, open_router
 from slm_llm.dtkr.encoder import build_encoder
 from slm_llm.dtkr.ood import background_embeddings
 from slm_llm.run import RunDir, RunError
+from slm_llm.train.continual import add_router_task, training_queries
 from slm_llm.utils.io import write_text
 
 OOD_KEYS = ("ood_rule", "ood_percentile", "ood_shrinkage", "ood_rank", "ood_background")
@@ -44,14 +45,11 @@ def refit_router(run_dir: str | Path, overrides: list[str] | None = None) -> dic
     old = open_router(run, cfg, encoder)
     suite = load_suite(cfg.data.suite)
     background = background_embeddings(cfg.dtkr.ood_background, encoder)
-    renderings = cfg.dtkr.renderings
     router = Router(encoder.dim, cfg.dtkr, cfg.jare, encoder_id=encoder.id)
     for task in run.done_tasks():
-        queries = router_records(run_records(suite, task, "train", cfg.data), suite.tasks[task], cfg.data, renderings)
-        fit = encoder.encode([query_text(r) for r in queries])
+        fit = encoder.encode([query_text(r) for r in training_queries(cfg, suite, task, cfg.dtkr.renderings)])
         keys, _ = load_keys(run.task_dir(task) / "keys.safetensors")
-        router.add_task(task, keys, score_matrix(fit, keys).max(1), train_emb=fit,
-                        train_records=rendered_record(len(fit), renderings), background_emb=background)
+        add_router_task(router, task, keys, fit, cfg, background)
     if [(t["name"], t["first_slot"], t["n_slots"]) for t in router.tasks] != \
             [(t["name"], t["first_slot"], t["n_slots"]) for t in old.tasks]:
         raise RunError(f"{run.router_dir}: the refitted router's tasks or slots differ from the saved one")

@@ -25,8 +25,8 @@ import torch
 
 from slm_llm.config import SHARED_ADAPTER as SHARED
 from slm_llm.config import Config, shared_adapter_config
-from slm_llm.data import (Collator, load_suite, query_text, rendered_record, router_records, run_records, task_split,
-                          tokenize_example)
+from slm_llm.data import (Collator, Record, Suite, load_suite, query_text, rendered_record, router_records, run_records,
+                          task_split, tokenize_example)
 from slm_llm.dtkr import Router, init_keys, load_keys, open_router, routing_tensors, save_keys, score_matrix, train_keys
 from slm_llm.dtkr.encoder import Encoder, build_encoder, check_slot_span
 from slm_llm.dtkr.ood import background_embeddings
@@ -49,6 +49,22 @@ class TaskRouting:
     slot_ids: np.ndarray  # [N, K] global slot ids
     weights: np.ndarray  # [N, K], rows sum to 1
     mean_weights: np.ndarray  # [P] mean weight of each of the stage's slots (for export)
+
+
+def training_queries(cfg: Config, suite: Suite, task: str, renderings: int = 1) -> list[Record]:
+    """The task's training records, worded as users word them (data.phrasing), then, for the
+    router, ``renderings - 1`` further wordings of each (router_records); held-out phrasings
+    never reach this point."""
+    return router_records(run_records(suite, task, "train", cfg.data), suite.tasks[task], cfg.data, renderings)
+
+
+def add_router_task(router: Router, task: str, keys: torch.Tensor, fit: np.ndarray, cfg: Config,
+                    background_emb: np.ndarray | None) -> None:
+    """Add ``task`` with its trained ``keys`` to ``router``, its OOD tests fitted on ``fit``, the
+    embeddings of :func:`training_queries` with ``dtkr.renderings`` (``background_emb``: the
+    ``dtkr.ood_background`` requests', or None)."""
+    router.add_task(task, keys, score_matrix(fit, keys).max(1), train_emb=fit,
+                    train_records=rendered_record(len(fit), cfg.dtkr.renderings), background_emb=background_emb)
 
 
 def task_routing(router: Router, task: str, emb: np.ndarray) -> TaskRouting:
@@ -93,12 +109,6 @@ def run_continual(cfg: Config, after_task: Callable[[Config, RunDir, int], objec
     tokenizer = load_tokenizer(cfg.model)
     collate = Collator(tokenizer.pad_token_id)
 
-    def load(task: str, renderings: int = 1):
-        """The task's training records, worded as users word them (data.phrasing), then, for the
-        router, ``renderings - 1`` further wordings of each (router_records); held-out phrasings
-        never reach this point."""
-        return router_records(run_records(suite, task, "train", cfg.data), suite.tasks[task], cfg.data, renderings)
-
     renderings = cfg.dtkr.renderings if method == "slm" else 1
 
     for t, stage in enumerate(stages):
@@ -108,7 +118,8 @@ def run_continual(cfg: Config, after_task: Callable[[Config, RunDir, int], objec
             continue
         tdir = run.task_dir(stage)
         tdir.mkdir(parents=True, exist_ok=True)
-        queries = [r for task in tasks for r in load(task)] if stage == MULTITASK else load(stage, renderings)
+        queries = [r for task in tasks for r in training_queries(cfg, suite, task)] if stage == MULTITASK \
+            else training_queries(cfg, suite, stage, renderings)
         records = queries[: len(queries) // renderings]  # the training samples' own wordings come first
 
         if method == "slm":
@@ -123,11 +134,9 @@ def run_continual(cfg: Config, after_task: Callable[[Config, RunDir, int], objec
                 save_keys(tdir / "keys.safetensors", keys, {"task": stage, "encoder": encoder.id})
             barrier()
             keys, _ = load_keys(tdir / "keys.safetensors")
-            best = score_matrix(fit, keys).max(1)  # [R*N] for the task's OOD threshold
             if stage not in router.task_names:  # (it is, if a crash fell between router save and manifest)
-                router.add_task(stage, keys, best, train_emb=fit,  # in memory; saved when the task is done
-                                train_records=rendered_record(len(fit), renderings),
-                                background_emb=background_embeddings(cfg.dtkr.ood_background, encoder))
+                add_router_task(router, stage, keys, fit, cfg,  # in memory; saved when the task is done
+                                background_embeddings(cfg.dtkr.ood_background, encoder))
             routing = task_routing(router, stage, emb)
             # 2. Increments: base + old tasks (frozen) + this task's new slots (trainable).
             model, name = _jare_model(cfg, run, stages[:t]), stage
