@@ -714,6 +714,44 @@ def test_refit_router_changes_only_the_ood_tests_and_records_them(served_run, ta
     assert "refit-router changes OOD settings only" in capsys.readouterr().err
 
 
+def test_refit_router_clears_the_routed_cells_it_made_stale_and_eval_rescores_them(served_run, tmp_path, capsys):
+    """After `refit-router`, `slm-llm eval` must not keep the slm cells scored with the old router:
+    the last row's slm cells and routing are cleared (oracle and base stay) and scored again. A
+    refit that stopped between its two renames is recovered from router.old/."""
+    import shutil
+
+    from slm_llm.cli import main
+    from slm_llm.eval.matrix import load_matrix
+
+    run = tmp_path / "run"
+    shutil.copytree(served_run, run)
+    evals = ["eval.max_samples=3", "eval.max_new_tokens=2"]
+    assert main(["eval", "--run", str(run), *evals]) == 0
+    before = load_matrix(run / "eval" / "matrix.json")
+    views = list(before["views"])
+    assert all(before["views"][v]["strict"]["R"]["slm"][1] is not None for v in views)
+
+    assert main(["refit-router", "--run", str(run), "dtkr.ood_background=none"]) == 0
+    assert "row 1's slm cells and routing were scored with the old router" in capsys.readouterr().out
+    cleared = load_matrix(run / "eval" / "matrix.json")
+    for v in views:
+        for scoring in ("strict", "lenient"):
+            assert cleared["views"][v][scoring]["R"]["slm"][1] is None
+            assert cleared["views"][v][scoring]["R"]["oracle"] == before["views"][v][scoring]["R"]["oracle"]
+            assert cleared["views"][v][scoring]["base"] == before["views"][v][scoring]["base"]
+        assert cleared["views"][v]["routing_accuracy"][1] is None and cleared["views"][v]["routing_confusion"][1] is None
+
+    assert main(["eval", "--run", str(run), *evals]) == 0
+    again = load_matrix(run / "eval" / "matrix.json")
+    for v in views:
+        assert again["views"][v]["strict"]["R"]["slm"][1] is not None
+        assert sum(sum(c.values()) for c in again["views"][v]["routing_confusion"][1].values()) == 6  # 3 per task
+
+    (run / "router").rename(run / "router.old")  # as if a refit had stopped between its renames
+    assert main(["refit-router", "--run", str(run), "dtkr.ood_background=builtin"]) == 0
+    assert (run / "router" / "background.safetensors").exists() and not (run / "router.old").exists()
+
+
 @pytest.mark.parametrize("argv, sizes", [
     (["router-eval", "--config", "eval/instruct5.yaml"], (200, 100)),  # the config's sizes, as its training run
     (["router-eval", "--config", "eval/instruct5.yaml", "--max-train", "50", "--max-test", "20"], (50, 20)),

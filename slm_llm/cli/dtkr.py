@@ -100,11 +100,15 @@ def cmd_route_check(args) -> int:
 def cmd_refit_router(args) -> int:
     from slm_llm.recipes.refit_router import refit_router
 
-    for task, r in refit_router(args.run, args.overrides).items():
+    result = refit_router(args.run, args.overrides)
+    for task, r in result["tasks"].items():
         before, after = r["before"], r["after"]
         print(f"{task}: threshold {before['threshold']:.4g} -> {after['threshold']:.4g}, "
               f"background test {'yes' if before['background'] else 'no'} -> {'yes' if after['background'] else 'no'}")
     print(f"refitted: {args.run}/router (run.yaml records the settings)")
+    if result["cleared_row"] is not None:
+        print(f"eval/matrix.json: row {result['cleared_row']}'s slm cells and routing were scored with the old router "
+              f"and are cleared; `slm-llm eval --run {args.run}` scores them again (cached answers are reused)")
     return 0
 
 

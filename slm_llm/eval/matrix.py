@@ -136,6 +136,19 @@ def set_cell(m: dict[str, Any], mode: str, t: int, i: int, value: float) -> None
     rows[t][i] = _clean(value)
 
 
+def clear_routed_row(m: dict[str, Any], t: int) -> bool:
+    """Forget row ``t``'s routed cells (mode "slm", routing accuracy and confusion) in every view and
+    scoring, so the next evaluation scores them with the run's router as it is now; the oracle and
+    base cells do not depend on the router and stay. True if there was anything to forget."""
+    found = False
+    for v in m["views"].values():
+        for rows in [v[scoring]["R"].get("slm", []) for scoring in SCORINGS] + \
+                    [v["routing_accuracy"], v["routing_confusion"]]:
+            if t < len(rows) and rows[t] is not None:
+                rows[t], found = None, True
+    return found
+
+
 def final_row(m: dict[str, Any], mode: str) -> Row | None:
     rows = [r for r in m["R"].get(mode, []) if r is not None]
     return rows[-1] if rows else None

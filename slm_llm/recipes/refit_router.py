@@ -6,7 +6,9 @@ training order, with the task's training queries re-derived exactly as training 
 run routed before; only the OOD tests are refitted with the new ``dtkr.ood_*`` settings
 (e.g. ``dtkr.ood_background=builtin`` for a run made before the background test existed).
 The new router replaces ``router/`` only once it is complete, and ``run.yaml`` records the
-settings, so a resumed run adds its next tasks the same way.
+settings, so a resumed run adds its next tasks the same way. The last row's routed cells of
+``eval/matrix.json`` are cleared, so ``slm-llm eval`` scores them again with the new router
+(answers it already generated are reused); earlier rows keep the scores of the router they had.
 
     slm-llm refit-router --run runs/X dtkr.ood_background=builtin
 """
@@ -21,16 +23,18 @@ from slm_llm.data import load_suite, query_text
 from slm_llm.dtkr import Router, load_keys, open_router
 from slm_llm.dtkr.encoder import build_encoder
 from slm_llm.dtkr.ood import background_embeddings
+from slm_llm.eval.matrix import clear_routed_row, load_matrix, metrics_of, save_matrix
 from slm_llm.run import RunDir, RunError
 from slm_llm.train.continual import add_router_task, training_queries
-from slm_llm.utils.io import write_text
+from slm_llm.utils.io import write_json, write_text
 
 OOD_KEYS = ("ood_rule", "ood_percentile", "ood_shrinkage", "ood_rank", "ood_background")
 
 
 def refit_router(run_dir: str | Path, overrides: list[str] | None = None) -> dict[str, Any]:
-    """Refit ``run_dir``'s router with ``dtkr.ood_*`` overrides; returns per task the OOD settings
-    before and after (``threshold``: the Gaussian's or the keys'; ``background``: has the test)."""
+    """Refit ``run_dir``'s router with ``dtkr.ood_*`` overrides. Returns ``tasks``: per task the OOD
+    settings before and after (``threshold``: the Gaussian's or the keys'; ``background``: has the
+    test), and ``cleared_row``: the matrix row whose routed cells await ``slm-llm eval`` (or None)."""
     run = RunDir(run_dir)
     manifest = run.manifest()
     if manifest["method"] != "slm":
@@ -40,6 +44,9 @@ def refit_router(run_dir: str | Path, overrides: list[str] | None = None) -> dic
         if key not in {f"dtkr.{k}" for k in OOD_KEYS}:
             raise ConfigError(f"refit-router changes OOD settings only ({', '.join(f'dtkr.{k}' for k in OOD_KEYS)}); "
                               f"{key!r} would invalidate the trained keys or increments")
+    retired = run.root / "router.old"
+    if retired.is_dir() and not run.router_dir.exists():  # an earlier refit stopped between its two renames
+        retired.rename(run.router_dir)
     cfg = load_config(run.root / "run.yaml", overrides)
     encoder = build_encoder(cfg)
     old = open_router(run, cfg, encoder)
@@ -56,12 +63,27 @@ def refit_router(run_dir: str | Path, overrides: list[str] | None = None) -> dic
     staging = run.root / "router.refit"
     shutil.rmtree(staging, ignore_errors=True)
     router.save(staging)
-    retired = run.root / "router.old"
+    cleared = _clear_last_routed_row(run)  # first: a crash after this leaves cells to redo, never stale ones
     shutil.rmtree(retired, ignore_errors=True)
     run.router_dir.rename(retired)
     staging.rename(run.router_dir)
     shutil.rmtree(retired)
     write_text(run.root / "run.yaml", cfg.to_yaml())
-    return {t_new["name"]: {"before": {"threshold": t_old["threshold"], "background": bool(t_old.get("background"))},
-                            "after": {"threshold": t_new["threshold"], "background": t_new["background"]}}
-            for t_old, t_new in zip(old.tasks, router.tasks)}
+    return {"tasks": {t_new["name"]: {"before": {"threshold": t_old["threshold"],
+                                                 "background": bool(t_old.get("background"))},
+                                      "after": {"threshold": t_new["threshold"], "background": t_new["background"]}}
+                      for t_old, t_new in zip(old.tasks, router.tasks)},
+            "cleared_row": cleared}
+
+
+def _clear_last_routed_row(run: RunDir) -> int | None:
+    """Clear the routed cells of the matrix's last finished row (see the module docstring); the
+    row cleared, or None when the run has no evaluation of that row yet."""
+    path = run.eval_dir / "matrix.json"
+    m = load_matrix(path)
+    t = len(run.done_tasks()) - 1
+    if m is None or not clear_routed_row(m, t):
+        return None
+    save_matrix(path, m)
+    write_json(run.eval_dir / "metrics.json", metrics_of(m))
+    return t
