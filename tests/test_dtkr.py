@@ -558,9 +558,10 @@ def test_ood_flag_on_foreign_text(real_encoder):
 
 
 def test_builtin_background_rejects_ordinary_chat_that_the_gaussian_lets_through(real_encoder, data_root):
-    """Real data: finance and law routers fitted on their training queries. Everyday requests
-    (written here, in no file of the repository) get through the Gaussian test but not the
-    background test of slm_llm's own generic requests; held-out phrasings of the tasks still do."""
+    """Real data: finance and law routers fitted on their training queries. Everyday requests, in
+    English and other languages (written here, in no file of the repository), get through the
+    Gaussian test but not the background test of slm_llm's own generic requests; held-out
+    phrasings of the tasks still do."""
     from slm_llm.data import load_suite
     from slm_llm.dtkr.evaluate import build_router_continual, suite_queries
     from slm_llm.dtkr.ood import background_embeddings
@@ -576,7 +577,11 @@ def test_builtin_background_rejects_ordinary_chat_that_the_gaussian_lets_through
         held_out += [(task, q) for q in views["paraphrase"]]
     chat = ["What's the capital of Australia?", "Write a haiku about autumn leaves.",
             "Can you recommend a good book for a long flight?", "Tell me a joke about cats.",
-            "Draft a polite email asking my landlord to fix the heating.", "How do I reverse a list in Python?"]
+            "Draft a polite email asking my landlord to fix the heating.", "How do I reverse a list in Python?",
+            # and in other languages (the English-only set of 2026-11-26 let the Dutch one through)
+            "¿Dónde puedo comprar flores bonitas cerca de aquí?", "Raconte-moi l'histoire de la tour Eiffel.",
+            "Was soll ich heute Abend kochen?", "Consigliami un buon libro giallo.", "Como posso aprender a nadar?",
+            "今日の天気はどうですか？", "Помоги мне выбрать ноутбук для учёбы.", "Hoe laat gaat de supermarkt open?"]
     flagged = {}
     for name, background in [("none", None), ("builtin", background_embeddings("builtin", real_encoder))]:
         router = build_router_continual(train, cfg, background)
