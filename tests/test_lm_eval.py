@@ -68,7 +68,7 @@ def test_lm_eval_on_an_exported_adapter_equals_our_pipeline(served_run, data_roo
 
     from slm_llm.config import load_config
     from slm_llm.data import load_task_split
-    from slm_llm.data.views import phrasing_split
+    from slm_llm.data.views import task_split
     from slm_llm.dtkr import RouteDecision
     from slm_llm.eval.lm_eval_tasks import max_new_tokens, write_lm_eval_tasks
     from slm_llm.jare.export import base_model_folder
@@ -93,7 +93,7 @@ def test_lm_eval_on_an_exported_adapter_equals_our_pipeline(served_run, data_roo
     records = [Record(**{k: r[k] for k in ("instruction", "input", "output", "task", "answer", "id")}) for r in rows]
     matrix = load_task_split(load_suite(suite), task, "test", None, cfg.eval.max_samples, cfg.data.seed)
     assert [r.id for r in records] == [r.id for r in matrix]  # the matrix's records, reworded
-    split = phrasing_split(spec, cfg.data.seed)
+    split = task_split(spec, cfg.data)  # the run's own split (data.phrasing_seed), whatever its data.seed
     for r, m, row in zip(records, matrix, rows):
         assert r.input == "" and r.instruction == row["query"] and m.input in r.instruction
         assert any(p.replace("{input}", m.input) == r.instruction or r.instruction == f"{p}\n\n{m.input}"

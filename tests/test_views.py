@@ -123,6 +123,71 @@ def test_a_task_without_a_pool_is_a_clear_error(tmp_path):
         load_suite(tmp_path / "bad.yaml")
 
 
+def _no_pool_task(tmp_path):
+    (tmp_path / "own.yaml").write_text("tasks:\n  t:\n    format: alpaca\n    path: x\n    metric: rouge_l\n")
+    return load_suite(tmp_path / "own.yaml").tasks["t"]
+
+
+def _records(instructions, split="train"):
+    return [Record(instruction=ins, input=f"{split} text {i}", output="o", task="t", id=f"{split}{i}")
+            for i, ins in enumerate(instructions)]
+
+
+def test_a_task_without_a_pool_uses_its_records_own_words(tmp_path):
+    """Alpaca-style data whose rows word their own requests needs no pool: training sends each
+    record in its own words (or its input alone), and the paraphrase view is each test record's
+    own words, never the words of a training record."""
+    from slm_llm.data import own_wordings_record
+
+    spec, data = _no_pool_task(tmp_path), DataConfig(input_only_share=0.25)
+    train = _records([f"Please handle request number {i} with care." for i in range(40)])
+    out = training_records(train, spec, data)
+    own = [o for r, o in zip(train, out) if o.instruction == f"{r.instruction}\n\n{r.input}"]
+    bare = [o for r, o in zip(train, out) if o.instruction == r.input]
+    assert len(own) + len(bare) == 40 and 4 <= len(bare) <= 18 and all(o.input == "" for o in out)
+    assert router_records(train, spec, data, renderings=2)[:40] == out
+    test = _records([f"Could you sort out case {i}?" for i in range(5)], "test")
+    para = records_in_view(test, spec, "paraphrase", data)
+    assert [r.instruction for r in para] == [f"{r.instruction}\n\n{r.input}" for r in test]
+    assert records_in_view(test, spec, "fixed", data) == test
+    assert own_wordings_record(spec, train) == {"source": "records", "train_records": 40, "distinct_instructions": 40}
+
+
+@pytest.mark.parametrize("kinds", [1, 3])
+def test_a_task_without_a_pool_and_a_constant_instruction_is_refused(tmp_path, kinds):
+    """One instruction (or a few templates) on every record is a task id users never type."""
+    spec = _no_pool_task(tmp_path)
+    train = _records([f"Classify this ticket, variant {i % kinds}." for i in range(40)])
+    with pytest.raises(DataError, match=rf"task 't' has no 'phrasings' list and its 40 training records share "
+                                        rf"{kinds} distinct instruction.*Add a 'phrasings' list"):
+        training_records(train, spec, DataConfig())
+    assert training_records(train, spec, DataConfig(phrasing="fixed")) == train
+
+
+def test_the_manifest_records_how_each_task_is_worded(tmp_path):
+    """Training's record of a suite with a pool task and an own-words task; a constant-instruction
+    task without a pool stops the run before its folder exists."""
+    import json
+
+    from slm_llm.config import Config
+    from slm_llm.train.continual import phrasing_record
+
+    for name, instruction in [("own", "Please handle request {i} with care."), ("const", "Classify this.")]:
+        rows = [{"instruction": instruction.format(i=i), "input": f"text {i}", "output": "o"} for i in range(30)]
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "s.yaml").write_text(
+        "data_root: .\ntasks:\n"
+        "  own: {format: alpaca, path: own.jsonl, metric: rouge_l}\n"
+        "  const: {format: alpaca, path: const.jsonl, metric: rouge_l}\n"
+        "  pooled: {format: alpaca, path: const.jsonl, metric: rouge_l, phrasings: ['a {input}', 'b {input}']}\n")
+    suite, cfg = load_suite(tmp_path / "s.yaml"), Config()
+    cfg.data.dev_samples = 10
+    assert phrasing_record(cfg, suite, "own") == {"source": "records", "train_records": 20, "distinct_instructions": 20}
+    assert phrasing_record(cfg, suite, "pooled")["heldout"] in (["a {input}"], ["b {input}"])
+    with pytest.raises(DataError, match="task 'const' has no 'phrasings' list"):
+        phrasing_record(cfg, suite, "const")
+
+
 @pytest.mark.slow
 def test_a_paraphrased_query_is_routed_to_its_task_and_not_flagged(served_run, data_root):
     """End to end on the tiny run: test records worded with held-out phrasings (never trained on),

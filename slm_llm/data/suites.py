@@ -23,7 +23,9 @@ A suite is a YAML file (see docs/data.md)::
                                    # request when the instruction differs per record (code)
         phrasings: ["...", ...]    # how users ask for this task in their own words (>= 2);
                                    # "{input}" marks where the content goes (default: after
-                                   # a blank line). Split into train / held-out (data/views.py)
+                                   # a blank line). Split into train / held-out (data/views.py).
+                                   # Without it, the records' own instructions are used, if
+                                   # they differ per record (a constant one is refused)
     orders:
       default: [<task>, ...]       # optional; defaults to the tasks in file order
       <name>: [<task>, ...]

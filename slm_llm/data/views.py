@@ -37,6 +37,7 @@ from .schema import DataError, Record
 
 CONTENT_KINDS = ("input", "request")
 PLACEHOLDER = "{input}"
+OWN_WORDING_SHARE = 0.5  # a task without a pool: least share of its training records with an instruction of their own
 
 
 @dataclass(frozen=True)
@@ -146,11 +147,37 @@ def training_record(record: Record, phrasings: tuple[str, ...] | list[str], inpu
                     kind: str = "input", seed: int = 0, draw: int = 0) -> Record:
     """A training sample as a user might have sent it: input-only with probability
     ``input_only_share``, else inside one of the train ``phrasings`` (seeded by the record id;
-    ``draw`` > 0 gives the record's further, independent wordings)."""
+    ``draw`` > 0 gives the record's further, independent wordings), or in its own words when the
+    task has no pool (``phrasings`` empty)."""
     rng = random.Random(f"train:{seed}:{record.task}:{record.id}:{record.input[:64]}" + (f":{draw}" if draw else ""))
     if rng.random() < input_only_share:
         return as_request(record, content(record, kind))
+    if not phrasings:
+        return own_request(record)
     return as_request(record, phrase(rng.choice(list(phrasings)), content(record, kind)))
+
+
+def own_request(record: Record) -> Record:
+    """The record as one user turn in its own words: its instruction, then its input."""
+    return as_request(record, content(record, "request"))
+
+
+def own_wordings(spec) -> bool:
+    """A task without a ``phrasings`` pool: its records' own instructions are how users word it."""
+    return not spec.phrasings
+
+
+def own_wordings_record(spec, records: list[Record]) -> dict:
+    """What the manifest keeps for a task without a pool; refused (DataError) unless at least
+    ``OWN_WORDING_SHARE`` of its training records have an instruction of their own: a constant or
+    templated instruction is a task id that users do not type, and the router would learn it."""
+    distinct = len({r.instruction.strip() for r in records})
+    if distinct < OWN_WORDING_SHARE * len(records):
+        raise DataError(f"task '{spec.name}' has no 'phrasings' list and its {len(records)} training records share "
+                        f"{distinct} distinct instruction(s): the router would learn that wording, which users do not "
+                        f"type. Add a 'phrasings' list of how users ask for this task (at least 2; docs/views.md), "
+                        f"or train with data.phrasing=fixed")
+    return {"source": "records", "train_records": len(records), "distinct_instructions": distinct}
 
 
 def _draw(phrasings, seed: int, salt: str, record: Record) -> str:
@@ -170,8 +197,14 @@ def training_records(records: list[Record], spec, data) -> list[Record]:
     phrasings or input-only (``pool``), or with the dataset's instruction (``fixed``)."""
     if data.phrasing == "fixed":
         return list(records)
-    train = task_split(spec, data).train
+    if own_wordings(spec):
+        own_wordings_record(spec, records)
+    train = _train_phrasings(spec, data)
     return [training_record(r, train, data.input_only_share, spec.content, data.seed) for r in records]
+
+
+def _train_phrasings(spec, data) -> tuple[str, ...]:
+    return () if own_wordings(spec) else task_split(spec, data).train
 
 
 def router_records(records: list[Record], spec, data, renderings: int = 1) -> list[Record]:
@@ -183,7 +216,7 @@ def router_records(records: list[Record], spec, data, renderings: int = 1) -> li
     trained = training_records(records, spec, data)
     if data.phrasing == "fixed":
         return trained * renderings
-    train = task_split(spec, data).train
+    train = _train_phrasings(spec, data)
     return trained + [training_record(r, train, data.input_only_share, spec.content, data.seed, draw)
                       for draw in range(1, renderings) for r in records]
 
@@ -194,6 +227,9 @@ def rendered_record(n_queries: int, renderings: int) -> list[int]:
 
 
 def records_in_view(records: list[Record], spec, view: str, data) -> list[Record]:
-    """A task's evaluation records in ``view``; ``paraphrase`` draws only held-out phrasings."""
+    """A task's evaluation records in ``view``; ``paraphrase`` draws only held-out phrasings, or,
+    for a task without a pool, keeps each test record's own words."""
+    if view == "paraphrase" and own_wordings(spec):
+        return [own_request(r) for r in records]
     phrasings = task_split(spec, data).heldout if view == "paraphrase" else ()
     return view_records(records, view, phrasings, spec.content, data.seed)

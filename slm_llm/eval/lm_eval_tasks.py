@@ -33,7 +33,7 @@ from slm_llm.config import Config, load_config
 from slm_llm.data import DataError, end_of_turn_text, load_suite, load_task_split, render_prompt
 from slm_llm.data.suites import REPO_ROOT
 from slm_llm.data.templates import user_message
-from slm_llm.data.views import VIEWS, phrasing_split, view_records
+from slm_llm.data.views import VIEWS, records_in_view
 from slm_llm.eval.metrics import answer_labels
 from slm_llm.models import load_tokenizer
 from slm_llm.run import RunDir
@@ -83,8 +83,7 @@ def write_lm_eval_tasks(run_dir: str | Path, suite_name: str, view: str = "fixed
             specs[name] = dataclasses.asdict(spec)
             records = load_task_split(suite, name, "test", data_root or cfg.data.data_root or None,
                                       cfg.eval.max_samples, cfg.data.seed)
-            phrasings = phrasing_split(spec, cfg.data.seed).heldout if view == "paraphrase" else ()
-            records = view_records(records, view, phrasings, spec.content, cfg.data.seed)
+            records = records_in_view(records, spec, view, cfg.data)
             rows = [{**dataclasses.asdict(r), "query": user_message(r),
                      "prompt": render_prompt(r, cfg.data.template, tokenizer)} for r in records]
             (tmp / f"{name}.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))

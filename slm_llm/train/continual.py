@@ -25,8 +25,8 @@ import torch
 
 from slm_llm.config import SHARED_ADAPTER as SHARED
 from slm_llm.config import Config, shared_adapter_config
-from slm_llm.data import (Collator, Record, Suite, load_suite, query_text, rendered_record, router_records, run_records,
-                          task_split, tokenize_example)
+from slm_llm.data import (Collator, Record, Suite, load_suite, own_wordings, own_wordings_record, query_text,
+                          rendered_record, router_records, run_records, task_split, tokenize_example)
 from slm_llm.dtkr import Router, init_keys, load_keys, open_router, routing_tensors, save_keys, score_matrix, train_keys
 from slm_llm.dtkr.encoder import Encoder, build_encoder, check_slot_span
 from slm_llm.dtkr.ood import background_embeddings
@@ -49,6 +49,15 @@ class TaskRouting:
     slot_ids: np.ndarray  # [N, K] global slot ids
     weights: np.ndarray  # [N, K], rows sum to 1
     mean_weights: np.ndarray  # [P] mean weight of each of the stage's slots (for export)
+
+
+def phrasing_record(cfg: Config, suite: Suite, task: str) -> dict:
+    """What the manifest keeps of how a task is worded: its pool's split, or, for a task without
+    a pool, that its records' own instructions are used (refused when they are one constant)."""
+    spec = suite.tasks[task]
+    if own_wordings(spec):
+        return own_wordings_record(spec, run_records(suite, task, "train", cfg.data))
+    return task_split(spec, cfg.data).record()
 
 
 def training_queries(cfg: Config, suite: Suite, task: str, renderings: int = 1) -> list[Record]:
@@ -101,8 +110,7 @@ def run_continual(cfg: Config, after_task: Callable[[Config, RunDir, int], objec
         check_slot_span(cfg.dtkr, encoder)  # before the run folder exists
     run = RunDir(cfg.run_dir)
     if rank == 0:
-        phrasings = {t: task_split(suite.tasks[t], cfg.data).record() for t in tasks} \
-            if cfg.data.phrasing == "pool" else None
+        phrasings = {t: phrasing_record(cfg, suite, t) for t in tasks} if cfg.data.phrasing == "pool" else None
         run.init(cfg, model_id(cfg.model), encoder.id, stages, suite_tasks=tasks, phrasings=phrasings)
     barrier()
     ds = load_ds_config(cfg.train.deepspeed, cfg.train, world)
