@@ -24,6 +24,7 @@ from slm_llm.errors import SlmError
 TRAIN_METHODS = ("slm", "seq_lora", "multitask", "olora")
 VIEWS = ("fixed", "paraphrase", "input-only")  # query views (slm_llm/data/views.py)
 PHRASING_MODES = ("pool", "fixed")  # data.phrasing
+REQUEST_FILES = (".txt", ".jsonl")  # files of requests (slm_llm.data.read_requests): dtkr.ood_background, --off-domain
 
 
 class ConfigError(SlmError, ValueError):
@@ -216,7 +217,7 @@ class DtkrConfig(Section):
         _choice("dtkr.ood_rule", self.ood_rule, ("keys", "gaussian"))
         if not 0.0 < self.ood_shrinkage <= 1.0:
             raise ConfigError("dtkr.ood_shrinkage must be in (0, 1]")
-        if self.ood_background not in ("builtin", "none") and not self.ood_background.endswith((".txt", ".jsonl")):
+        if self.ood_background not in ("builtin", "none") and not self.ood_background.endswith(REQUEST_FILES):
             raise ConfigError(f"dtkr.ood_background={self.ood_background!r}: use builtin, none, or a .txt/.jsonl "
                               "file of requests")
         if self.slot_groups > self.groups:

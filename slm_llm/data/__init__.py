@@ -1,6 +1,8 @@
 """Records, readers, task suites, prompt templates, tokenisation and batching."""
+from slm_llm.config import REQUEST_FILES
+
 from .collate import Collator
-from .readers import REQUEST_FILES, read_alpaca, read_cl_benchmark, read_hf_dataset, read_requests
+from .readers import read_alpaca, read_cl_benchmark, read_hf_dataset, read_requests
 from .schema import DataError, Record
 from .suites import Suite, TaskSpec, load_suite, load_task_split, resolve_data_root, run_records
 from .templates import TEMPLATES, end_of_turn_text, query_text, render_prompt, render_response, stop_token_ids

@@ -223,9 +223,6 @@ def _load_json_list(path: Path, text: str) -> list[Any]:
     return data
 
 
-REQUEST_FILES = (".txt", ".jsonl")
-
-
 def read_requests(path: str | Path) -> list[str]:
     """Requests, one per line: a ``.txt`` file (blank lines and ``#`` comments skipped) or a
     ``.jsonl`` file whose objects carry ``prompt`` (IFEval's field) or ``query``."""
