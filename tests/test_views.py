@@ -164,7 +164,7 @@ def test_a_task_without_a_pool_and_a_constant_instruction_is_refused(tmp_path, k
     assert training_records(train, spec, DataConfig(phrasing="fixed")) == train
 
 
-def test_the_manifest_records_how_each_task_is_worded(tmp_path):
+def test_the_manifest_records_how_each_task_is_worded(tmp_path, caplog):
     """Training's record of a suite with a pool task and an own-words task; a constant-instruction
     task without a pool stops the run before its folder exists."""
     import json
@@ -173,16 +173,24 @@ def test_the_manifest_records_how_each_task_is_worded(tmp_path):
     from slm_llm.train.continual import phrasing_record
 
     for name, instruction in [("own", "Please handle request {i} with care."), ("const", "Classify this.")]:
-        rows = [{"instruction": instruction.format(i=i), "input": f"text {i}", "output": "o"} for i in range(30)]
-        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        for split, n in [("train", 30), ("test", 8)]:  # 3 test records repeat a training instruction
+            rows = [{"instruction": instruction.format(i=i if split == "train" or i < 3 else 100 + i),
+                     "input": f"{split} text {i}", "output": "o"} for i in range(n)]
+            (tmp_path / f"{name}.{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (tmp_path / "s.yaml").write_text(
         "data_root: .\ntasks:\n"
-        "  own: {format: alpaca, path: own.jsonl, metric: rouge_l}\n"
-        "  const: {format: alpaca, path: const.jsonl, metric: rouge_l}\n"
-        "  pooled: {format: alpaca, path: const.jsonl, metric: rouge_l, phrasings: ['a {input}', 'b {input}']}\n")
+        "  own: {format: alpaca, path: 'own.{split}.jsonl', metric: rouge_l}\n"
+        "  own_train_only: {format: alpaca, path: own.train.jsonl, metric: rouge_l}\n"
+        "  const: {format: alpaca, path: 'const.{split}.jsonl', metric: rouge_l}\n"
+        "  pooled: {format: alpaca, path: 'const.{split}.jsonl', metric: rouge_l, phrasings: ['a {input}', 'b {input}']}\n")
     suite, cfg = load_suite(tmp_path / "s.yaml"), Config()
-    cfg.data.dev_samples = 10
-    assert phrasing_record(cfg, suite, "own") == {"source": "records", "train_records": 20, "distinct_instructions": 20}
+    cfg.data.dev_samples = 0  # every train record is trained on
+    with caplog.at_level("WARNING", logger="slm_llm.data"):
+        record = phrasing_record(cfg, suite, "own")
+    assert record == {"source": "records", "train_records": 30, "distinct_instructions": 30, "eval_records": 8,
+                      "eval_instructions_seen_in_training": 3}
+    assert "3 of its 8 evaluation records repeat a training record's instruction" in caplog.text
+    assert "eval_records" not in phrasing_record(cfg, suite, "own_train_only")  # no test split: nothing to count
     assert phrasing_record(cfg, suite, "pooled")["heldout"] in (["a {input}"], ["b {input}"])
     with pytest.raises(DataError, match="task 'const' has no 'phrasings' list"):
         phrasing_record(cfg, suite, "const")

@@ -27,6 +27,7 @@ world size or another process draws the same phrasing for the same record.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import random
 from dataclasses import dataclass
@@ -34,6 +35,8 @@ from dataclasses import dataclass
 from slm_llm.config import PHRASING_MODES, VIEWS  # noqa: F401 (re-exported)
 
 from .schema import DataError, Record
+
+log = logging.getLogger("slm_llm.data")
 
 CONTENT_KINDS = ("input", "request")
 PLACEHOLDER = "{input}"
@@ -167,17 +170,27 @@ def own_wordings(spec) -> bool:
     return not spec.phrasings
 
 
-def own_wordings_record(spec, records: list[Record]) -> dict:
+def own_wordings_record(spec, records: list[Record], eval_records: list[Record] | None = None) -> dict:
     """What the manifest keeps for a task without a pool; refused (DataError) unless at least
     ``OWN_WORDING_SHARE`` of its training records have an instruction of their own: a constant or
-    templated instruction is a task id that users do not type, and the router would learn it."""
+    templated instruction is a task id that users do not type, and the router would learn it.
+    With ``eval_records``, it also counts those whose instruction a training record has (their
+    paraphrase view is not held out) and warns when they are more than a tenth."""
     distinct = len({r.instruction.strip() for r in records})
     if distinct < OWN_WORDING_SHARE * len(records):
         raise DataError(f"task '{spec.name}' has no 'phrasings' list and its {len(records)} training records share "
                         f"{distinct} distinct instruction(s): the router would learn that wording, which users do not "
                         f"type. Add a 'phrasings' list of how users ask for this task (at least 2; docs/views.md), "
                         f"or train with data.phrasing=fixed")
-    return {"source": "records", "train_records": len(records), "distinct_instructions": distinct}
+    out = {"source": "records", "train_records": len(records), "distinct_instructions": distinct}
+    if eval_records is not None:
+        seen = {r.instruction.strip() for r in records}
+        repeated = sum(r.instruction.strip() in seen for r in eval_records)
+        out.update(eval_records=len(eval_records), eval_instructions_seen_in_training=repeated)
+        if repeated > 0.1 * len(eval_records):
+            log.warning(f"task '{spec.name}': {repeated} of its {len(eval_records)} evaluation records repeat a "
+                        f"training record's instruction; their paraphrase view is not held out")
+    return out
 
 
 def _draw(phrasings, seed: int, salt: str, record: Record) -> str:

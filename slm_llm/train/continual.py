@@ -25,7 +25,7 @@ import torch
 
 from slm_llm.config import SHARED_ADAPTER as SHARED
 from slm_llm.config import Config, shared_adapter_config
-from slm_llm.data import (Collator, Record, Suite, load_suite, own_wordings, own_wordings_record, query_text,
+from slm_llm.data import (Collator, DataError, Record, Suite, load_suite, own_wordings, own_wordings_record, query_text,
                           rendered_record, router_records, run_records, task_split, tokenize_example)
 from slm_llm.dtkr import Router, init_keys, load_keys, open_router, routing_tensors, save_keys, score_matrix, train_keys
 from slm_llm.dtkr.encoder import Encoder, build_encoder, check_slot_span
@@ -56,7 +56,11 @@ def phrasing_record(cfg: Config, suite: Suite, task: str) -> dict:
     a pool, that its records' own instructions are used (refused when they are one constant)."""
     spec = suite.tasks[task]
     if own_wordings(spec):
-        return own_wordings_record(spec, run_records(suite, task, "train", cfg.data))
+        try:
+            evaluated = run_records(suite, task, "eval", cfg.data)
+        except DataError:  # no evaluation split (e.g. a single file): nothing to count
+            evaluated = None
+        return own_wordings_record(spec, run_records(suite, task, "train", cfg.data), evaluated)
     return task_split(spec, cfg.data).record()
 
 
