@@ -435,5 +435,5 @@ def format_decision(decision: RouteDecision, text: str | None = None) -> str:
     """One human-readable line per decision, for ``slm-llm route``."""
     slots = ", ".join(f"{s}:{w:.3f}" for s, w in zip(decision.slots, decision.weights))
     flag = "  OOD (base model fallback)" if decision.ood else ""
-    head = f"{text[:60]!r} -> " if text is not None else ""
+    head = "" if text is None else f"{text if len(text) <= 60 else text[:59] + '…'!r} -> "
     return f"{head}task={decision.task} score={decision.score:.4f} slots[w]=[{slots}]{flag}"
