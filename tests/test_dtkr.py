@@ -334,6 +334,27 @@ def test_background_test_flags_what_looks_generic_frozen_and_persisted(tmp_path)
         make_router().add_task("t", init_keys(data["task1"], P, G), background_emb=background)
 
 
+def test_the_background_test_is_fitted_on_each_records_bare_input_too():
+    """``bare_emb`` (each training record's content alone) joins the task side of the background
+    test, each row in its record's calibration fold; a wrong shape names the one expected."""
+    from slm_llm.dtkr.ood import fit_background_test
+
+    data = clusters(3, 120, seed=5)
+    train, bare, background = data["task0"][:40], data["task1"][:20], data["task2"]
+    train_records = np.repeat(np.arange(20), 2)  # dtkr.renderings=2: two wordings per record
+    router = make_router()
+    router.add_task("t", init_keys(train, P, G), train_emb=train, train_records=train_records,
+                    background_emb=background, bare_emb=bare)
+    want = fit_background_test(np.concatenate([train, bare]), background, G, records=np.r_[train_records, np.arange(20)])
+    got = router.background("t")
+    assert np.allclose(got.weight, want.weight) and got.threshold == pytest.approx(want.threshold)
+    without = fit_background_test(train, background, G, records=train_records)
+    assert not np.allclose(got.weight, without.weight)
+    with pytest.raises(RouterError, match=r"bare_emb must be \[20, 48\] \(one row per training record\)"):
+        make_router().add_task("t", init_keys(train, P, G), train_emb=train, train_records=train_records,
+                               background_emb=background, bare_emb=bare[:10])
+
+
 def test_persistence_round_trip(tmp_path):
     data = clusters(4, 40, seed=12)
     for kind in ("flat", "hnsw"):

@@ -234,6 +234,11 @@ def router_records(records: list[Record], spec, data, renderings: int = 1) -> li
                       for draw in range(1, renderings) for r in records]
 
 
+def bare_records(records: list[Record], spec) -> list[Record]:
+    """Each record's content alone (its input-only wording), one per record, in order."""
+    return [as_request(r, content(r, spec.content)) for r in records]
+
+
 def rendered_record(n_queries: int, renderings: int) -> list[int]:
     """The record (its position) each of :func:`router_records`' ``n_queries`` queries words."""
     return [i % (n_queries // renderings) for i in range(n_queries)]

@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from slm_llm.config import Config
-from slm_llm.data import (REQUEST_FILES, DataError, Suite, load_suite, load_task_split, query_text, read_requests,
+from slm_llm.data import (REQUEST_FILES, DataError, Suite, bare_records, load_suite, load_task_split, query_text, read_requests,
                           records_in_view, rendered_record, resolve_data_root, router_records, run_records,
                           view_records)
 from slm_llm.dtkr.encoder import Encoder
@@ -55,6 +55,11 @@ def suite_queries(cfg: Config, suite: Suite, task: str, views: list[str], max_te
     sample = run_records(suite, task, "eval", data, max_test)
     evals = {v: [query_text(r) for r in records_in_view(sample, spec, v, data)] for v in views}
     return [query_text(r) for r in train], evals
+
+
+def suite_bare_queries(cfg: Config, suite: Suite, task: str) -> list[str]:
+    """The content alone of each of the task's training records, for its background test."""
+    return [query_text(r) for r in bare_records(run_records(suite, task, "train", cfg.data), suite.tasks[task])]
 
 
 def off_domain_queries(name: str, cfg: Config, max_test: int) -> list[str]:
@@ -84,12 +89,14 @@ def off_domain_queries(name: str, cfg: Config, max_test: int) -> list[str]:
 
 
 def build_router_continual(train_emb: dict[str, np.ndarray], cfg: Config,
-                           background_emb: np.ndarray | None = None) -> Router:
+                           background_emb: np.ndarray | None = None,
+                           bare_emb: dict[str, np.ndarray] | None = None) -> Router:
     """Add tasks in the order of ``train_emb``: init keys, train them (centrifugal against
     the router's frozen keys), calibrate on the task's own training queries (``dtkr.renderings``
     wordings of each record, in :func:`slm_llm.data.router_records`' order), add.
     Task t's embeddings are used only while task t is added. ``background_emb``: the
-    ``dtkr.ood_background`` requests' embeddings (each task's background test), or None."""
+    ``dtkr.ood_background`` requests' embeddings (each task's background test), or None;
+    ``bare_emb``: per task, its training records' content alone (:func:`suite_bare_queries`)."""
     d = cfg.dtkr
     dim = next(iter(train_emb.values())).shape[1]
     router = Router(dim, d, cfg.jare)
@@ -98,7 +105,7 @@ def build_router_continual(train_emb: dict[str, np.ndarray], cfg: Config,
         keys = init_keys(emb, n_keys, d.groups, d.key_init, d.seed + t)
         keys = train_keys(emb, keys, d, frozen_keys=router.all_keys())
         router.add_task(task, keys, train_emb=emb, train_records=rendered_record(len(emb), d.renderings),
-                        background_emb=background_emb)
+                        background_emb=background_emb, bare_emb=None if bare_emb is None else bare_emb[task])
     return router
 
 
@@ -138,8 +145,10 @@ def router_eval(
                for n in off_domain}
 
     background = background_embeddings(cfg.dtkr.ood_background, encoder)
+    bare = None if background is None else \
+        {t: encoder.encode(suite_bare_queries(cfg, suite, t), progress=progress) for t in names}
     t0 = time.perf_counter()
-    router = build_router_continual(train_emb, cfg, background)
+    router = build_router_continual(train_emb, cfg, background, bare)
     build_s = time.perf_counter() - t0
     train_best = {t: score_matrix(e, router.task_keys(t)).max(1) for t, e in train_emb.items()}
 

@@ -127,7 +127,7 @@ class Router:
     def add_task(
         self, task: str, keys: torch.Tensor, train_scores: np.ndarray | None = None,
         train_emb: np.ndarray | None = None, train_records: np.ndarray | None = None,
-        background_emb: np.ndarray | None = None,
+        background_emb: np.ndarray | None = None, bare_emb: np.ndarray | None = None,
     ) -> range:
         """Add a task's keys [P*keys_per_slot, G, D/G]; return its global slot ids.
 
@@ -142,6 +142,9 @@ class Router:
         calibration fold of the Gaussian OOD test); default: one record per row.
         ``background_emb`` [M, D], generic requests embedded by the same encoder
         (``ood.background_embeddings``), adds the task's background test (needs ``train_emb``).
+        ``bare_emb`` [n_records, D], each training record's content alone: the background test
+        is fitted on them too (each in its record's fold), so a bare input is judged against the
+        task's bare inputs, not only the few training sent bare.
         """
         if task in self._pos:
             raise RouterError(f"task {task!r} is already in the router")
@@ -184,7 +187,14 @@ class Router:
             background_emb = np.asarray(background_emb, dtype=np.float32)
             if background_emb.ndim != 2 or background_emb.shape[1] != self.dim:
                 raise RouterError(f"background_emb must be [M, {self.dim}], got {tuple(background_emb.shape)}")
-            background = fit_background_test(train_emb, background_emb, self.groups, records=train_records)
+            fit, records = train_emb, np.arange(len(train_emb)) if train_records is None else np.asarray(train_records)
+            if bare_emb is not None:
+                bare_emb = np.asarray(bare_emb, dtype=np.float32)
+                if bare_emb.shape != (len(np.unique(records)), self.dim):
+                    raise RouterError(f"bare_emb must be [{len(np.unique(records))}, {self.dim}] (one row per training "
+                                      f"record), got {tuple(bare_emb.shape)}")
+                fit, records = np.concatenate([fit, bare_emb]), np.r_[records, np.arange(len(bare_emb))]
+            background = fit_background_test(fit, background_emb, self.groups, records=records)
         entry["background"] = background is not None
         self._gaussians.append(gaussian)
         self._backgrounds.append(background)
