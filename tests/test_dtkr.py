@@ -345,7 +345,8 @@ def test_the_background_test_is_fitted_on_each_records_bare_input_too():
     router = make_router()
     router.add_task("t", init_keys(train, P, G), train_emb=train, train_records=train_records,
                     background_emb=background, bare_emb=bare)
-    want = fit_background_test(np.concatenate([train, bare]), background, G, records=np.r_[train_records, np.arange(20)])
+    want = fit_background_test(np.concatenate([train, bare]), background, G,
+                               records=np.r_[train_records, np.arange(20)])
     got = router.background("t")
     assert np.allclose(got.weight, want.weight) and got.threshold == pytest.approx(want.threshold)
     without = fit_background_test(train, background, G, records=train_records)

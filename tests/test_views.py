@@ -182,7 +182,8 @@ def test_the_manifest_records_how_each_task_is_worded(tmp_path, caplog):
         "  own: {format: alpaca, path: 'own.{split}.jsonl', metric: rouge_l}\n"
         "  own_train_only: {format: alpaca, path: own.train.jsonl, metric: rouge_l}\n"
         "  const: {format: alpaca, path: 'const.{split}.jsonl', metric: rouge_l}\n"
-        "  pooled: {format: alpaca, path: 'const.{split}.jsonl', metric: rouge_l, phrasings: ['a {input}', 'b {input}']}\n")
+        "  pooled: {format: alpaca, path: 'const.{split}.jsonl', metric: rouge_l,"
+        " phrasings: ['a {input}', 'b {input}']}\n")
     suite, cfg = load_suite(tmp_path / "s.yaml"), Config()
     cfg.data.dev_samples = 0  # every train record is trained on
     with caplog.at_level("WARNING", logger="slm_llm.data"):

@@ -33,9 +33,9 @@ from typing import Any
 import numpy as np
 
 from slm_llm.config import Config
-from slm_llm.data import (REQUEST_FILES, DataError, Suite, bare_records, load_suite, load_task_split, query_text, read_requests,
-                          records_in_view, rendered_record, resolve_data_root, router_records, run_records,
-                          view_records)
+from slm_llm.data import (REQUEST_FILES, DataError, Suite, bare_records, load_suite, load_task_split, query_text,
+                          read_requests, records_in_view, rendered_record, resolve_data_root, router_records,
+                          run_records, view_records)
 from slm_llm.dtkr.encoder import Encoder
 from slm_llm.dtkr.keys import init_keys, score_matrix, train_keys
 from slm_llm.dtkr.ood import background_embeddings

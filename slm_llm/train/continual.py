@@ -25,8 +25,9 @@ import torch
 
 from slm_llm.config import SHARED_ADAPTER as SHARED
 from slm_llm.config import Config, shared_adapter_config
-from slm_llm.data import (Collator, DataError, Record, Suite, bare_records, load_suite, own_wordings, own_wordings_record,
-                          query_text, rendered_record, router_records, run_records, task_split, tokenize_example)
+from slm_llm.data import (Collator, DataError, Record, Suite, bare_records, load_suite, own_wordings,
+                          own_wordings_record, query_text, rendered_record, router_records, run_records, task_split,
+                          tokenize_example)
 from slm_llm.dtkr import Router, init_keys, load_keys, open_router, routing_tensors, save_keys, score_matrix, train_keys
 from slm_llm.dtkr.encoder import Encoder, build_encoder, check_slot_span
 from slm_llm.dtkr.ood import background_embeddings
@@ -156,7 +157,7 @@ def run_continual(cfg: Config, after_task: Callable[[Config, RunDir, int], objec
                 background = background_embeddings(cfg.dtkr.ood_background, encoder)
                 bare = None if background is None else \
                     encoder.encode([query_text(r) for r in bare_queries(cfg, suite, stage)])
-                add_router_task(router, stage, keys, fit, cfg, background, bare)  # in memory; saved when the task is done
+                add_router_task(router, stage, keys, fit, cfg, background, bare)  # in memory; saved with the task
             routing = task_routing(router, stage, emb)
             # 2. Increments: base + old tasks (frozen) + this task's new slots (trainable).
             model, name = _jare_model(cfg, run, stages[:t]), stage
