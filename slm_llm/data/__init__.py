@@ -7,8 +7,9 @@ from .schema import DataError, Record
 from .suites import Suite, TaskSpec, load_suite, load_task_split, resolve_data_root, run_records
 from .templates import TEMPLATES, end_of_turn_text, query_text, render_prompt, render_response, stop_token_ids
 from .tokenize import IGNORE_INDEX, cut_prompt, tokenize_example, tokenize_prompt
-from .views import (VIEWS, PhrasingSplit, bare_records, dev_split, own_wordings, own_wordings_record, phrasing_split, records_in_view,
-                    rendered_record, router_records, task_split, training_record, training_records, view_records)
+from .views import (VIEWS, PhrasingSplit, bare_records, dev_split, own_wordings, own_wordings_record, phrasing_split,
+                    records_in_view, rendered_record, router_records, task_split, training_record, training_records,
+                    view_records)
 
 __all__ = [
     "Collator", "DataError", "IGNORE_INDEX", "Record", "Suite", "TEMPLATES", "TaskSpec",
@@ -16,6 +17,8 @@ __all__ = [
     "REQUEST_FILES", "read_alpaca", "read_cl_benchmark", "read_hf_dataset", "read_requests", "render_prompt",
     "render_response",
     "resolve_data_root", "run_records", "stop_token_ids", "tokenize_example", "tokenize_prompt",
-    "VIEWS", "PhrasingSplit", "bare_records", "dev_split", "own_wordings", "own_wordings_record", "phrasing_split", "records_in_view",
-    "rendered_record", "router_records", "task_split", "training_record", "training_records", "view_records",
+    "VIEWS", "PhrasingSplit", "bare_records", "dev_split", "own_wordings", "own_wordings_record",
+    "phrasing_split",
+    "records_in_view", "rendered_record", "router_records", "task_split", "training_record", "training_records",
+    "view_records",
 ]

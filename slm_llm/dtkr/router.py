@@ -189,10 +189,10 @@ class Router:
                 raise RouterError(f"background_emb must be [M, {self.dim}], got {tuple(background_emb.shape)}")
             fit, records = train_emb, np.arange(len(train_emb)) if train_records is None else np.asarray(train_records)
             if bare_emb is not None:
-                bare_emb = np.asarray(bare_emb, dtype=np.float32)
-                if bare_emb.shape != (len(np.unique(records)), self.dim):
-                    raise RouterError(f"bare_emb must be [{len(np.unique(records))}, {self.dim}] (one row per training "
-                                      f"record), got {tuple(bare_emb.shape)}")
+                bare_emb, n_records = np.asarray(bare_emb, dtype=np.float32), len(np.unique(records))
+                if bare_emb.shape != (n_records, self.dim):
+                    raise RouterError(f"bare_emb must be [{n_records}, {self.dim}] (one row per training record), "
+                                      f"got {tuple(bare_emb.shape)}")
                 fit, records = np.concatenate([fit, bare_emb]), np.r_[records, np.arange(len(bare_emb))]
             background = fit_background_test(fit, background_emb, self.groups, records=records)
         entry["background"] = background is not None

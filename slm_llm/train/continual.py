@@ -25,11 +25,11 @@ import torch
 
 from slm_llm.config import SHARED_ADAPTER as SHARED
 from slm_llm.config import Config, shared_adapter_config
-from slm_llm.data import (Collator, DataError, Record, Suite, bare_records, load_suite, own_wordings,
-                          own_wordings_record, query_text, rendered_record, router_records, run_records, task_split,
-                          tokenize_example)
+from slm_llm.data import (Collator, DataError, Record, Suite, load_suite, own_wordings, own_wordings_record, query_text,
+                          rendered_record, router_records, run_records, task_split, tokenize_example)
 from slm_llm.dtkr import Router, init_keys, load_keys, open_router, routing_tensors, save_keys, score_matrix, train_keys
 from slm_llm.dtkr.encoder import Encoder, build_encoder, check_slot_span
+from slm_llm.dtkr.evaluate import suite_bare_queries
 from slm_llm.dtkr.ood import background_embeddings
 from slm_llm.jare import JareModel
 from slm_llm.models import load_base_model, load_tokenizer, model_id
@@ -76,15 +76,11 @@ def add_router_task(router: Router, task: str, keys: torch.Tensor, fit: np.ndarr
                     background_emb: np.ndarray | None, bare_emb: np.ndarray | None = None) -> None:
     """Add ``task`` with its trained ``keys`` to ``router``, its OOD tests fitted on ``fit``, the
     embeddings of :func:`training_queries` with ``dtkr.renderings`` (``background_emb``: the
-    ``dtkr.ood_background`` requests', or None; ``bare_emb``: :func:`bare_queries`')."""
+    ``dtkr.ood_background`` requests', or None; ``bare_emb``: the embeddings of
+    :func:`slm_llm.dtkr.evaluate.suite_bare_queries`)."""
     router.add_task(task, keys, score_matrix(fit, keys).max(1), train_emb=fit,
                     train_records=rendered_record(len(fit), cfg.dtkr.renderings), background_emb=background_emb,
                     bare_emb=bare_emb)
-
-
-def bare_queries(cfg: Config, suite: Suite, task: str) -> list[Record]:
-    """Each of the task's training records as its content alone, for its background test."""
-    return bare_records(run_records(suite, task, "train", cfg.data), suite.tasks[task])
 
 
 def task_routing(router: Router, task: str, emb: np.ndarray) -> TaskRouting:
@@ -155,8 +151,7 @@ def run_continual(cfg: Config, after_task: Callable[[Config, RunDir, int], objec
             keys, _ = load_keys(tdir / "keys.safetensors")
             if stage not in router.task_names:  # (it is, if a crash fell between router save and manifest)
                 background = background_embeddings(cfg.dtkr.ood_background, encoder)
-                bare = None if background is None else \
-                    encoder.encode([query_text(r) for r in bare_queries(cfg, suite, stage)])
+                bare = None if background is None else encoder.encode(suite_bare_queries(cfg, suite, stage))
                 add_router_task(router, stage, keys, fit, cfg, background, bare)  # in memory; saved with the task
             routing = task_routing(router, stage, emb)
             # 2. Increments: base + old tasks (frozen) + this task's new slots (trainable).
