@@ -194,6 +194,10 @@ class DtkrConfig(Section):
     ood_percentile: float = 1.0
     ood_shrinkage: float = 0.3  # gaussian: covariance shrinkage towards a scaled identity, in [0, 1]
     ood_rank: int = 64  # gaussian: eigen-directions kept per task
+    # gaussian: the threshold also admits at least this share of the task's training queries measured
+    # in a wording its Gaussian was fitted without (leave-wording-out), so a new phrasing of a task with
+    # short inputs is not rejected for its wording alone; 0 = off
+    ood_wording_coverage: float = 0.75
     # And a background test against generic chat requests: "builtin" (shipped), "none", or a file of
     # your own (.txt one per line, .jsonl with "prompt"); see slm_llm/dtkr/ood.py.
     ood_background: str = "builtin"
@@ -215,6 +219,8 @@ class DtkrConfig(Section):
         if not 0.0 <= self.ood_percentile <= 100.0:
             raise ConfigError("dtkr.ood_percentile must be in [0, 100]")
         _choice("dtkr.ood_rule", self.ood_rule, ("keys", "gaussian"))
+        if not 0.0 <= self.ood_wording_coverage < 1.0:
+            raise ConfigError("dtkr.ood_wording_coverage must be in [0, 1)")
         if not 0.0 < self.ood_shrinkage <= 1.0:
             raise ConfigError("dtkr.ood_shrinkage must be in (0, 1]")
         if self.ood_background not in ("builtin", "none") and not self.ood_background.endswith(REQUEST_FILES):

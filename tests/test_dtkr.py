@@ -296,6 +296,39 @@ def test_gaussian_ood_folds_keep_a_records_wordings_together():
         router.add_task("t", init_keys(few, P, G), train_emb=few, train_records=np.arange(20) % 5)
 
 
+def test_gaussian_threshold_admits_a_new_wording_of_a_task_whose_wording_dominates():
+    """Queries = a small content part plus one of 9 wording offsets. Random folds keep every
+    wording in each fit, so a query in a 10th, unseen wording lands past that threshold; with
+    dtkr.ood_wording_coverage the leave-wording-out distances raise it to admit such queries,
+    while a query far from the task stays flagged, and a task whose wordings do not move its
+    embedding keeps the random-fold threshold."""
+    from slm_llm.dtkr.ood import calibrate
+
+    rng = np.random.default_rng(7)
+    dim = 96
+    offsets = rng.normal(size=(10, dim)) * 0.5  # wording 9 is never seen in training
+    wordings = np.arange(300) % 9
+    base = rng.normal(size=dim) * 2
+
+    def queries(w):
+        return (base + offsets[w] + rng.normal(size=(len(w), dim)) * 0.1).astype(np.float32)
+
+    train, new = queries(wordings), queries(np.full(100, 9))
+    plain = calibrate(train, 4, 0.3, 32, 1.0)
+    worded = calibrate(train, 4, 0.3, 32, 1.0, wordings=wordings, wording_coverage=0.75)
+    assert np.mean(plain.distance(new, 4) > plain.threshold) > 0.9  # the new wording is rejected
+    assert np.mean(worded.distance(new, 4) > worded.threshold) < 0.25  # and admitted with the floor
+    assert worded.wording_floor > plain.threshold and worded.oof is not None
+    far = (rng.normal(size=(50, dim)) * 2).astype(np.float32)
+    assert np.all(worded.distance(far, 4) > worded.threshold)
+    steady = (base + rng.normal(size=(300, dim)) * 0.3).astype(np.float32)  # wordings that change nothing
+    assert calibrate(steady, 4, 0.3, 32, 1.0, wordings=wordings, wording_coverage=0.75).threshold == \
+        calibrate(steady, 4, 0.3, 32, 1.0).threshold
+    router = make_router(dim, ood_rule="gaussian", ood_rank=16)
+    with pytest.raises(RouterError, match="train_wordings must have one entry per row"):
+        router.add_task("t", init_keys(train, P, G), train_emb=train, train_wordings=wordings[:10])
+
+
 def test_background_test_flags_what_looks_generic_frozen_and_persisted(tmp_path):
     """A background cluster inside the task's Gaussian (ordinary chat near a task of short inputs)
     passes the Gaussian test; the task's background test flags it, not the task's fresh queries,
@@ -594,7 +627,7 @@ def test_builtin_background_rejects_ordinary_chat_that_the_gaussian_lets_through
     suite = load_suite("instruct6")
     train, held_out = {}, []
     for task in cfg.data.tasks:
-        queries, views = suite_queries(cfg, suite, task, ["paraphrase"], 15)
+        queries, _, views = suite_queries(cfg, suite, task, ["paraphrase"], 15)
         train[task] = real_encoder.encode(queries)
         held_out += [(task, q) for q in views["paraphrase"]]
     chat = ["What's the capital of Australia?", "Write a haiku about autumn leaves.",

@@ -1,4 +1,6 @@
 """Query views and the phrasing pools: the split, what training may see, what each view sends."""
+import dataclasses
+
 import pytest
 
 from slm_llm.config import DataConfig
@@ -77,6 +79,30 @@ def test_router_records_add_wordings_of_the_same_records_in_train_phrasings_only
     assert router_records(records, spec, data, 3) == fit
     assert router_records(records, spec, DataConfig(phrasing="fixed"), 3) == records * 3  # the dataset's one wording
     assert rendered_record(6, 3) == [0, 1, 0, 1, 0, 1]  # query i words record i % len(records)
+
+
+def test_router_wordings_name_the_wording_of_every_router_query(data_root):
+    """router_wordings says which wording each router query has: a train phrasing's index, the
+    input alone (BARE), a record's own words (one wording per record), or, with the dataset's
+    instruction, one wording for all; the Gaussian's leave-wording-out folds rely on it."""
+    from slm_llm.data import router_wordings
+    from slm_llm.data.views import BARE, OWN, content
+
+    suite = load_suite("instruct6")
+    spec, data = suite.tasks["law_overruling"], DataConfig(input_only_share=0.25)
+    records = load_task_split(suite, "law_overruling", "train", str(data_root), max_samples=60, seed=0)
+    fit, wordings = router_records(records, spec, data, 2), router_wordings(records, spec, data, 2)
+    train = task_split(spec, data).train
+    assert len(wordings) == len(fit)
+    for i, (r, w) in enumerate(zip(fit, wordings)):
+        body = content(records[i % len(records)], spec.content)
+        assert r.instruction == (body if w == BARE else phrase(train[w], body))
+    assert BARE in wordings and len(set(wordings)) == len(train) + 1
+    assert router_wordings(records, spec, DataConfig(phrasing="fixed"), 2) == [0] * 120
+    own = dataclasses.replace(spec, phrasings=())
+    mine = [dataclasses.replace(r, instruction=f"Question {i}: does this overrule?") for i, r in enumerate(records)]
+    words = router_wordings(mine, own, data)
+    assert all(w == BARE or w == OWN - i for i, w in enumerate(words)) and words.count(BARE) < 30
 
 
 def test_views_of_a_record():

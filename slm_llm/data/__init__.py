@@ -8,8 +8,8 @@ from .suites import Suite, TaskSpec, load_suite, load_task_split, resolve_data_r
 from .templates import TEMPLATES, end_of_turn_text, query_text, render_prompt, render_response, stop_token_ids
 from .tokenize import IGNORE_INDEX, cut_prompt, tokenize_example, tokenize_prompt
 from .views import (VIEWS, PhrasingSplit, bare_records, dev_split, own_wordings, own_wordings_record, phrasing_split,
-                    records_in_view, rendered_record, router_records, task_split, training_record, training_records,
-                    view_records)
+                    records_in_view, rendered_record, router_records, router_wordings, task_split, training_record,
+                    training_records, view_records)
 
 __all__ = [
     "Collator", "DataError", "IGNORE_INDEX", "Record", "Suite", "TEMPLATES", "TaskSpec",
@@ -19,6 +19,6 @@ __all__ = [
     "resolve_data_root", "run_records", "stop_token_ids", "tokenize_example", "tokenize_prompt",
     "VIEWS", "PhrasingSplit", "bare_records", "dev_split", "own_wordings", "own_wordings_record",
     "phrasing_split",
-    "records_in_view", "rendered_record", "router_records", "task_split", "training_record", "training_records",
+    "records_in_view", "rendered_record", "router_records", "router_wordings", "task_split", "training_record", "training_records",
     "view_records",
 ]

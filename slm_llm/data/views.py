@@ -40,6 +40,7 @@ log = logging.getLogger("slm_llm.data")
 
 CONTENT_KINDS = ("input", "request")
 PLACEHOLDER = "{input}"
+BARE, OWN = -1, -2  # training_wording: the content alone; a record in its own words
 OWN_WORDING_SHARE = 0.5  # a task without a pool: least share of its training records with an instruction of their own
 
 
@@ -152,12 +153,24 @@ def training_record(record: Record, phrasings: tuple[str, ...] | list[str], inpu
     ``input_only_share``, else inside one of the train ``phrasings`` (seeded by the record id;
     ``draw`` > 0 gives the record's further, independent wordings), or in its own words when the
     task has no pool (``phrasings`` empty)."""
-    rng = random.Random(f"train:{seed}:{record.task}:{record.id}:{record.input[:64]}" + (f":{draw}" if draw else ""))
-    if rng.random() < input_only_share:
+    choice = training_wording(record, phrasings, input_only_share, seed, draw)
+    if choice == BARE:
         return as_request(record, content(record, kind))
     if not phrasings:
         return own_request(record)
-    return as_request(record, phrase(rng.choice(list(phrasings)), content(record, kind)))
+    return as_request(record, phrase(phrasings[choice], content(record, kind)))
+
+
+def training_wording(record: Record, phrasings: tuple[str, ...] | list[str], input_only_share: float,
+                     seed: int = 0, draw: int = 0) -> int:
+    """Which wording :func:`training_record` gives ``record``: ``BARE`` (its content alone), the
+    index of its train phrasing, or ``OWN`` (its own words, a task without a pool)."""
+    rng = random.Random(f"train:{seed}:{record.task}:{record.id}:{record.input[:64]}" + (f":{draw}" if draw else ""))
+    if rng.random() < input_only_share:
+        return BARE
+    if not phrasings:
+        return OWN
+    return rng.choice(range(len(phrasings)))
 
 
 def own_request(record: Record) -> Record:
@@ -232,6 +245,21 @@ def router_records(records: list[Record], spec, data, renderings: int = 1) -> li
     train = _train_phrasings(spec, data)
     return trained + [training_record(r, train, data.input_only_share, spec.content, data.seed, draw)
                       for draw in range(1, renderings) for r in records]
+
+
+def router_wordings(records: list[Record], spec, data, renderings: int = 1) -> list[int]:
+    """The wording of each of :func:`router_records`' queries, in its order: a train phrasing's
+    index, ``BARE``, or, for a record in its own words, ``OWN - position`` (each record's
+    instruction is a wording of its own); all 0 with ``data.phrasing=fixed`` (one wording)."""
+    if data.phrasing == "fixed":
+        return [0] * (len(records) * renderings)
+    train = _train_phrasings(spec, data)
+    out = []
+    for draw in range(renderings):
+        for i, r in enumerate(records):
+            w = training_wording(r, train, data.input_only_share, data.seed, draw)
+            out.append(OWN - i if w == OWN else w)
+    return out
 
 
 def bare_records(records: list[Record], spec) -> list[Record]:

@@ -35,7 +35,7 @@ import numpy as np
 from slm_llm.config import Config
 from slm_llm.data import (REQUEST_FILES, DataError, Suite, bare_records, load_suite, load_task_split, query_text,
                           read_requests, records_in_view, rendered_record, resolve_data_root, router_records,
-                          run_records, view_records)
+                          router_wordings, run_records, view_records)
 from slm_llm.dtkr.encoder import Encoder
 from slm_llm.dtkr.keys import init_keys, score_matrix, train_keys
 from slm_llm.dtkr.ood import background_embeddings
@@ -46,15 +46,16 @@ OOD = "<ood>"
 
 
 def suite_queries(cfg: Config, suite: Suite, task: str, views: list[str], max_test: int
-                  ) -> tuple[list[str], dict[str, list[str]]]:
-    """(the router's training query texts, {view: evaluation query texts}) of one task, as a run
-    with ``cfg`` trains and evaluates (``slm_llm.data.run_records``; ``data.eval_split`` "dev"
-    evaluates on the dev pool and dev phrasings)."""
+                  ) -> tuple[list[str], list[int], dict[str, list[str]]]:
+    """(the router's training query texts, their wordings, {view: evaluation query texts}) of one
+    task, as a run with ``cfg`` trains and evaluates (``slm_llm.data.run_records``;
+    ``data.eval_split`` "dev" evaluates on the dev pool and dev phrasings)."""
     data, spec = cfg.data, suite.tasks[task]
-    train = router_records(run_records(suite, task, "train", data), spec, data, cfg.dtkr.renderings)
+    records = run_records(suite, task, "train", data)
+    train = router_records(records, spec, data, cfg.dtkr.renderings)
     sample = run_records(suite, task, "eval", data, max_test)
     evals = {v: [query_text(r) for r in records_in_view(sample, spec, v, data)] for v in views}
-    return [query_text(r) for r in train], evals
+    return [query_text(r) for r in train], router_wordings(records, spec, data, cfg.dtkr.renderings), evals
 
 
 def suite_bare_queries(cfg: Config, suite: Suite, task: str) -> list[str]:
@@ -90,13 +91,15 @@ def off_domain_queries(name: str, cfg: Config, max_test: int) -> list[str]:
 
 def build_router_continual(train_emb: dict[str, np.ndarray], cfg: Config,
                            background_emb: np.ndarray | None = None,
-                           bare_emb: dict[str, np.ndarray] | None = None) -> Router:
+                           bare_emb: dict[str, np.ndarray] | None = None,
+                           wordings: dict[str, list[int]] | None = None) -> Router:
     """Add tasks in the order of ``train_emb``: init keys, train them (centrifugal against
     the router's frozen keys), calibrate on the task's own training queries (``dtkr.renderings``
     wordings of each record, in :func:`slm_llm.data.router_records`' order), add.
     Task t's embeddings are used only while task t is added. ``background_emb``: the
     ``dtkr.ood_background`` requests' embeddings (each task's background test), or None;
-    ``bare_emb``: per task, its training records' content alone (:func:`suite_bare_queries`)."""
+    ``bare_emb``: per task, its training records' content alone (:func:`suite_bare_queries`);
+    ``wordings``: per task, each training query's wording (:func:`suite_queries`)."""
     d = cfg.dtkr
     dim = next(iter(train_emb.values())).shape[1]
     router = Router(dim, d, cfg.jare)
@@ -105,7 +108,8 @@ def build_router_continual(train_emb: dict[str, np.ndarray], cfg: Config,
         keys = init_keys(emb, n_keys, d.groups, d.key_init, d.seed + t)
         keys = train_keys(emb, keys, d, frozen_keys=router.all_keys())
         router.add_task(task, keys, train_emb=emb, train_records=rendered_record(len(emb), d.renderings),
-                        background_emb=background_emb, bare_emb=None if bare_emb is None else bare_emb[task])
+                        background_emb=background_emb, bare_emb=None if bare_emb is None else bare_emb[task],
+                        train_wordings=None if wordings is None else np.asarray(wordings[task]))
     return router
 
 
@@ -136,9 +140,9 @@ def router_eval(
     names = suite.order_tasks(cfg.data.order, cfg.data.tasks or None)
     encoder = encoder or build_encoder(cfg)
 
-    train_emb, eval_emb = {}, {}
+    train_emb, eval_emb, wordings = {}, {}, {}
     for task in names:
-        train_q, evals = suite_queries(cfg, suite, task, views, max_test)
+        train_q, wordings[task], evals = suite_queries(cfg, suite, task, views, max_test)
         train_emb[task] = encoder.encode(train_q, progress=progress)
         eval_emb[task] = {v: encoder.encode(q, progress=progress) for v, q in evals.items()}
     off_emb = {n: encoder.encode(off_domain_queries(n, cfg, max_test), progress=progress)
@@ -148,7 +152,7 @@ def router_eval(
     bare = None if background is None else \
         {t: encoder.encode(suite_bare_queries(cfg, suite, t), progress=progress) for t in names}
     t0 = time.perf_counter()
-    router = build_router_continual(train_emb, cfg, background, bare)
+    router = build_router_continual(train_emb, cfg, background, bare, wordings)
     build_s = time.perf_counter() - t0
     train_best = {t: score_matrix(e, router.task_keys(t)).max(1) for t, e in train_emb.items()}
 
@@ -176,7 +180,8 @@ def router_eval(
         off_decided[name] = [(_ood_statistic(router, emb[i : i + 1], d), d.task) for i, d in enumerate(ds)]
     for p in ood_percentiles:  # the same decisions, other thresholds: larger statistic = farther out
         if router.ood_rule == "gaussian":
-            thr = {t: float(np.percentile(router.gaussian(t).oof, 100 - p)) for t in names}
+            thr = {t: max(float(np.percentile(g.oof, 100 - p)), g.wording_floor)
+                   for t, g in ((t, router.gaussian(t)) for t in names)}
         else:
             thr = {t: -float(np.percentile(s, p)) for t, s in train_best.items()}
         sweep = {view: float(np.mean([routed == true and stat <= thr[routed] for true, stat, routed in rows]))

@@ -15,7 +15,15 @@ D x D. A distance measured on the points the Gaussian was fitted on is biased lo
 few hundred queries in hundreds of dimensions, badly), so the threshold comes from
 *out-of-fold* distances: each fifth of the training records is measured under the Gaussian
 fitted on the other four fifths. Several wordings of one record (``dtkr.renderings``) stay in
-one fold, or its twin in the other folds would pull its distance down. Everything is fitted
+one fold, or its twin in the other folds would pull its distance down.
+
+Random folds keep every wording of the task (its train phrasings, its bare inputs) in each
+fold's fit, so they measure how far a *new record* in a *known wording* lies. A user's own
+phrasing is a new wording, and for a task of short inputs the wording moves the embedding
+most: a new phrasing of such a task can land past that threshold for its wording alone.
+So the threshold is raised, where it must be, to admit ``ood_wording_coverage`` of the
+training queries measured under a Gaussian fitted *without their wording* (folds of
+wordings). Tasks whose inputs dominate their embeddings do not move. Everything is fitted
 once, when the task is added, from that task's queries only, and never changes: an old
 task's OOD decisions cannot drift.
 
@@ -54,6 +62,7 @@ class TaskGaussian:
     rest: float  # the eigenvalue given to every other direction
     threshold: float  # squared distances above it are out of distribution
     oof: np.ndarray | None = None  # the training queries' out-of-fold distances (calibration; not saved)
+    wording_floor: float = 0.0  # the least threshold the leave-wording-out distances asked for (not saved)
 
     def distance(self, emb: np.ndarray, groups: int) -> np.ndarray:
         """Squared Mahalanobis distances [N] of raw embeddings [N, D]."""
@@ -87,29 +96,44 @@ def fit_gaussian(u: np.ndarray, shrinkage: float, rank: int) -> tuple[np.ndarray
     return mean, vecs[:, ::-1][:, :k].copy(), top, float(rest.mean()) if len(rest) else float(scale)
 
 
-def record_folds(records: np.ndarray, seed: int) -> list[np.ndarray]:
-    """The FOLDS out-of-fold calibration folds as row masks over ``records`` [N] (the training
-    record each row words): a record's rows stay in one fold, records are shuffled by ``seed``."""
-    ids = np.unique(records)
+def group_folds(groups_of_rows: np.ndarray, seed: int) -> list[np.ndarray]:
+    """Up to FOLDS calibration folds as row masks: the distinct values of ``groups_of_rows`` [N]
+    (a training record, or a wording) are shuffled by ``seed`` and dealt out, a value's rows
+    staying in one fold."""
+    ids = np.unique(groups_of_rows)
     shuffled = ids[np.random.default_rng(seed).permutation(len(ids))]
-    return [np.isin(records, fold) for fold in np.array_split(shuffled, FOLDS)]
+    return [np.isin(groups_of_rows, fold) for fold in np.array_split(shuffled, min(FOLDS, len(ids)))]
+
+
+def out_of_fold(emb: np.ndarray, u: np.ndarray, groups: int, shrinkage: float, rank: int,
+                folds: list[np.ndarray]) -> np.ndarray:
+    """Each row's squared distance [N] under the Gaussian fitted on the rows outside its fold."""
+    out = np.zeros(len(u))
+    for fold in folds:
+        out[fold] = TaskGaussian(*fit_gaussian(u[~fold], shrinkage, rank), threshold=np.inf).distance(emb[fold], groups)
+    return out
 
 
 def calibrate(emb: np.ndarray, groups: int, shrinkage: float, rank: int, percentile: float,
-              seed: int = 0, records: np.ndarray | None = None) -> TaskGaussian:
+              seed: int = 0, records: np.ndarray | None = None, wordings: np.ndarray | None = None,
+              wording_coverage: float = 0.0) -> TaskGaussian:
     """The task's Gaussian from its training query embeddings [N, D], thresholded out of fold;
-    ``records`` [N] names the training record each row words (default: a record per row)."""
+    ``records`` [N] names the training record each row words (default: a record per row).
+    With ``wordings`` [N] (each row's wording: a phrasing, the input alone, ...) and
+    ``wording_coverage`` > 0, the threshold is raised, if need be, to admit that share of the
+    rows measured under a Gaussian fitted without their wording."""
     u = group_unit(emb, groups)
     records = np.arange(len(u)) if records is None else np.asarray(records)
     n_records = len(np.unique(records))
     if n_records < MIN_QUERIES:
         raise ValueError(f"the gaussian OOD rule needs at least {MIN_QUERIES} training records, got {n_records}")
-    oof = np.zeros(len(u))
-    for fold in record_folds(records, seed):
-        g = TaskGaussian(*fit_gaussian(u[~fold], shrinkage, rank), threshold=np.inf)
-        oof[fold] = g.distance(emb[fold], groups)
-    return TaskGaussian(*fit_gaussian(u, shrinkage, rank), threshold=float(np.percentile(oof, 100 - percentile)),
-                        oof=oof)
+    oof = out_of_fold(emb, u, groups, shrinkage, rank, group_folds(records, seed))
+    floor = 0.0
+    if wordings is not None and wording_coverage > 0 and len(np.unique(wordings)) > 1:
+        unseen = out_of_fold(emb, u, groups, shrinkage, rank, group_folds(np.asarray(wordings), seed))
+        floor = float(np.percentile(unseen, 100 * wording_coverage))
+    return TaskGaussian(*fit_gaussian(u, shrinkage, rank), threshold=max(float(np.percentile(oof, 100 - percentile)),
+                                                                         floor), oof=oof, wording_floor=floor)
 
 
 @dataclass
@@ -143,7 +167,7 @@ def fit_background_test(emb: np.ndarray, background: np.ndarray, groups: int, se
     u, bg = group_unit(emb, groups), group_unit(background, groups)
     records = np.arange(len(u)) if records is None else np.asarray(records)
     oof = np.zeros(len(u))
-    for fold in record_folds(records, seed):
+    for fold in group_folds(records, seed):
         oof[fold] = _classifier(u[~fold], bg).decision_function(u[fold])
     clf = _classifier(u, bg)
     return BackgroundTest(clf.coef_[0].astype(np.float32), float(clf.intercept_[0]), float(oof.min()))

@@ -128,6 +128,7 @@ class Router:
         self, task: str, keys: torch.Tensor, train_scores: np.ndarray | None = None,
         train_emb: np.ndarray | None = None, train_records: np.ndarray | None = None,
         background_emb: np.ndarray | None = None, bare_emb: np.ndarray | None = None,
+        train_wordings: np.ndarray | None = None,
     ) -> range:
         """Add a task's keys [P*keys_per_slot, G, D/G]; return its global slot ids.
 
@@ -144,7 +145,9 @@ class Router:
         (``ood.background_embeddings``), adds the task's background test (needs ``train_emb``).
         ``bare_emb`` [n_records, D], each training record's content alone: the background test
         is fitted on them too (each in its record's fold), so a bare input is judged against the
-        task's bare inputs, not only the few training sent bare.
+        task's bare inputs, not only the few training sent bare. ``train_wordings`` [N] names
+        each row's wording (``slm_llm.data.router_wordings``): the Gaussian's threshold then also
+        admits ``dtkr.ood_wording_coverage`` of the rows measured without their wording.
         """
         if task in self._pos:
             raise RouterError(f"task {task!r} is already in the router")
@@ -179,8 +182,12 @@ class Router:
                 raise RouterError(f"dtkr.ood_rule=gaussian needs at least {MIN_QUERIES} training queries per task to "
                                   f"calibrate its threshold out of fold; {task!r} has {n_records}. Train on more "
                                   "samples (data.max_train_samples) or set dtkr.ood_rule=keys")
+            if train_wordings is not None and len(train_wordings) != len(train_emb):
+                raise RouterError(f"train_wordings must have one entry per row of train_emb ({len(train_emb)}), "
+                                  f"got {len(train_wordings)}")
             gaussian = calibrate(train_emb, self.groups, c.ood_shrinkage, c.ood_rank, c.ood_percentile,
-                                 records=train_records)
+                                 records=train_records, wordings=train_wordings,
+                                 wording_coverage=c.ood_wording_coverage)
             entry["threshold"] = gaussian.threshold
         background = None
         if background_emb is not None:

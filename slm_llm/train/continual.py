@@ -26,7 +26,8 @@ import torch
 from slm_llm.config import SHARED_ADAPTER as SHARED
 from slm_llm.config import Config, shared_adapter_config
 from slm_llm.data import (Collator, DataError, Record, Suite, load_suite, own_wordings, own_wordings_record, query_text,
-                          rendered_record, router_records, run_records, task_split, tokenize_example)
+                          rendered_record, router_records, router_wordings, run_records, task_split,
+                          tokenize_example)
 from slm_llm.dtkr import Router, init_keys, load_keys, open_router, routing_tensors, save_keys, score_matrix, train_keys
 from slm_llm.dtkr.encoder import Encoder, build_encoder, check_slot_span
 from slm_llm.dtkr.evaluate import suite_bare_queries
@@ -72,15 +73,21 @@ def training_queries(cfg: Config, suite: Suite, task: str, renderings: int = 1) 
     return router_records(run_records(suite, task, "train", cfg.data), suite.tasks[task], cfg.data, renderings)
 
 
+def training_wordings(cfg: Config, suite: Suite, task: str, renderings: int = 1) -> list[int]:
+    """The wording of each of :func:`training_queries`' queries (``slm_llm.data.router_wordings``)."""
+    return router_wordings(run_records(suite, task, "train", cfg.data), suite.tasks[task], cfg.data, renderings)
+
+
 def add_router_task(router: Router, task: str, keys: torch.Tensor, fit: np.ndarray, cfg: Config,
-                    background_emb: np.ndarray | None, bare_emb: np.ndarray | None = None) -> None:
+                    background_emb: np.ndarray | None, bare_emb: np.ndarray | None = None,
+                    wordings: list[int] | None = None) -> None:
     """Add ``task`` with its trained ``keys`` to ``router``, its OOD tests fitted on ``fit``, the
     embeddings of :func:`training_queries` with ``dtkr.renderings`` (``background_emb``: the
     ``dtkr.ood_background`` requests', or None; ``bare_emb``: the embeddings of
-    :func:`slm_llm.dtkr.evaluate.suite_bare_queries`)."""
+    :func:`slm_llm.dtkr.evaluate.suite_bare_queries`; ``wordings``: :func:`training_wordings`)."""
     router.add_task(task, keys, score_matrix(fit, keys).max(1), train_emb=fit,
                     train_records=rendered_record(len(fit), cfg.dtkr.renderings), background_emb=background_emb,
-                    bare_emb=bare_emb)
+                    bare_emb=bare_emb, train_wordings=None if wordings is None else np.asarray(wordings))
 
 
 def task_routing(router: Router, task: str, emb: np.ndarray) -> TaskRouting:
@@ -152,7 +159,8 @@ def run_continual(cfg: Config, after_task: Callable[[Config, RunDir, int], objec
             if stage not in router.task_names:  # (it is, if a crash fell between router save and manifest)
                 background = background_embeddings(cfg.dtkr.ood_background, encoder)
                 bare = None if background is None else encoder.encode(suite_bare_queries(cfg, suite, stage))
-                add_router_task(router, stage, keys, fit, cfg, background, bare)  # in memory; saved with the task
+                add_router_task(router, stage, keys, fit, cfg, background, bare,  # in memory; saved with the task
+                                training_wordings(cfg, suite, stage, renderings))
             routing = task_routing(router, stage, emb)
             # 2. Increments: base + old tasks (frozen) + this task's new slots (trainable).
             model, name = _jare_model(cfg, run, stages[:t]), stage
