@@ -19,6 +19,7 @@ __all__ = [
     "resolve_data_root", "run_records", "stop_token_ids", "tokenize_example", "tokenize_prompt",
     "VIEWS", "PhrasingSplit", "bare_records", "dev_split", "own_wordings", "own_wordings_record",
     "phrasing_split",
-    "records_in_view", "rendered_record", "router_records", "router_wordings", "task_split", "training_record", "training_records",
+    "records_in_view", "rendered_record", "router_records", "router_wordings", "task_split", "training_record",
+    "training_records",
     "view_records",
 ]
