@@ -57,7 +57,8 @@ def main() -> None:
         tasks = suite.order_tasks(cfg.data.order, cfg.data.tasks or None)
         texts = {}
         for t in tasks:
-            texts[f"train/{t}"], _, views = suite_queries(cfg, suite, t, VIEWS, a.max_test)
+            queries, views = suite_queries(cfg, suite, t, VIEWS, a.max_test)
+            texts[f"train/{t}"] = queries.texts
             texts.update({f"{v}/{t}": q for v, q in views.items()})
         texts.update({f"off/{name}": off_domain_queries(name, cfg, a.max_test) for name in (off, "ifeval")})
         vecs = {}

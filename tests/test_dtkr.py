@@ -300,8 +300,8 @@ def test_gaussian_threshold_admits_a_new_wording_of_a_task_whose_wording_dominat
     """Queries = a small content part plus one of 9 wording offsets. Random folds keep every
     wording in each fit, so a query in a 10th, unseen wording lands past that threshold; with
     dtkr.ood_wording_coverage the leave-wording-out distances raise it to admit such queries,
-    while a query far from the task stays flagged, and a task whose wordings do not move its
-    embedding keeps the random-fold threshold."""
+    while a query far from the task stays flagged; a task whose wordings do not move its
+    embedding, or whose every record is its own wording, keeps the random-fold threshold."""
     from slm_llm.dtkr.ood import calibrate
 
     rng = np.random.default_rng(7)
@@ -324,6 +324,8 @@ def test_gaussian_threshold_admits_a_new_wording_of_a_task_whose_wording_dominat
     steady = (base + rng.normal(size=(300, dim)) * 0.3).astype(np.float32)  # wordings that change nothing
     assert calibrate(steady, 4, 0.3, 32, 1.0, wordings=wordings, wording_coverage=0.75).threshold == \
         calibrate(steady, 4, 0.3, 32, 1.0).threshold
+    own = -2 - np.arange(300)  # own-words data: every record its own wording (slm_llm.data.router_wordings)
+    assert calibrate(train, 4, 0.3, 32, 1.0, wordings=own, wording_coverage=0.75).threshold == plain.threshold
     router = make_router(dim, ood_rule="gaussian", ood_rank=16)
     with pytest.raises(RouterError, match="train_wordings must have one entry per row"):
         router.add_task("t", init_keys(train, P, G), train_emb=train, train_wordings=wordings[:10])
@@ -627,8 +629,8 @@ def test_builtin_background_rejects_ordinary_chat_that_the_gaussian_lets_through
     suite = load_suite("instruct6")
     train, held_out = {}, []
     for task in cfg.data.tasks:
-        queries, _, views = suite_queries(cfg, suite, task, ["paraphrase"], 15)
-        train[task] = real_encoder.encode(queries)
+        queries, views = suite_queries(cfg, suite, task, ["paraphrase"], 15)
+        train[task] = real_encoder.encode(queries.texts)
         held_out += [(task, q) for q in views["paraphrase"]]
     chat = ["What's the capital of Australia?", "Write a haiku about autumn leaves.",
             "Can you recommend a good book for a long flight?", "Tell me a joke about cats.",

@@ -25,16 +25,16 @@ from __future__ import annotations
 
 import copy
 import json
-import random
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from slm_llm.config import Config
-from slm_llm.data import (REQUEST_FILES, DataError, Suite, bare_records, load_suite, load_task_split, query_text,
-                          read_requests, records_in_view, rendered_record, resolve_data_root, router_records,
+from slm_llm.data import (REQUEST_FILES, DataError, Record, Suite, bare_records, load_suite, load_task_split,
+                          query_text, read_requests, records_in_view, rendered_record, resolve_data_root, router_records,
                           router_wordings, run_records, view_records)
 from slm_llm.dtkr.encoder import Encoder
 from slm_llm.dtkr.keys import init_keys, score_matrix, train_keys
@@ -45,22 +45,38 @@ from slm_llm.utils.io import atomic_path, write_json, write_text
 OOD = "<ood>"
 
 
-def suite_queries(cfg: Config, suite: Suite, task: str, views: list[str], max_test: int
-                  ) -> tuple[list[str], list[int], dict[str, list[str]]]:
-    """(the router's training query texts, their wordings, {view: evaluation query texts}) of one
-    task, as a run with ``cfg`` trains and evaluates (``slm_llm.data.run_records``;
-    ``data.eval_split`` "dev" evaluates on the dev pool and dev phrasings)."""
+@dataclass
+class TaskQueries:
+    """What the router is fitted on for one task, from one read of its training records."""
+    records: list[Record]  # slm_llm.data.router_records: the samples' own wordings first
+    wordings: list[int]  # slm_llm.data.router_wordings: the wording of each of ``records``
+    bare: list[str]  # each training record's content alone, for the background test
+
+    @property
+    def texts(self) -> list[str]:
+        return [query_text(r) for r in self.records]
+
+
+def task_queries(cfg: Config, suite: Suite, task: str, renderings: int = 1) -> TaskQueries:
+    """One task's router queries as a run with ``cfg`` trains them: its training records
+    (``slm_llm.data.run_records``) worded as users word them (``data.phrasing``), then
+    ``renderings - 1`` further wordings of each; held-out phrasings never reach this point."""
     data, spec = cfg.data, suite.tasks[task]
     records = run_records(suite, task, "train", data)
-    train = router_records(records, spec, data, cfg.dtkr.renderings)
-    sample = run_records(suite, task, "eval", data, max_test)
-    evals = {v: [query_text(r) for r in records_in_view(sample, spec, v, data)] for v in views}
-    return [query_text(r) for r in train], router_wordings(records, spec, data, cfg.dtkr.renderings), evals
+    return TaskQueries(router_records(records, spec, data, renderings),
+                       router_wordings(records, spec, data, renderings),
+                       [query_text(r) for r in bare_records(records, spec)])
 
 
-def suite_bare_queries(cfg: Config, suite: Suite, task: str) -> list[str]:
-    """The content alone of each of the task's training records, for its background test."""
-    return [query_text(r) for r in bare_records(run_records(suite, task, "train", cfg.data), suite.tasks[task])]
+def suite_queries(cfg: Config, suite: Suite, task: str, views: list[str], max_test: int
+                  ) -> tuple[TaskQueries, dict[str, list[str]]]:
+    """(the router's training queries, {view: evaluation query texts}) of one task, as a run
+    with ``cfg`` trains and evaluates (``data.eval_split`` "dev" evaluates on the dev pool and
+    dev phrasings)."""
+    spec = suite.tasks[task]
+    sample = run_records(suite, task, "eval", cfg.data, max_test)
+    evals = {v: [query_text(r) for r in records_in_view(sample, spec, v, cfg.data)] for v in views}
+    return task_queries(cfg, suite, task, cfg.dtkr.renderings), evals
 
 
 def off_domain_queries(name: str, cfg: Config, max_test: int) -> list[str]:
@@ -98,8 +114,8 @@ def build_router_continual(train_emb: dict[str, np.ndarray], cfg: Config,
     wordings of each record, in :func:`slm_llm.data.router_records`' order), add.
     Task t's embeddings are used only while task t is added. ``background_emb``: the
     ``dtkr.ood_background`` requests' embeddings (each task's background test), or None;
-    ``bare_emb``: per task, its training records' content alone (:func:`suite_bare_queries`);
-    ``wordings``: per task, each training query's wording (:func:`suite_queries`)."""
+    ``bare_emb``: per task, its training records' content alone (:attr:`TaskQueries.bare`);
+    ``wordings``: per task, each training query's wording (:attr:`TaskQueries.wordings`)."""
     d = cfg.dtkr
     dim = next(iter(train_emb.values())).shape[1]
     router = Router(dim, d, cfg.jare)
@@ -140,17 +156,18 @@ def router_eval(
     names = suite.order_tasks(cfg.data.order, cfg.data.tasks or None)
     encoder = encoder or build_encoder(cfg)
 
-    train_emb, eval_emb, wordings = {}, {}, {}
+    train_emb, eval_emb, wordings, bare_q = {}, {}, {}, {}
     for task in names:
-        train_q, wordings[task], evals = suite_queries(cfg, suite, task, views, max_test)
-        train_emb[task] = encoder.encode(train_q, progress=progress)
+        train_q, evals = suite_queries(cfg, suite, task, views, max_test)
+        train_emb[task] = encoder.encode(train_q.texts, progress=progress)
+        wordings[task], bare_q[task] = train_q.wordings, train_q.bare
         eval_emb[task] = {v: encoder.encode(q, progress=progress) for v, q in evals.items()}
     off_emb = {n: encoder.encode(off_domain_queries(n, cfg, max_test), progress=progress)
                for n in off_domain}
 
     background = background_embeddings(cfg.dtkr.ood_background, encoder)
     bare = None if background is None else \
-        {t: encoder.encode(suite_bare_queries(cfg, suite, t), progress=progress) for t in names}
+        {t: encoder.encode(bare_q[t], progress=progress) for t in names}
     t0 = time.perf_counter()
     router = build_router_continual(train_emb, cfg, background, bare, wordings)
     build_s = time.perf_counter() - t0

@@ -19,7 +19,6 @@ from typing import Any
 from slm_llm.config import Config, ConfigError
 from slm_llm.eval.matrix import SCORINGS, cl_metrics, final_row, load_matrix, view_matrix
 from slm_llm.run import RunDir, RunError
-from slm_llm.utils.io import write_json, write_text
 
 COMPARE_METHODS = ("slm", "oracle", "seq_lora", "multitask", "base", "olora")  # trained methods + inference modes
 TRAINED_BY = {"slm": "slm", "oracle": "slm", "base": "slm", "seq_lora": "seq_lora", "multitask": "multitask",

@@ -19,14 +19,14 @@ from pathlib import Path
 from typing import Any
 
 from slm_llm.config import ConfigError, load_config
-from slm_llm.data import load_suite, query_text
+from slm_llm.data import load_suite
 from slm_llm.dtkr import Router, load_keys, open_router
 from slm_llm.dtkr.encoder import build_encoder
-from slm_llm.dtkr.evaluate import suite_bare_queries
+from slm_llm.dtkr.evaluate import task_queries
 from slm_llm.dtkr.ood import background_embeddings
 from slm_llm.eval.matrix import clear_routed_row, load_matrix, metrics_of, save_matrix
 from slm_llm.run import RunDir, RunError
-from slm_llm.train.continual import add_router_task, training_queries, training_wordings
+from slm_llm.train.continual import add_router_task
 from slm_llm.utils.io import write_json, write_text
 
 OOD_KEYS = ("ood_rule", "ood_percentile", "ood_shrinkage", "ood_rank", "ood_wording_coverage", "ood_background")
@@ -55,11 +55,9 @@ def refit_router(run_dir: str | Path, overrides: list[str] | None = None) -> dic
     background = background_embeddings(cfg.dtkr.ood_background, encoder)
     router = Router(encoder.dim, cfg.dtkr, cfg.jare, encoder_id=encoder.id)
     for task in run.done_tasks():
-        fit = encoder.encode([query_text(r) for r in training_queries(cfg, suite, task, cfg.dtkr.renderings)])
-        bare = None if background is None else encoder.encode(suite_bare_queries(cfg, suite, task))
+        queries = task_queries(cfg, suite, task, cfg.dtkr.renderings)
         keys, _ = load_keys(run.task_dir(task) / "keys.safetensors")
-        add_router_task(router, task, keys, fit, cfg, background, bare,
-                        training_wordings(cfg, suite, task, cfg.dtkr.renderings))
+        add_router_task(router, task, keys, encoder.encode(queries.texts), cfg, background, queries, encoder)
     if [(t["name"], t["first_slot"], t["n_slots"]) for t in router.tasks] != \
             [(t["name"], t["first_slot"], t["n_slots"]) for t in old.tasks]:
         raise RunError(f"{run.router_dir}: the refitted router's tasks or slots differ from the saved one")

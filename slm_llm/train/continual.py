@@ -25,12 +25,11 @@ import torch
 
 from slm_llm.config import SHARED_ADAPTER as SHARED
 from slm_llm.config import Config, shared_adapter_config
-from slm_llm.data import (Collator, DataError, Record, Suite, load_suite, own_wordings, own_wordings_record, query_text,
-                          rendered_record, router_records, router_wordings, run_records, task_split,
-                          tokenize_example)
+from slm_llm.data import (Collator, DataError, Suite, load_suite, own_wordings, own_wordings_record, rendered_record,
+                          run_records, task_split, tokenize_example)
 from slm_llm.dtkr import Router, init_keys, load_keys, open_router, routing_tensors, save_keys, score_matrix, train_keys
 from slm_llm.dtkr.encoder import Encoder, build_encoder, check_slot_span
-from slm_llm.dtkr.evaluate import suite_bare_queries
+from slm_llm.dtkr.evaluate import TaskQueries, task_queries
 from slm_llm.dtkr.ood import background_embeddings
 from slm_llm.jare import JareModel
 from slm_llm.models import load_base_model, load_tokenizer, model_id
@@ -66,28 +65,15 @@ def phrasing_record(cfg: Config, suite: Suite, task: str) -> dict:
     return task_split(spec, cfg.data).record()
 
 
-def training_queries(cfg: Config, suite: Suite, task: str, renderings: int = 1) -> list[Record]:
-    """The task's training records, worded as users word them (data.phrasing), then, for the
-    router, ``renderings - 1`` further wordings of each (router_records); held-out phrasings
-    never reach this point."""
-    return router_records(run_records(suite, task, "train", cfg.data), suite.tasks[task], cfg.data, renderings)
-
-
-def training_wordings(cfg: Config, suite: Suite, task: str, renderings: int = 1) -> list[int]:
-    """The wording of each of :func:`training_queries`' queries (``slm_llm.data.router_wordings``)."""
-    return router_wordings(run_records(suite, task, "train", cfg.data), suite.tasks[task], cfg.data, renderings)
-
-
 def add_router_task(router: Router, task: str, keys: torch.Tensor, fit: np.ndarray, cfg: Config,
-                    background_emb: np.ndarray | None, bare_emb: np.ndarray | None = None,
-                    wordings: list[int] | None = None) -> None:
+                    background_emb: np.ndarray | None, queries: TaskQueries, encoder: Encoder) -> None:
     """Add ``task`` with its trained ``keys`` to ``router``, its OOD tests fitted on ``fit``, the
-    embeddings of :func:`training_queries` with ``dtkr.renderings`` (``background_emb``: the
-    ``dtkr.ood_background`` requests', or None; ``bare_emb``: the embeddings of
-    :func:`slm_llm.dtkr.evaluate.suite_bare_queries`; ``wordings``: :func:`training_wordings`)."""
+    embeddings of ``queries.texts`` (``background_emb``: the ``dtkr.ood_background`` requests',
+    or None, in which case the background test and ``queries.bare`` are unused)."""
+    bare = None if background_emb is None else encoder.encode(queries.bare)
     router.add_task(task, keys, score_matrix(fit, keys).max(1), train_emb=fit,
                     train_records=rendered_record(len(fit), cfg.dtkr.renderings), background_emb=background_emb,
-                    bare_emb=bare_emb, train_wordings=None if wordings is None else np.asarray(wordings))
+                    bare_emb=bare, train_wordings=np.asarray(queries.wordings))
 
 
 def task_routing(router: Router, task: str, emb: np.ndarray) -> TaskRouting:
@@ -140,13 +126,14 @@ def run_continual(cfg: Config, after_task: Callable[[Config, RunDir, int], objec
             continue
         tdir = run.task_dir(stage)
         tdir.mkdir(parents=True, exist_ok=True)
-        queries = [r for task in tasks for r in training_queries(cfg, suite, task)] if stage == MULTITASK \
-            else training_queries(cfg, suite, stage, renderings)
+        router_q = None if stage == MULTITASK else task_queries(cfg, suite, stage, renderings)
+        queries = [r for task in tasks for r in task_queries(cfg, suite, task).records] if router_q is None \
+            else router_q.records
         records = queries[: len(queries) // renderings]  # the training samples' own wordings come first
 
         if method == "slm":
             # 1. DTKR keys on this task's queries only (old tasks' keys are frozen; no old data).
-            fit = encoder.encode([query_text(r) for r in queries])  # [R*N, D]
+            fit = encoder.encode(router_q.texts)  # [R*N, D]
             emb = fit[: len(records)]  # [N, D]
             router = open_router(run, cfg, encoder, create=True)
             if rank == 0 and not (tdir / "keys.safetensors").exists():
@@ -158,9 +145,7 @@ def run_continual(cfg: Config, after_task: Callable[[Config, RunDir, int], objec
             keys, _ = load_keys(tdir / "keys.safetensors")
             if stage not in router.task_names:  # (it is, if a crash fell between router save and manifest)
                 background = background_embeddings(cfg.dtkr.ood_background, encoder)
-                bare = None if background is None else encoder.encode(suite_bare_queries(cfg, suite, stage))
-                add_router_task(router, stage, keys, fit, cfg, background, bare,  # in memory; saved with the task
-                                training_wordings(cfg, suite, stage, renderings))
+                add_router_task(router, stage, keys, fit, cfg, background, router_q, encoder)  # saved with the task
             routing = task_routing(router, stage, emb)
             # 2. Increments: base + old tasks (frozen) + this task's new slots (trainable).
             model, name = _jare_model(cfg, run, stages[:t]), stage
