@@ -131,6 +131,19 @@ class RunPipeline:
         self.model.load_task(task, self.run.task_dir(task) / "increments.safetensors")
         self.router = open_router(self.run, self.cfg, self.encoder)
 
+    def use_stage(self, t: int) -> None:
+        """Route as the run did after its stage ``t`` (0-based): the router of its first t + 1 tasks.
+        An slm run's increments are frozen once trained, so later tasks' slots, never routed to,
+        change nothing; a shared-adapter baseline keeps only its last stage."""
+        if self.router is None:
+            done = self.run.done_tasks()
+            if t != len(done) - 1:
+                raise RunError(f"{self.run.root}: a {self.method} run keeps only its shared adapter after its last "
+                               f"stage ({len(done) - 1}), not after stage {t}; its earlier rows are scored during "
+                               "training (eval.during_training=true)")
+            return
+        self.router = open_router(self.run, self.cfg, self.encoder, n_tasks=t + 1)
+
     # ---- routing ---------------------------------------------------------------------
     def queries(self, records: list[Record]) -> list[str]:
         return [query_text(r) for r in records]

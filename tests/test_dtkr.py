@@ -244,6 +244,32 @@ def test_whitening_never_changes_an_old_tasks_slots_or_weights():
         np.testing.assert_allclose(d.scores, np.sort(plain)[::-1][:2], atol=1e-5)
 
 
+def test_a_saved_router_reloads_exactly_as_it_stood_after_each_stage(tmp_path):
+    """Router.load(n_tasks=k) routes every query (task, slots, weights, OOD) as the router built from
+    the first k tasks only did: what an earlier row of the continual-learning matrix needs."""
+    import shutil
+
+    data = clusters(3, 60, seed=31)
+    queries = np.concatenate(list(clusters(3, 5, seed=32).values()))
+    router, stages = make_router(whiten=True, ood_rule="gaussian"), []
+    for name, emb in data.items():
+        router.add_task(name, init_keys(emb, P, G), train_emb=emb)
+        router.save(tmp_path / "r")
+        stages.append(router.route(queries))
+    for k, expected in enumerate(stages, start=1):
+        loaded = Router.load(tmp_path / "r", n_tasks=k)
+        assert loaded.task_names == list(data)[:k] and loaded.n_slots == k * P
+        assert loaded.route(queries) == expected
+    assert [d.task for d in stages[0]] != [d.task for d in stages[-1]]  # the stages do route differently
+    for bad in (0, 4):
+        with pytest.raises(RouterError, match=f"no stage with {bad} tasks; the router has 3"):
+            Router.load(tmp_path / "r", n_tasks=bad)
+    shutil.rmtree(tmp_path / "r" / "stages")  # as saved before stages were kept
+    assert Router.load(tmp_path / "r").route(queries) == stages[-1]
+    with pytest.raises(RouterError, match=r"whitening-2\.safetensors is missing.*refit-router"):
+        Router.load(tmp_path / "r", n_tasks=2)
+
+
 def test_gaussian_ood_rule_is_calibrated_out_of_fold_frozen_and_persisted(tmp_path):
     """The Gaussian OOD test flags queries from elsewhere, keeps about ood_percentile % of in-task
     queries flagged on fresh queries (an in-sample threshold would flag far more), never moves
@@ -776,38 +802,59 @@ def test_refit_router_changes_only_the_ood_tests_and_records_them(served_run, ta
     assert "refit-router changes OOD settings only" in capsys.readouterr().err
 
 
-def test_refit_router_clears_the_routed_cells_it_made_stale_and_eval_rescores_them(served_run, tmp_path, capsys):
-    """After `refit-router`, `slm-llm eval` must not keep the slm cells scored with the old router:
-    the last row's slm cells and routing are cleared (oracle and base stay) and scored again. A
-    refit that stopped between its two renames is recovered from router.old/."""
+def test_eval_all_rows_routes_each_row_by_its_stages_router_and_refit_clears_every_row(served_run, tmp_path, capsys):
+    """`slm-llm eval --all-rows` fills a run's earlier rows (served_run was trained without
+    evaluation), row 0 routed exactly as the router after the first task routed, so BWT exists.
+    After `refit-router` no row keeps slm cells scored with the old router: every row's slm cells
+    and routing are cleared (oracle and base stay) and scored again. A refit that stopped between
+    its two renames is recovered from router.old/."""
     import shutil
 
     from slm_llm.cli import main
-    from slm_llm.eval.matrix import load_matrix
+    from slm_llm.config import load_config
+    from slm_llm.dtkr.encoder import build_encoder
+    from slm_llm.eval.matrix import load_matrix, metrics_of
 
     run = tmp_path / "run"
     shutil.copytree(served_run, run)
     evals = ["eval.max_samples=3", "eval.max_new_tokens=2"]
-    assert main(["eval", "--run", str(run), *evals]) == 0
+    assert main(["eval", "--run", str(run), *evals]) == 0  # the last row only
+    first = metrics_of(load_matrix(run / "eval" / "matrix.json"))["paraphrase"]["strict"]["slm"]
+    assert first["bwt"] is None and "slm-llm eval --all-rows" in first["error"]
+    assert main(["eval", "--run", str(run), "--all-rows", *evals]) == 0
     before = load_matrix(run / "eval" / "matrix.json")
     views = list(before["views"])
-    assert all(before["views"][v]["strict"]["R"]["slm"][1] is not None for v in views)
+    for v in views:
+        assert all(before["views"][v]["strict"]["R"]["slm"][t] is not None for t in (0, 1))
+        assert metrics_of(before)[v]["strict"]["slm"]["bwt"] is not None
+    cfg = load_config(run / "run.yaml")
+    encoder = build_encoder(cfg, cache=False)
+    after_first = Router.load(served_run.parent / "run.after_first" / "router")
+    first_task = after_first.task_names[0]
+    rows = [json.loads(line) for line in
+            (run / "eval" / "predictions" / "paraphrase" / f"stage0-{first_task}.jsonl").read_text().splitlines()]
+    slm = [r for r in rows if r["mode"] == "slm"]
+    expected = after_first.route_texts([r["query"] for r in slm], encoder)
+    assert [r["slots"] for r in slm] == [None if d.ood else d.slots for d in expected]
 
     assert main(["refit-router", "--run", str(run), "dtkr.ood_background=none"]) == 0
-    assert "row 1's slm cells and routing were scored with the old router" in capsys.readouterr().out
+    assert "the slm cells and routing of rows 0, 1 were scored with the old router" in capsys.readouterr().out
+    assert all((run / "router" / "stages" / f"whitening-{n}.safetensors").exists() for n in (1, 2))
     cleared = load_matrix(run / "eval" / "matrix.json")
     for v in views:
         for scoring in ("strict", "lenient"):
-            assert cleared["views"][v][scoring]["R"]["slm"][1] is None
+            assert cleared["views"][v][scoring]["R"]["slm"] == [None, None]
             assert cleared["views"][v][scoring]["R"]["oracle"] == before["views"][v][scoring]["R"]["oracle"]
             assert cleared["views"][v][scoring]["base"] == before["views"][v][scoring]["base"]
-        assert cleared["views"][v]["routing_accuracy"][1] is None and cleared["views"][v]["routing_confusion"][1] is None
+        assert cleared["views"][v]["routing_accuracy"] == [None, None]
+        assert cleared["views"][v]["routing_confusion"] == [None, None]
 
-    assert main(["eval", "--run", str(run), *evals]) == 0
+    assert main(["eval", "--run", str(run), "--all-rows", *evals]) == 0
     again = load_matrix(run / "eval" / "matrix.json")
     for v in views:
-        assert again["views"][v]["strict"]["R"]["slm"][1] is not None
-        assert sum(sum(c.values()) for c in again["views"][v]["routing_confusion"][1].values()) == 6  # 3 per task
+        assert [sum(sum(c.values()) for c in again["views"][v]["routing_confusion"][t].values())
+                for t in (0, 1)] == [3, 6]  # 3 queries per task seen
+        assert metrics_of(again)[v]["strict"]["slm"]["bwt"] is not None
 
     (run / "router").rename(run / "router.old")  # as if a refit had stopped between its renames
     assert main(["refit-router", "--run", str(run), "dtkr.ood_background=builtin"]) == 0

@@ -106,9 +106,10 @@ def cmd_refit_router(args) -> int:
         print(f"{task}: threshold {before['threshold']:.4g} -> {after['threshold']:.4g}, "
               f"background test {'yes' if before['background'] else 'no'} -> {'yes' if after['background'] else 'no'}")
     print(f"refitted: {args.run}/router (run.yaml records the settings)")
-    if result["cleared_row"] is not None:
-        print(f"eval/matrix.json: row {result['cleared_row']}'s slm cells and routing were scored with the old router "
-              f"and are cleared; `slm-llm eval --run {args.run}` scores them again (cached answers are reused)")
+    if result["cleared_rows"]:
+        rows = ", ".join(str(t) for t in result["cleared_rows"])
+        print(f"eval/matrix.json: the slm cells and routing of rows {rows} were scored with the old router and are "
+              f"cleared; `slm-llm eval --run {args.run} --all-rows` scores them again (cached answers are reused)")
     return 0
 
 

@@ -8,6 +8,9 @@ def register(sub, add_config_args) -> None:
     """Add this package's subparsers to ``sub``; each sets ``fn`` to a function(args) -> exit code."""
     p = sub.add_parser("eval", help="fill the continual-learning matrix row of a run's last finished stage")
     p.add_argument("--run", required=True, help="run folder")
+    p.add_argument("--all-rows", action="store_true", help="every finished stage's row with cells missing "
+                   "(an slm run's rows routed by each stage's router): BWT for a run trained without "
+                   "eval.during_training, or after refit-router")
     _add_view_arg(p)
     p.add_argument("overrides", nargs="*", help="eval.* overrides, e.g. eval.max_samples=20")
     p.set_defaults(fn=cmd_eval)
@@ -69,7 +72,7 @@ def cmd_eval(args) -> int:
     from slm_llm.eval.continual import evaluate_run
     from slm_llm.eval.matrix import metrics_of
 
-    m = evaluate_run(args.run, [*args.overrides, *_view_overrides(args)])
+    m = evaluate_run(args.run, [*args.overrides, *_view_overrides(args)], all_rows=args.all_rows)
     print(json.dumps(metrics_of(m), indent=1))
     return 0
 

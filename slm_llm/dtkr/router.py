@@ -28,6 +28,12 @@ Gaussian of the task's queries flags the ``ood_percentile`` % farthest (measured
 fold). Either way about ood_percentile % of in-task queries would be flagged. With
 ``ood_background`` (the default) a task's background test (generic chat requests vs its
 queries) flags it too.
+
+Stages: a task, once added, never changes (keys, OOD tests); only the whitening map moves
+with each new task. So ``save`` also keeps the whitening statistics as they stood after each
+stage (``stages/whitening-<n tasks>.safetensors``, written once per stage), and
+``Router.load(..., n_tasks=n)`` rebuilds the router exactly as it stood after its first n
+tasks: what scoring an earlier row of the continual-learning matrix needs.
 """
 from __future__ import annotations
 
@@ -49,6 +55,7 @@ from slm_llm.errors import SlmError
 from slm_llm.run import RunDir
 from slm_llm.utils.io import atomic_path, write_json
 
+STAGES = "stages"  # <router>/stages/whitening-<n>.safetensors: the whitening after the first n tasks
 WEIGHT_EPS = 1e-4  # scores are clamped to this before w = s / Σ s, so weights stay valid
 FORMAT = 2  # slots.json
 
@@ -213,12 +220,17 @@ class Router:
             self.index.add(keys.reshape(rows, -1).numpy())
         else:  # the map changed: re-map every key and rebuild the index (rows keep their ids)
             self.whitener.add_task(train_emb)
-            self.index = self._new_index()
-            self.index.add(self.whitener.transform_keys(self.all_keys().reshape(-1, self.dim).numpy()))
+            self._reindex()
         self._row_slot_list.extend(entry["first_slot"] + j // self.keys_per_slot for j in range(rows))
         self._slot_task_list.extend([len(self.tasks) - 1] * n_slots)
         self._invalidate_table()
         return self.task_slots(task)
+
+    def _reindex(self) -> None:
+        """A new index over every task's keys, (whitened when ``whiten``) in row order."""
+        keys = self.all_keys().reshape(-1, self.dim).numpy()
+        self.index = self._new_index()
+        self.index.add(keys if self.whitener is None else self.whitener.transform_keys(keys))
 
     def _invalidate_table(self) -> None:
         self._arrays = None  # rebuilt from the lists and the task table on the next route
@@ -339,6 +351,8 @@ class Router:
             save_keys(router_dir / "keys.safetensors", all_keys, {"encoder_id": self.encoder_id})
         if self.whitener is not None:
             _save_arrays(router_dir / "whitening.safetensors", self.whitener.state())
+            (router_dir / STAGES).mkdir(exist_ok=True)
+            _save_arrays(router_dir / STAGES / f"whitening-{len(self.tasks)}.safetensors", self.whitener.state())
         if self.ood_rule == "gaussian" and self.tasks:
             _save_arrays(router_dir / "ood.safetensors",
                          {k: v for pos, g in enumerate(self._gaussians) for k, v in g.state(f"task{pos}").items()})
@@ -360,8 +374,10 @@ class Router:
         })
 
     @classmethod
-    def load(cls, router_dir: str | Path, encoder_id: str | None = None, device: str | None = None) -> Router:
-        """Load a saved router; with ``encoder_id``, refuse one built with another encoder."""
+    def load(cls, router_dir: str | Path, encoder_id: str | None = None, device: str | None = None,
+             n_tasks: int | None = None) -> Router:
+        """Load a saved router; with ``encoder_id``, refuse one built with another encoder. With
+        ``n_tasks``, the router as it stood after its first ``n_tasks`` tasks (see Stages above)."""
         router_dir = Path(router_dir)
         try:
             meta = json.loads((router_dir / "slots.json").read_text())
@@ -406,7 +422,29 @@ class Router:
                 self._row_slot_list[r] = s["slot"]
             self._slot_task_list[s["slot"]] = pos[s["task"]]
         self._invalidate_table()
+        if n_tasks is not None and n_tasks != len(self.tasks):
+            self._keep_first(n_tasks, router_dir)
         return self
+
+    def _keep_first(self, n: int, router_dir: Path) -> None:
+        """Drop every task after the first ``n`` and restore the whitening of that stage."""
+        if not 1 <= n <= len(self.tasks):
+            raise RouterError(f"{router_dir}: no stage with {n} tasks; the router has {len(self.tasks)}")
+        if self.whitener is not None:
+            path = router_dir / STAGES / f"whitening-{n}.safetensors"
+            if not path.exists():
+                raise RouterError(f"{path} is missing: this router was saved without its stage {n}'s whitening "
+                                  "(before slm_llm kept stages); `slm-llm refit-router --run <run>` writes every stage")
+            self.whitener = Whitener.from_state(self.dim, self.groups, self.cfg.whiten_shrinkage,
+                                                {k: v.numpy() for k, v in load_file(str(path)).items()})
+        rows = self.tasks[n - 1]["first_row"] + self.tasks[n - 1]["n_rows"]
+        slots = self.tasks[n - 1]["first_slot"] + self.tasks[n - 1]["n_slots"]
+        for name in self.task_names[n:]:
+            del self._pos[name]
+        del self.tasks[n:], self._keys[n:], self._plain_keys[n:], self._gaussians[n:], self._backgrounds[n:]
+        del self._row_slot_list[rows:], self._slot_task_list[slots:]
+        self._reindex()
+        self._invalidate_table()
 
 
 def _save_arrays(path: Path, arrays: dict[str, np.ndarray]) -> None:
@@ -414,13 +452,14 @@ def _save_arrays(path: Path, arrays: dict[str, np.ndarray]) -> None:
         save_file({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()}, str(tmp))
 
 
-def open_router(run: RunDir, cfg, encoder, create: bool = False) -> Router:
+def open_router(run: RunDir, cfg, encoder, create: bool = False, n_tasks: int | None = None) -> Router:
     """The router of a run folder (``cfg`` its Config, ``encoder`` the run's encoder): loaded from
-    ``<run>/router`` and refused if built with another encoder, or, with ``create`` and none saved
-    yet, a new empty one. The run's manifest must be readable (a RunError names it otherwise)."""
+    ``<run>/router`` (with ``n_tasks``: as it stood after that many tasks) and refused if built with
+    another encoder, or, with ``create`` and none saved yet, a new empty one. The run's manifest
+    must be readable (a RunError names it otherwise)."""
     run.manifest()
     if (run.router_dir / "slots.json").exists():
-        return Router.load(run.router_dir, encoder_id=encoder.id, device=cfg.dtkr.index_device)
+        return Router.load(run.router_dir, encoder_id=encoder.id, device=cfg.dtkr.index_device, n_tasks=n_tasks)
     if create:
         return Router(encoder.dim, cfg.dtkr, cfg.jare, encoder_id=encoder.id)
     raise RouterError(f"{run.root} has no router yet ({run.router_dir / 'slots.json'} is missing): "

@@ -19,6 +19,10 @@ of ``slm-llm eval``) only fills what is missing. Nor is a generation that cannot
 ``eval/generations.jsonl`` caches each (prompt, slots, weights, budget) answer, and an
 slm run's slots are frozen once trained, so a later row regenerates only the queries
 whose routing moved (for a baseline's shared adapter the key also names the stage).
+``slm-llm eval`` fills the row of the last finished stage; ``--all-rows`` every finished
+stage's row, so a run trained with ``eval.during_training=false`` (or whose router was
+refitted) still gets BWT and forgetting: an slm run's row t is routed by the router as it
+stood after stage t (``Router.load(n_tasks=t + 1)``) over the run's frozen increments.
 The matrix is rewritten atomically after every task; predictions go to
 ``eval/predictions/<view>/stage<t>-<task>.jsonl`` (``base-<task>.jsonl`` for zero-shot),
 one line per (mode, record).
@@ -55,20 +59,26 @@ def evaluate_after_task(cfg: Config, run: RunDir, t: int) -> dict:
         del pipe
 
 
-def evaluate_run(run_dir: str | Path, overrides: list[str] | None = None) -> dict:
-    """Fill the row of the run's last finished stage (``slm-llm eval``); returns the matrix."""
+def evaluate_run(run_dir: str | Path, overrides: list[str] | None = None, all_rows: bool = False) -> dict:
+    """Fill the row of the run's last finished stage (``slm-llm eval``), or with ``all_rows`` every
+    finished stage's row that has cells missing (an slm run: each row routed by the router of its
+    stage); returns the matrix."""
     from slm_llm.pipeline import RunPipeline
 
     run = RunDir(run_dir)
     cfg = load_config(run.root / "run.yaml", overrides)
-    t = len(run.done_tasks()) - 1
+    last = len(run.done_tasks()) - 1
     m = load_matrix(run.eval_dir / "matrix.json")
     if m is not None:
         check_settings(m, cfg, run.eval_dir / "matrix.json")
-        if not missing_cells(m, cfg, t):
-            return m
+    rows = [t for t in (range(last + 1) if all_rows else [last]) if m is None or missing_cells(m, cfg, t)]
+    if not rows:
+        return m
     pipe = RunPipeline.load(run.root, overrides)
-    return evaluate_stage(pipe, cfg, run, t)
+    for t in rows:
+        pipe.use_stage(t)
+        m = evaluate_stage(pipe, cfg, run, t)
+    return m
 
 
 def modes_of(method: str) -> list[str]:
@@ -119,9 +129,11 @@ def evaluate_stage(pipe, cfg: Config, run: RunDir, t: int) -> dict:
     manifest = run.manifest()
     method, tasks, stages = manifest["method"], manifest["suite_tasks"], manifest["order"]
     done = run.done_tasks()
-    if done != stages[: t + 1]:
+    if done != stages[: t + 1] and not (method == "slm" and done[: t + 1] == stages[: t + 1]
+                                         and pipe.router.task_names == stages[: t + 1]):
         raise RunError(f"{run.manifest_path}: row {t} needs exactly stages {stages[: t + 1]} finished, "
-                       f"found {done}; a later stage's model cannot stand in for stage {t}")
+                       f"found {done}; a later stage's model cannot stand in for stage {t}, except an slm "
+                       f"run's routed by the router of stage {t} (slm-llm eval --all-rows)")
     suite = load_suite(cfg.data.suite)
     path = run.eval_dir / "matrix.json"
     m = load_matrix(path) or new_matrix(method, tasks, stages, cfg.eval.views)

@@ -63,7 +63,8 @@ def cl_metrics(R: list[Row], base: Row | None = None) -> dict[str, float | int |
         if R[i] is None or R[i][i] is None or final[i] is None:
             where = f"row {i}" if R[i] is None else f"R[{i}][{i}]" if R[i][i] is None else f"R[{last}][{i}]"
             raise MatrixError(f"{where} is missing: BWT and forgetting need task {i}'s score after stage {i} and "
-                              f"after stage {last}; evaluate the missing row (slm-llm eval) before reading them")
+                              f"after stage {last}; evaluate the missing rows (slm-llm eval --all-rows) before "
+                              "reading them")
         bwt.append(final[i] - R[i][i])
         seen = [R[t][i] for t in range(i, last) if R[t] is not None and R[t][i] is not None]
         forget.append(max(seen) - final[i])

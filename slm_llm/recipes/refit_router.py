@@ -5,10 +5,11 @@ training order, with the task's training queries re-derived exactly as training 
 (same records, phrasings and renderings), so the task choice, slots and weights are what the
 run routed before; only the OOD tests are refitted with the new ``dtkr.ood_*`` settings
 (e.g. ``dtkr.ood_background=builtin`` for a run made before the background test existed).
-The new router replaces ``router/`` only once it is complete, and ``run.yaml`` records the
-settings, so a resumed run adds its next tasks the same way. The last row's routed cells of
-``eval/matrix.json`` are cleared, so ``slm-llm eval`` scores them again with the new router
-(answers it already generated are reused); earlier rows keep the scores of the router they had.
+The new router, with each stage's whitening (``Router.load(n_tasks=...)``), replaces ``router/``
+only once it is complete, and ``run.yaml`` records the settings, so a resumed run adds its next
+tasks the same way. The routed cells of every row of ``eval/matrix.json`` are cleared, so
+``slm-llm eval --all-rows`` scores them again, each row with its stage's new router (answers
+already generated are reused): BWT never compares scores of two routers.
 
     slm-llm refit-router --run runs/X dtkr.ood_background=builtin
 """
@@ -35,7 +36,7 @@ OOD_KEYS = ("ood_rule", "ood_percentile", "ood_shrinkage", "ood_rank", "ood_word
 def refit_router(run_dir: str | Path, overrides: list[str] | None = None) -> dict[str, Any]:
     """Refit ``run_dir``'s router with ``dtkr.ood_*`` overrides. Returns ``tasks``: per task the OOD
     settings before and after (``threshold``: the Gaussian's or the keys'; ``background``: has the
-    test), and ``cleared_row``: the matrix row whose routed cells await ``slm-llm eval`` (or None)."""
+    test), and ``cleared_rows``: the matrix rows whose routed cells await ``slm-llm eval --all-rows``."""
     run = RunDir(run_dir)
     manifest = run.manifest()
     if manifest["method"] != "slm":
@@ -54,17 +55,17 @@ def refit_router(run_dir: str | Path, overrides: list[str] | None = None) -> dic
     suite = load_suite(cfg.data.suite)
     background = background_embeddings(cfg.dtkr.ood_background, encoder)
     router = Router(encoder.dim, cfg.dtkr, cfg.jare, encoder_id=encoder.id)
+    staging = run.root / "router.refit"
+    shutil.rmtree(staging, ignore_errors=True)
     for task in run.done_tasks():
         queries = task_queries(cfg, suite, task, cfg.dtkr.renderings)
         keys, _ = load_keys(run.task_dir(task) / "keys.safetensors")
         add_router_task(router, task, keys, encoder.encode(queries.texts), cfg, background, queries, encoder)
+        router.save(staging)  # each stage's whitening, for the earlier rows
     if [(t["name"], t["first_slot"], t["n_slots"]) for t in router.tasks] != \
             [(t["name"], t["first_slot"], t["n_slots"]) for t in old.tasks]:
         raise RunError(f"{run.router_dir}: the refitted router's tasks or slots differ from the saved one")
-    staging = run.root / "router.refit"
-    shutil.rmtree(staging, ignore_errors=True)
-    router.save(staging)
-    cleared = _clear_last_routed_row(run)  # first: a crash after this leaves cells to redo, never stale ones
+    cleared = _clear_routed_rows(run)  # first: a crash after this leaves cells to redo, never stale ones
     shutil.rmtree(retired, ignore_errors=True)
     run.router_dir.rename(retired)
     staging.rename(run.router_dir)
@@ -74,17 +75,18 @@ def refit_router(run_dir: str | Path, overrides: list[str] | None = None) -> dic
                                                  "background": bool(t_old.get("background"))},
                                       "after": {"threshold": t_new["threshold"], "background": t_new["background"]}}
                       for t_old, t_new in zip(old.tasks, router.tasks)},
-            "cleared_row": cleared}
+            "cleared_rows": cleared}
 
 
-def _clear_last_routed_row(run: RunDir) -> int | None:
-    """Clear the routed cells of the matrix's last finished row (see the module docstring); the
-    row cleared, or None when the run has no evaluation of that row yet."""
+def _clear_routed_rows(run: RunDir) -> list[int]:
+    """Clear the routed cells of every row of the matrix (see the module docstring); the rows
+    that had any."""
     path = run.eval_dir / "matrix.json"
     m = load_matrix(path)
-    t = len(run.done_tasks()) - 1
-    if m is None or not clear_routed_row(m, t):
-        return None
-    save_matrix(path, m)
-    write_json(run.eval_dir / "metrics.json", metrics_of(m))
-    return t
+    if m is None:
+        return []
+    cleared = [t for t in range(len(m["stages"])) if clear_routed_row(m, t)]
+    if cleared:
+        save_matrix(path, m)
+        write_json(run.eval_dir / "metrics.json", metrics_of(m))
+    return cleared
