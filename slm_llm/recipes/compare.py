@@ -42,7 +42,8 @@ def compare(cfg: Config, methods: list[str], out: str | Path | None = None,
             mcfg.train.lr = lrs[train_method]
         log.info(f"compare: {train_method} -> {mcfg.run_dir}")
         run = run_continual(mcfg, evaluate_after_task)
-        evaluate_run(run.root, _eval_overrides(cfg))  # fills the last row where it is missing
+        # fills what is missing: every row of an slm run (each stage's router), the last of a baseline
+        evaluate_run(run.root, _eval_overrides(cfg), all_rows=train_method == "slm")
     table = build_table(cfg, methods)
     out = Path(out) if out else Path(f"{cfg.run_dir}-compare.json")
     write_json(out, table)
