@@ -265,11 +265,17 @@ def test_a_saved_router_reloads_exactly_as_it_stood_after_each_stage(tmp_path, w
     for bad in (0, 4):
         with pytest.raises(RouterError, match=f"no stage with {bad} tasks; the router has 3"):
             Router.load(tmp_path / "r", n_tasks=bad)
+    router.cfg.keep_stages = False  # saved without stages: the last stage loads, no earlier one
+    router.save(tmp_path / "lean")
+    assert not (tmp_path / "lean" / "stages").exists()
+    assert Router.load(tmp_path / "lean", n_tasks=3).route(queries) == stages[-1]
     if whiten:  # only the whitening moves from stage to stage
         shutil.rmtree(tmp_path / "r" / "stages")  # as saved before stages were kept
         assert Router.load(tmp_path / "r").route(queries) == stages[-1]
-        with pytest.raises(RouterError, match=r"whitening-2\.safetensors is missing.*refit-router"):
+        with pytest.raises(RouterError, match=r"whitening-2\.safetensors is missing.*keep_stages=true"):
             Router.load(tmp_path / "r", n_tasks=2)
+        with pytest.raises(RouterError, match=r"whitening-1\.safetensors is missing"):
+            Router.load(tmp_path / "lean", n_tasks=1)
     else:
         assert not (tmp_path / "r" / "stages").exists()
 
@@ -803,7 +809,7 @@ def test_refit_router_changes_only_the_ood_tests_and_records_them(served_run, ta
     assert main(["refit-router", "--run", str(run), "dtkr.ood_background=builtin"]) == 0
     assert decisions() == before  # back to how the run was trained: the same OOD decisions too
     assert main(["refit-router", "--run", str(run), "dtkr.groups=3"]) == 2
-    assert "refit-router changes OOD settings only" in capsys.readouterr().err
+    assert "refit-router changes OOD settings and stage keeping only" in capsys.readouterr().err
 
 
 def test_eval_all_rows_routes_each_row_by_its_stages_router_and_refit_clears_every_row(served_run, tmp_path, capsys):

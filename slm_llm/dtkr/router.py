@@ -31,7 +31,7 @@ queries) flags it too.
 
 Stages: a task, once added, never changes (keys, OOD tests); only the whitening map moves
 with each new task. So ``save`` also keeps the whitening statistics as they stood after each
-stage (``stages/whitening-<n tasks>.safetensors``, written once per stage), and
+stage (``stages/whitening-<n tasks>.safetensors``, written once per stage; ``dtkr.keep_stages``), and
 ``Router.load(..., n_tasks=n)`` rebuilds the router exactly as it stood after its first n
 tasks: what scoring an earlier row of the continual-learning matrix needs.
 """
@@ -351,8 +351,9 @@ class Router:
             save_keys(router_dir / "keys.safetensors", all_keys, {"encoder_id": self.encoder_id})
         if self.whitener is not None:
             _save_arrays(router_dir / "whitening.safetensors", self.whitener.state())
-            (router_dir / STAGES).mkdir(exist_ok=True)
-            _save_arrays(router_dir / STAGES / f"whitening-{len(self.tasks)}.safetensors", self.whitener.state())
+            if self.cfg.keep_stages:
+                (router_dir / STAGES).mkdir(exist_ok=True)
+                _save_arrays(router_dir / STAGES / f"whitening-{len(self.tasks)}.safetensors", self.whitener.state())
         if self.ood_rule == "gaussian" and self.tasks:
             _save_arrays(router_dir / "ood.safetensors",
                          {k: v for pos, g in enumerate(self._gaussians) for k, v in g.state(f"task{pos}").items()})
@@ -434,7 +435,8 @@ class Router:
             path = router_dir / STAGES / f"whitening-{n}.safetensors"
             if not path.exists():
                 raise RouterError(f"{path} is missing: this router was saved without its stage {n}'s whitening "
-                                  "(before slm_llm kept stages); `slm-llm refit-router --run <run>` writes every stage")
+                                  "(dtkr.keep_stages=false, or before slm_llm kept stages); `slm-llm refit-router "
+                                  "--run <run> dtkr.keep_stages=true` writes every stage")
             self.whitener = Whitener.from_state(self.dim, self.groups, self.cfg.whiten_shrinkage,
                                                 {k: v.numpy() for k, v in load_file(str(path)).items()})
         rows = self.tasks[n - 1]["first_row"] + self.tasks[n - 1]["n_rows"]

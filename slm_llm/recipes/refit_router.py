@@ -30,7 +30,8 @@ from slm_llm.run import RunDir, RunError
 from slm_llm.train.continual import add_router_task
 from slm_llm.utils.io import write_json, write_text
 
-OOD_KEYS = ("ood_rule", "ood_percentile", "ood_shrinkage", "ood_rank", "ood_wording_coverage", "ood_background")
+REFIT_KEYS = ("ood_rule", "ood_percentile", "ood_shrinkage", "ood_rank", "ood_wording_coverage", "ood_background",
+            "keep_stages")
 
 
 def refit_router(run_dir: str | Path, overrides: list[str] | None = None) -> dict[str, Any]:
@@ -43,9 +44,10 @@ def refit_router(run_dir: str | Path, overrides: list[str] | None = None) -> dic
         raise RunError(f"{run.root}: a {manifest['method']} run has no router to refit")
     for item in overrides or []:
         key = item.split("=", 1)[0].strip()
-        if key not in {f"dtkr.{k}" for k in OOD_KEYS}:
-            raise ConfigError(f"refit-router changes OOD settings only ({', '.join(f'dtkr.{k}' for k in OOD_KEYS)}); "
-                              f"{key!r} would invalidate the trained keys or increments")
+        if key not in {f"dtkr.{k}" for k in REFIT_KEYS}:
+            raise ConfigError(f"refit-router changes OOD settings and stage keeping only "
+                              f"({', '.join(f'dtkr.{k}' for k in REFIT_KEYS)}); {key!r} would invalidate the "
+                              "trained keys or increments")
     retired = run.root / "router.old"
     if retired.is_dir() and not run.router_dir.exists():  # an earlier refit stopped between its two renames
         retired.rename(run.router_dir)
