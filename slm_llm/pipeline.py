@@ -142,7 +142,8 @@ class RunPipeline:
                                f"stage ({len(done) - 1}), not after stage {t}; its earlier rows are scored during "
                                "training (eval.during_training=true)")
             return
-        self.router = open_router(self.run, self.cfg, self.encoder, n_tasks=t + 1)
+        if self.router.task_names != self.run.done_tasks()[: t + 1]:  # the loaded router may already be it
+            self.router = open_router(self.run, self.cfg, self.encoder, n_tasks=t + 1)
 
     # ---- routing ---------------------------------------------------------------------
     def queries(self, records: list[Record]) -> list[str]:
