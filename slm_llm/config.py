@@ -205,9 +205,6 @@ class DtkrConfig(Section):
     keys_per_slot: int = 1  # routing keys per slot: a task has slots_per_task * keys_per_slot keys
     whiten: bool = True  # pick the task by cosines after whitening with the pooled within-task covariance
     whiten_shrinkage: float = 0.05  # covariance shrinkage towards a scaled identity, in [0, 1]
-    # router/stages/: the whitening as it stood after each task (one D x D float64 each: 2.6 MB at
-    # D = 576, 134 MB at 4096), so `slm-llm eval --all-rows` can score earlier stages' rows
-    keep_stages: bool = True
     index_device: str = "cpu"  # cpu | cuda (needs a faiss GPU build)
     seed: int = 0
 

@@ -27,8 +27,7 @@ FROZEN_KEYS = (
     "data.phrasing", "data.input_only_share", "data.heldout_share", "data.phrasing_seed", "data.dev_samples",
     "data.eval_split",
 )
-FREE_KEYS = ("model.cache_dir", "model.gradient_checkpointing", "dtkr.encode_batch_size", "dtkr.index_device",
-             "dtkr.keep_stages")
+FREE_KEYS = ("model.cache_dir", "model.gradient_checkpointing", "dtkr.encode_batch_size", "dtkr.index_device")
 
 
 def changed_keys(before: dict[str, Any], after: dict[str, Any]) -> list[tuple[str, Any, Any]]:

@@ -246,38 +246,58 @@ def test_whitening_never_changes_an_old_tasks_slots_or_weights():
 
 @pytest.mark.parametrize("whiten", [True, False])
 def test_a_saved_router_reloads_exactly_as_it_stood_after_each_stage(tmp_path, whiten):
-    """Router.load(n_tasks=k) routes every query (task, slots, weights, OOD) as the router built from
-    the first k tasks only did: what an earlier row of the continual-learning matrix needs."""
-    import shutil
-
+    """Router.load(n_tasks=k) of a router saved once, after its last task, routes every query (task,
+    slots, weights, OOD) as the router built from the first k tasks only did: what an earlier row of
+    the continual-learning matrix needs."""
     data = clusters(3, 60, seed=31)
     queries = np.concatenate(list(clusters(3, 5, seed=32).values()))
     router, stages = make_router(whiten=whiten, ood_rule="gaussian"), []
     for name, emb in data.items():
         router.add_task(name, init_keys(emb, P, G), train_emb=emb)
-        router.save(tmp_path / "r")
         stages.append(router.route(queries))
+    router.save(tmp_path / "r")
     for k, expected in enumerate(stages, start=1):
         loaded = Router.load(tmp_path / "r", n_tasks=k)
         assert loaded.task_names == list(data)[:k] and loaded.n_slots == k * P
         assert loaded.route(queries) == expected
+    assert Router.load(tmp_path / "r").route(queries) == stages[-1]
     assert [d.task for d in stages[0]] != [d.task for d in stages[-1]]  # the stages do route differently
     for bad in (0, 4):
         with pytest.raises(RouterError, match=f"no stage with {bad} tasks; the router has 3"):
             Router.load(tmp_path / "r", n_tasks=bad)
-    router.cfg.keep_stages = False  # saved without stages: the last stage loads, no earlier one
-    router.save(tmp_path / "lean")
-    assert not (tmp_path / "lean" / "stages").exists()
-    assert Router.load(tmp_path / "lean", n_tasks=3).route(queries) == stages[-1]
-    if whiten:  # only the whitening moves from stage to stage
-        shutil.rmtree(tmp_path / "r" / "stages")  # as saved before stages were kept
-        assert Router.load(tmp_path / "r").route(queries) == stages[-1]
-        with pytest.raises(RouterError, match=r"whitening-2\.safetensors is missing.*keep_stages=true"):
-            Router.load(tmp_path / "r", n_tasks=2)
-        with pytest.raises(RouterError, match=r"whitening-1\.safetensors is missing"):
-            Router.load(tmp_path / "lean", n_tasks=1)
-    else:
-        assert not (tmp_path / "r" / "stages").exists()
+    meta = json.loads((tmp_path / "r" / "slots.json").read_text())
+    (tmp_path / "r" / "slots.json").write_text(json.dumps({**meta, "format": 2}))  # as an older slm_llm saved it
+    with pytest.raises(RouterError, match=r"router format 2 is not 3 .*`slm-llm refit-router --run <run>`"):
+        Router.load(tmp_path / "r")
+
+
+@pytest.mark.parametrize("n", [5, 40])
+def test_the_whitening_keeps_each_tasks_scatter_as_a_factor_not_its_queries(n):
+    """Each task's scatter is stored as F [D, min(n, D)] with F F^T equal to it, and a whitener
+    rebuilt from the saved state after k tasks equals one that only ever saw those k tasks."""
+    from slm_llm.dtkr.whiten import Whitener, group_unit, scatter_factor
+
+    dim = 16
+    rng = np.random.default_rng(n)
+    x = rng.normal(size=(n, dim))
+    centred = x - x.mean(0)
+    factor = scatter_factor(centred)
+    assert factor.shape == (dim, min(n, dim))
+    np.testing.assert_allclose(factor @ factor.T, centred.T @ centred, atol=1e-9)
+    tasks = [rng.normal(loc=i, size=(n, dim)) for i in range(3)]
+    full = Whitener(dim, 2)
+    for emb in tasks:
+        full.add_task(emb)
+    first = Whitener(dim, 2)
+    first.add_task(tasks[0])
+    rebuilt = Whitener.from_state(dim, 2, 0.05, full.state(), n_tasks=1)
+    probe = rng.normal(size=(4, dim))
+    assert np.array_equal(rebuilt.transform_queries(probe), first.transform_queries(probe))
+    assert np.array_equal(Whitener.from_state(dim, 2, 0.05, full.state()).transform_queries(probe),
+                          full.transform_queries(probe))
+    u = group_unit(tasks[1], 2)
+    np.testing.assert_allclose(full.scatter - first.scatter - (u - u.mean(0)).T @ (u - u.mean(0)),
+                               full.factors[2] @ full.factors[2].T, atol=1e-9)
 
 
 def test_gaussian_ood_rule_is_calibrated_out_of_fold_frozen_and_persisted(tmp_path):
@@ -808,8 +828,14 @@ def test_refit_router_changes_only_the_ood_tests_and_records_them(served_run, ta
     assert [(d.task, d.slots, d.weights) for d in after] == [(d.task, d.slots, d.weights) for d in before]
     assert main(["refit-router", "--run", str(run), "dtkr.ood_background=builtin"]) == 0
     assert decisions() == before  # back to how the run was trained: the same OOD decisions too
+    slots = run / "router" / "slots.json"
+    slots.write_text(json.dumps({**json.loads(slots.read_text()), "format": 2}))  # saved by an older slm_llm
+    with pytest.raises(RouterError, match="refit-router"):
+        decisions()
+    assert main(["refit-router", "--run", str(run)]) == 0  # rebuilds it in today's format
+    assert decisions() == before
     assert main(["refit-router", "--run", str(run), "dtkr.groups=3"]) == 2
-    assert "refit-router changes OOD settings and stage keeping only" in capsys.readouterr().err
+    assert "refit-router changes OOD settings only" in capsys.readouterr().err
 
 
 def test_eval_all_rows_routes_each_row_by_its_stages_router_and_refit_clears_every_row(served_run, tmp_path, capsys):
@@ -849,7 +875,7 @@ def test_eval_all_rows_routes_each_row_by_its_stages_router_and_refit_clears_eve
 
     assert main(["refit-router", "--run", str(run), "dtkr.ood_background=none"]) == 0
     assert "the slm cells and routing of rows 0, 1 were scored with the old router" in capsys.readouterr().out
-    assert all((run / "router" / "stages" / f"whitening-{n}.safetensors").exists() for n in (1, 2))
+    assert Router.load(run / "router", n_tasks=1).task_names == [first_task]
     cleared = load_matrix(run / "eval" / "matrix.json")
     for v in views:
         for scoring in ("strict", "lenient"):

@@ -30,8 +30,7 @@ fold). Either way about ood_percentile % of in-task queries would be flagged. Wi
 queries) flags it too.
 
 Stages: a task, once added, never changes (keys, OOD tests); only the whitening map moves
-with each new task. So ``save`` also keeps the whitening statistics as they stood after each
-stage (``stages/whitening-<n tasks>.safetensors``, written once per stage; ``dtkr.keep_stages``), and
+with each new task, and the whitening keeps its statistics per task. So
 ``Router.load(..., n_tasks=n)`` rebuilds the router exactly as it stood after its first n
 tasks: what scoring an earlier row of the continual-learning matrix needs.
 """
@@ -55,9 +54,8 @@ from slm_llm.errors import SlmError
 from slm_llm.run import RunDir
 from slm_llm.utils.io import atomic_path, write_json
 
-STAGES = "stages"  # <router>/stages/whitening-<n>.safetensors: the whitening after the first n tasks
 WEIGHT_EPS = 1e-4  # scores are clamped to this before w = s / Σ s, so weights stay valid
-FORMAT = 2  # slots.json
+FORMAT = 3  # slots.json (3: the whitening saved per task)
 
 
 class RouterError(SlmError, ValueError):
@@ -351,9 +349,6 @@ class Router:
             save_keys(router_dir / "keys.safetensors", all_keys, {"encoder_id": self.encoder_id})
         if self.whitener is not None:
             _save_arrays(router_dir / "whitening.safetensors", self.whitener.state())
-            if self.cfg.keep_stages:
-                (router_dir / STAGES).mkdir(exist_ok=True)
-                _save_arrays(router_dir / STAGES / f"whitening-{len(self.tasks)}.safetensors", self.whitener.state())
         if self.ood_rule == "gaussian" and self.tasks:
             _save_arrays(router_dir / "ood.safetensors",
                          {k: v for pos, g in enumerate(self._gaussians) for k, v in g.state(f"task{pos}").items()})
@@ -380,15 +375,10 @@ class Router:
         """Load a saved router; with ``encoder_id``, refuse one built with another encoder. With
         ``n_tasks``, the router as it stood after its first ``n_tasks`` tasks (see Stages above)."""
         router_dir = Path(router_dir)
-        try:
-            meta = json.loads((router_dir / "slots.json").read_text())
-        except FileNotFoundError:
-            raise RouterError(f"no router at {router_dir} (slots.json is missing)") from None
-        except json.JSONDecodeError as e:
-            raise RouterError(f"{router_dir / 'slots.json'}: invalid JSON at line {e.lineno}: {e.msg}") from None
+        meta = read_slots(router_dir)
         if meta.get("format") != FORMAT:
             raise RouterError(f"{router_dir / 'slots.json'}: router format {meta.get('format')} is not {FORMAT} "
-                              "(made by an older slm_llm); train the run again")
+                              "(made by an older slm_llm); `slm-llm refit-router --run <run>` rebuilds it")
         jare = JareConfig(top_k=meta["jare"]["top_k"], slot_weights=meta["jare"]["slot_weights"],
                           slots_per_task=max(meta["jare"]["top_k"], meta["slots_per_task"] or 1))
         self = cls(meta["dim"], DtkrConfig(**meta["dtkr"]), jare, encoder_id=meta["encoder_id"], device=device)
@@ -414,7 +404,7 @@ class Router:
         if self.whitener is not None:
             state = load_file(str(router_dir / "whitening.safetensors"))
             self.whitener = Whitener.from_state(self.dim, self.groups, self.cfg.whiten_shrinkage,
-                                                {k: v.numpy() for k, v in state.items()})
+                                                {k: v.numpy() for k, v in state.items()}, n_tasks)
         self._row_slot_list = [0] * self.index.ntotal
         self._slot_task_list = [0] * len(meta["slots"])
         self._pos = pos = {t["name"]: i for i, t in enumerate(self.tasks)}
@@ -428,17 +418,9 @@ class Router:
         return self
 
     def _keep_first(self, n: int, router_dir: Path) -> None:
-        """Drop every task after the first ``n`` and restore the whitening of that stage."""
+        """Drop every task after the first ``n`` (the whitening was loaded as of stage ``n``)."""
         if not 1 <= n <= len(self.tasks):
             raise RouterError(f"{router_dir}: no stage with {n} tasks; the router has {len(self.tasks)}")
-        if self.whitener is not None:
-            path = router_dir / STAGES / f"whitening-{n}.safetensors"
-            if not path.exists():
-                raise RouterError(f"{path} is missing: this router was saved without its stage {n}'s whitening "
-                                  "(dtkr.keep_stages=false, or before slm_llm kept stages); `slm-llm refit-router "
-                                  "--run <run> dtkr.keep_stages=true` writes every stage")
-            self.whitener = Whitener.from_state(self.dim, self.groups, self.cfg.whiten_shrinkage,
-                                                {k: v.numpy() for k, v in load_file(str(path)).items()})
         rows = self.tasks[n - 1]["first_row"] + self.tasks[n - 1]["n_rows"]
         slots = self.tasks[n - 1]["first_slot"] + self.tasks[n - 1]["n_slots"]
         for name in self.task_names[n:]:
@@ -447,6 +429,16 @@ class Router:
         del self._row_slot_list[rows:], self._slot_task_list[slots:]
         self._reindex()
         self._invalidate_table()
+
+
+def read_slots(router_dir: Path) -> dict:
+    """A saved router's ``slots.json`` (tasks, slots, settings), of any format."""
+    try:
+        return json.loads((router_dir / "slots.json").read_text())
+    except FileNotFoundError:
+        raise RouterError(f"no router at {router_dir} (slots.json is missing)") from None
+    except json.JSONDecodeError as e:
+        raise RouterError(f"{router_dir / 'slots.json'}: invalid JSON at line {e.lineno}: {e.msg}") from None
 
 
 def _save_arrays(path: Path, arrays: dict[str, np.ndarray]) -> None:

@@ -16,8 +16,12 @@ identity (a = ``shrinkage``).
 
 Continual use: each task contributes, when it is added, only sufficient statistics
 of its own training queries: their count, their sum and their scatter around their
-own mean (a D x D matrix). No query is stored. T changes when a task is added, so
-the router re-maps every stored key (raw keys are kept) and rebuilds the index.
+own mean. No query is stored. The scatter is kept per task as a factor F_t (D x r,
+F_t F_t^T = the scatter, r = min(N_t, D): a few MB per task at D = 4096 with a few
+hundred queries), so the map as it stood after any stage can be rebuilt exactly
+(``from_state(..., n_tasks=n)``), which scoring an earlier row of the continual-learning
+matrix needs. T changes when a task is added, so the router re-maps every stored key
+(raw keys are kept) and rebuilds the index.
 """
 from __future__ import annotations
 
@@ -37,30 +41,33 @@ def group_unit(x: np.ndarray, groups: int) -> np.ndarray:
 
 
 class Whitener:
-    """Pooled within-task statistics and the whitening map T built from them."""
+    """Per-task statistics, their pooled within-task covariance and the whitening map T."""
 
     def __init__(self, dim: int, groups: int, shrinkage: float = 0.05):
         self.dim, self.groups, self.shrinkage = dim, groups, shrinkage
-        self.count = 0  # queries seen, over all tasks
-        self.n_tasks = 0
-        self.total = np.zeros(dim)  # Σ u
-        self.scatter = np.zeros((dim, dim))  # Σ_tasks Σ_i (u_i - μ_t)(u_i - μ_t)^T
+        self.counts: list[int] = []  # per task: its training queries
+        self.sums: list[np.ndarray] = []  # per task: Σ u, [D]
+        self.factors: list[np.ndarray] = []  # per task: F [D, r], F F^T = Σ_i (u_i - μ_t)(u_i - μ_t)^T
+        self.scatter = np.zeros((dim, dim))  # Σ_t F_t F_t^T
         self._mean = np.zeros(dim)
         self._W = np.eye(dim)
 
     def add_task(self, emb: np.ndarray) -> None:
         """Fold in one task's training query embeddings [N, D] (then they can be discarded)."""
         u = group_unit(emb, self.groups)
-        centred = u - u.mean(0)
-        self.count += len(u)
-        self.n_tasks += 1
-        self.total += u.sum(0)
-        self.scatter += centred.T @ centred
+        self._add(len(u), u.sum(0), scatter_factor(u - u.mean(0)))
         self._refresh()
 
+    def _add(self, count: int, total: np.ndarray, factor: np.ndarray) -> None:
+        self.counts.append(count)
+        self.sums.append(total)
+        self.factors.append(factor)
+        self.scatter += factor @ factor.T
+
     def _refresh(self) -> None:
-        self._mean = self.total / max(self.count, 1)
-        dof = self.count - self.n_tasks
+        count, n_tasks = sum(self.counts), len(self.counts)
+        self._mean = sum(self.sums) / max(count, 1) if self.sums else np.zeros(self.dim)
+        dof = count - n_tasks
         if dof <= 0:
             self._W = np.eye(self.dim)
             return
@@ -79,14 +86,31 @@ class Whitener:
         return ((np.asarray(keys, dtype=np.float64) - self._mean) @ self._W).astype(np.float32)
 
     def state(self) -> dict[str, np.ndarray]:
-        return {"count": np.array([self.count, self.n_tasks], dtype=np.int64), "total": self.total,
-                "scatter": self.scatter}
+        out = {}
+        for pos, (count, total, factor) in enumerate(zip(self.counts, self.sums, self.factors)):
+            out |= {f"task{pos}/count": np.array([count], dtype=np.int64), f"task{pos}/sum": total,
+                    f"task{pos}/factor": factor}
+        return out
 
     @classmethod
-    def from_state(cls, dim: int, groups: int, shrinkage: float, state: dict[str, np.ndarray]) -> Whitener:
+    def from_state(cls, dim: int, groups: int, shrinkage: float, state: dict[str, np.ndarray],
+                   n_tasks: int | None = None) -> Whitener:
+        """The whitener saved as ``state``; with ``n_tasks``, as it stood after its first n tasks."""
         self = cls(dim, groups, shrinkage)
-        self.count, self.n_tasks = (int(v) for v in state["count"])
-        self.total = np.asarray(state["total"], dtype=np.float64)
-        self.scatter = np.asarray(state["scatter"], dtype=np.float64)
+        saved = sum(key.endswith("/count") for key in state)
+        for pos in range(saved if n_tasks is None else min(n_tasks, saved)):
+            self._add(int(state[f"task{pos}/count"][0]), np.asarray(state[f"task{pos}/sum"], dtype=np.float64),
+                      np.asarray(state[f"task{pos}/factor"], dtype=np.float64))
         self._refresh()
         return self
+
+
+def scatter_factor(centred: np.ndarray) -> np.ndarray:
+    """[N, D] centred rows -> F [D, r] with F F^T = centred^T centred, r = min(N, D): the
+    scatter's square root, which holds no individual query (any rotation of F gives the same)."""
+    n, dim = centred.shape
+    if n >= dim:
+        vals, vecs = np.linalg.eigh(centred.T @ centred)
+        return vecs * np.sqrt(np.maximum(vals, 0.0))
+    _, sv, vt = np.linalg.svd(centred, full_matrices=False)
+    return vt.T * sv

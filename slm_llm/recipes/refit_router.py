@@ -5,8 +5,9 @@ training order, with the task's training queries re-derived exactly as training 
 (same records, phrasings and renderings), so the task choice, slots and weights are what the
 run routed before; only the OOD tests are refitted with the new ``dtkr.ood_*`` settings
 (e.g. ``dtkr.ood_background=builtin`` for a run made before the background test existed).
-The new router, with each stage's whitening (``Router.load(n_tasks=...)``), replaces ``router/``
-only once it is complete, and ``run.yaml`` records the settings, so a resumed run adds its next
+With no overrides it rebuilds the same router, in today's format (a router saved by an older
+slm_llm, which ``Router.load`` refuses, is rebuilt this way).
+The new router replaces ``router/`` only once it is complete, and ``run.yaml`` records the settings, so a resumed run adds its next
 tasks the same way. The routed cells of every row of ``eval/matrix.json`` are cleared, so
 ``slm-llm eval --all-rows`` scores them again, each row with its stage's new router (answers
 already generated are reused): BWT never compares scores of two routers.
@@ -21,7 +22,8 @@ from typing import Any
 
 from slm_llm.config import ConfigError, load_config
 from slm_llm.data import load_suite
-from slm_llm.dtkr import Router, load_keys, open_router
+from slm_llm.dtkr import Router, load_keys
+from slm_llm.dtkr.router import read_slots
 from slm_llm.dtkr.encoder import build_encoder
 from slm_llm.dtkr.evaluate import task_queries
 from slm_llm.dtkr.ood import background_embeddings
@@ -30,8 +32,7 @@ from slm_llm.run import RunDir, RunError
 from slm_llm.train.continual import add_router_task
 from slm_llm.utils.io import write_json, write_text
 
-REFIT_KEYS = ("ood_rule", "ood_percentile", "ood_shrinkage", "ood_rank", "ood_wording_coverage", "ood_background",
-            "keep_stages")
+REFIT_KEYS = ("ood_rule", "ood_percentile", "ood_shrinkage", "ood_rank", "ood_wording_coverage", "ood_background")
 
 
 def refit_router(run_dir: str | Path, overrides: list[str] | None = None) -> dict[str, Any]:
@@ -45,7 +46,7 @@ def refit_router(run_dir: str | Path, overrides: list[str] | None = None) -> dic
     for item in overrides or []:
         key = item.split("=", 1)[0].strip()
         if key not in {f"dtkr.{k}" for k in REFIT_KEYS}:
-            raise ConfigError(f"refit-router changes OOD settings and stage keeping only "
+            raise ConfigError(f"refit-router changes OOD settings only "
                               f"({', '.join(f'dtkr.{k}' for k in REFIT_KEYS)}); {key!r} would invalidate the "
                               "trained keys or increments")
     retired = run.root / "router.old"
@@ -53,7 +54,10 @@ def refit_router(run_dir: str | Path, overrides: list[str] | None = None) -> dic
         retired.rename(run.router_dir)
     cfg = load_config(run.root / "run.yaml", overrides)
     encoder = build_encoder(cfg)
-    old = open_router(run, cfg, encoder)
+    old = read_slots(run.router_dir)  # of any format: a refit also updates an old router
+    if old.get("encoder_id") != encoder.id:
+        raise RunError(f"{run.router_dir}: the router was built with encoder {old.get('encoder_id')!r}, "
+                       f"but {run.root / 'run.yaml'} gives {encoder.id!r}")
     suite = load_suite(cfg.data.suite)
     background = background_embeddings(cfg.dtkr.ood_background, encoder)
     router = Router(encoder.dim, cfg.dtkr, cfg.jare, encoder_id=encoder.id)
@@ -63,9 +67,9 @@ def refit_router(run_dir: str | Path, overrides: list[str] | None = None) -> dic
         queries = task_queries(cfg, suite, task, cfg.dtkr.renderings)
         keys, _ = load_keys(run.task_dir(task) / "keys.safetensors")
         add_router_task(router, task, keys, encoder.encode(queries.texts), cfg, background, queries, encoder)
-        router.save(staging)  # each stage's whitening, for the earlier rows
+    router.save(staging)
     if [(t["name"], t["first_slot"], t["n_slots"]) for t in router.tasks] != \
-            [(t["name"], t["first_slot"], t["n_slots"]) for t in old.tasks]:
+            [(t["name"], t["first_slot"], t["n_slots"]) for t in old["tasks"]]:
         raise RunError(f"{run.router_dir}: the refitted router's tasks or slots differ from the saved one")
     cleared = _clear_routed_rows(run)  # first: a crash after this leaves cells to redo, never stale ones
     shutil.rmtree(retired, ignore_errors=True)
@@ -76,7 +80,7 @@ def refit_router(run_dir: str | Path, overrides: list[str] | None = None) -> dic
     return {"tasks": {t_new["name"]: {"before": {"threshold": t_old["threshold"],
                                                  "background": bool(t_old.get("background"))},
                                       "after": {"threshold": t_new["threshold"], "background": t_new["background"]}}
-                      for t_old, t_new in zip(old.tasks, router.tasks)},
+                      for t_old, t_new in zip(old["tasks"], router.tasks)},
             "cleared_rows": cleared}
 
 
