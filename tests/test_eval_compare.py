@@ -144,10 +144,15 @@ def test_learning_rates_are_picked_on_dev_then_used_on_test(tmp_path, data_root)
         for lr in ("0.0001", "0.01"):
             dev = yaml.safe_load(Path(f"{prefix}-lr{lr}-{method}/run.yaml").read_text())
             assert dev["data"]["eval_split"] == "dev" and dev["train"]["lr"] == float(lr)
+            rows = json.loads(Path(f"{prefix}-lr{lr}-{method}/eval/matrix.json").read_text())
+            scored = rows["views"]["paraphrase"]["strict"]["R"][method]  # a dev run scores its final row only
+            assert scored[0] is None and scored[-1] is not None
         test = yaml.safe_load(Path(f"{prefix}-{method}/run.yaml").read_text())
         assert test["data"]["eval_split"] == "test" and test["train"]["lr"] == sel["chosen"][method]
     assert "| chosen |" in Path(f"{prefix}-lr.md").read_text()
     assert json.loads(Path(f"{prefix}-compare.json").read_text())["runs"]["seq_lora"] == f"{prefix}-seq_lora"
+    test_rows = json.loads(Path(f"{prefix}-slm/eval/matrix.json").read_text())["views"]["paraphrase"]["strict"]["R"]
+    assert all(row is not None for row in test_rows["slm"])  # the test run keeps every row (BWT)
 
 
 def test_a_bad_learning_rate_grid_is_one_clear_line():

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from slm_llm.config import Config, ConfigError
-from slm_llm.eval.matrix import SCORINGS, cl_metrics, final_row, load_matrix, view_matrix
+from slm_llm.eval.matrix import SCORINGS, final_row, load_matrix, metrics_or_reason, view_matrix
 from slm_llm.run import RunDir, RunError
 
 COMPARE_METHODS = ("slm", "oracle", "seq_lora", "multitask", "base", "olora")  # trained methods + inference modes
@@ -37,12 +37,13 @@ def run_dir_of(cfg: Config, method: str) -> Path:
     return Path(f"{cfg.run_dir}-{TRAINED_BY[method]}")
 
 
-def method_config(cfg: Config, method: str) -> Config:
-    """The config of one training method's run: same everything, its own method and folder."""
+def method_config(cfg: Config, method: str, every_row: bool = True) -> Config:
+    """The config of one training method's run: same everything, its own method and folder,
+    evaluated after every task (``every_row``: the matrix for BWT) or after the last one only."""
     c = copy.deepcopy(cfg)
     c.train.method = method
     c.run_dir = str(run_dir_of(cfg, method))
-    c.eval.during_training = True
+    c.eval.during_training = every_row
     return c
 
 
@@ -73,7 +74,8 @@ def method_cells(flat: dict[str, Any], method: str) -> dict[str, Any]:
         row, metrics = flat["base"], {"ap": _mean(flat["base"]), "bwt": None, "forgetting": None, "fwt": None,
                                       "n_bwt": 0, "n_fwt": 0}
     else:
-        row, metrics = final_row(flat, method), cl_metrics(flat["R"].get(method, []), flat.get("base"))
+        # a run scored on its final row only (choosing on dev) has AP and no BWT, with the reason
+        row, metrics = final_row(flat, method), metrics_or_reason(flat["R"].get(method, []), flat.get("base"))
     acc = [a for a in flat.get("routing_accuracy", []) if a is not None]
     return {"scores": dict(zip(flat["tasks"], row or [None] * len(flat["tasks"]))), **metrics,
             "routing_accuracy": (acc[-1] if acc else None) if method == "slm" else None}

@@ -162,7 +162,7 @@ def metrics_of(m: dict[str, Any]) -> dict[str, Any]:
         entry: dict[str, Any] = {}
         for scoring in SCORINGS:
             flat = view_matrix(m, view, scoring)
-            entry[scoring] = {mode: _metrics_or_error(rows, flat["base"]) for mode, rows in flat["R"].items()}
+            entry[scoring] = {mode: metrics_or_reason(rows, flat["base"]) for mode, rows in flat["R"].items()}
             base = [v for v in flat["base"] if v is not None]
             if base:
                 entry[scoring]["base"] = {"ap": sum(base) / len(base), "bwt": None, "forgetting": None, "fwt": None,
@@ -173,7 +173,7 @@ def metrics_of(m: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _metrics_or_error(R: list[Row], base: Row) -> dict[str, Any]:
+def metrics_or_reason(R: list[Row], base: Row) -> dict[str, Any]:
     """cl_metrics, or (a row still missing, e.g. a view added after earlier stages) its AP and the
     reason BWT is not given."""
     try:

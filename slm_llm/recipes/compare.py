@@ -32,18 +32,19 @@ log = logging.getLogger("slm_llm.recipes")
 
 
 def compare(cfg: Config, methods: list[str], out: str | Path | None = None,
-            lrs: dict[str, float] | None = None) -> dict[str, Any]:
+            lrs: dict[str, float] | None = None, final_row_only: bool = False) -> dict[str, Any]:
     """Train/evaluate what ``methods`` need (each training method at ``lrs[method]`` when given,
-    else ``train.lr``), then write and return the comparison table."""
+    else ``train.lr``), then write and return the comparison table. With ``final_row_only`` (AP is
+    all choosing on dev needs) each run is evaluated after its last task only: no BWT."""
     setup_process()
     for train_method in dict.fromkeys(TRAINED_BY[m] for m in methods):
-        mcfg = method_config(cfg, train_method)
+        mcfg = method_config(cfg, train_method, every_row=not final_row_only)
         if lrs:
             mcfg.train.lr = lrs[train_method]
         log.info(f"compare: {train_method} -> {mcfg.run_dir}")
-        run = run_continual(mcfg, evaluate_after_task)
+        run = run_continual(mcfg, evaluate_after_task if mcfg.eval.during_training else None)
         # fills what is missing: every row of an slm run (each stage's router), the last of a baseline
-        evaluate_run(run.root, _eval_overrides(cfg), all_rows=train_method == "slm")
+        evaluate_run(run.root, _eval_overrides(cfg), all_rows=train_method == "slm" and not final_row_only)
     table = build_table(cfg, methods)
     out = Path(out) if out else Path(f"{cfg.run_dir}-compare.json")
     write_json(out, table)
@@ -72,8 +73,8 @@ def compare_seeds(cfg: Config, methods: list[str], seeds: list[int],
 def select_lrs(cfg: Config, methods: list[str], grid: list[float]) -> dict[str, Any]:
     """Each training method's learning rate, picked from ``grid`` on the dev split: one comparison
     per rate at ``<run_dir>-lr<rate>`` with ``data.eval_split=dev`` (each task's dev pool, never
-    its test split), scored by the method's own AP in the headline view, strict. A tie goes to the
-    smaller rate. Writes and returns ``<run_dir>-lr.{json,md}``: ``{"chosen": {method: lr},
+    its test split; the final row only), scored by the method's own AP in the headline view,
+    strict. A tie goes to the smaller rate. Writes and returns ``<run_dir>-lr.{json,md}``: ``{"chosen": {method: lr},
     "dev_ap": {method: {lr: AP}}, "view"}``."""
     train_methods = list(dict.fromkeys(TRAINED_BY[m] for m in methods))
     view, grid = cfg.eval.views[0], sorted(grid)
@@ -82,7 +83,7 @@ def select_lrs(cfg: Config, methods: list[str], grid: list[float]) -> dict[str, 
         c = copy.deepcopy(cfg)
         c.train.lr, c.data.eval_split, c.run_dir = lr, "dev", f"{cfg.run_dir}-lr{lr:g}"
         log.info(f"compare: learning rate {lr:g} on dev -> {c.run_dir}-<method>")
-        cells = compare(c, train_methods)["cells"][view]["strict"]
+        cells = compare(c, train_methods, final_row_only=True)["cells"][view]["strict"]
         for m in train_methods:
             dev_ap[m][f"{lr:g}"] = cells[m]["ap"]
     chosen = {m: float(max(aps, key=lambda k: (aps[k], -float(k)))) for m, aps in dev_ap.items()}
