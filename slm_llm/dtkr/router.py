@@ -332,11 +332,7 @@ class Router:
         return self.route(encoder.encode(list(texts)), **kwargs)
 
     def check_encoder(self, encoder_id: str) -> None:
-        if self.encoder_id and encoder_id != self.encoder_id:
-            raise RouterError(
-                f"encoder mismatch: the router was built with encoder {self.encoder_id!r} "
-                f"but is being used with {encoder_id!r}; keys from one encoder are meaningless to another"
-            )
+        check_encoder_id(self.encoder_id, encoder_id)
 
     # ---- persistence -------------------------------------------------------------
     def save(self, router_dir: str | Path) -> None:
@@ -429,6 +425,15 @@ class Router:
         del self._row_slot_list[rows:], self._slot_task_list[slots:]
         self._reindex()
         self._invalidate_table()
+
+
+def check_encoder_id(built_with: str, used_with: str) -> None:
+    """Refuse an encoder other than the one a router was built with (none recorded: any)."""
+    if built_with and used_with != built_with:
+        raise RouterError(
+            f"encoder mismatch: the router was built with encoder {built_with!r} "
+            f"but is being used with {used_with!r}; keys from one encoder are meaningless to another"
+        )
 
 
 def read_slots(router_dir: Path) -> dict:

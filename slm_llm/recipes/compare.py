@@ -22,10 +22,9 @@ from typing import Any
 
 from slm_llm.config import Config
 from slm_llm.eval.compare import TRAINED_BY, build_table, lr_markdown, method_config, table_markdown
-from slm_llm.eval.continual import evaluate_after_task, evaluate_run
+from slm_llm.eval.continual import evaluate_run
 from slm_llm.eval.seeds import plot_seeds, seed_config, seeds_markdown, seeds_table
-from slm_llm.recipes.continual import setup_process
-from slm_llm.train.continual import run_continual
+from slm_llm.recipes.continual import setup_process, train_stages
 from slm_llm.utils.io import write_json, write_text
 
 log = logging.getLogger("slm_llm.recipes")
@@ -42,7 +41,7 @@ def compare(cfg: Config, methods: list[str], out: str | Path | None = None,
         if lrs:
             mcfg.train.lr = lrs[train_method]
         log.info(f"compare: {train_method} -> {mcfg.run_dir}")
-        run = run_continual(mcfg, evaluate_after_task if mcfg.eval.during_training else None)
+        run = train_stages(mcfg)
         # fills what is missing: every row of an slm run (each stage's router), the last of a baseline
         evaluate_run(run.root, _eval_overrides(cfg), all_rows=train_method == "slm" and not final_row_only)
     table = build_table(cfg, methods)

@@ -22,4 +22,10 @@ def setup_process() -> tuple[int, int]:
 
 def train(cfg: Config) -> RunDir:
     setup_process()
+    return train_stages(cfg)
+
+
+def train_stages(cfg: Config) -> RunDir:
+    """Every stage of ``cfg``'s run (in a set-up process), each row scored after its stage when
+    ``eval.during_training``."""
     return run_continual(cfg, evaluate_after_task if cfg.eval.during_training else None)

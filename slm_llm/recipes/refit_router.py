@@ -6,8 +6,8 @@ training order, with the task's training queries re-derived exactly as training 
 run routed before; only the OOD tests are refitted with the new ``dtkr.ood_*`` settings
 (e.g. ``dtkr.ood_background=builtin`` for a run made before the background test existed).
 With no overrides it rebuilds the same router, in today's format (a router saved by an older
-slm_llm, which ``Router.load`` refuses, is rebuilt this way).
-The new router replaces ``router/`` only once it is complete, and ``run.yaml`` records the settings, so a resumed run adds its next
+slm_llm, which ``Router.load`` refuses, is rebuilt this way). The new router replaces ``router/``
+only once it is complete, and ``run.yaml`` records the settings, so a resumed run adds its next
 tasks the same way. The routed cells of every row of ``eval/matrix.json`` are cleared, so
 ``slm-llm eval --all-rows`` scores them again, each row with its stage's new router (answers
 already generated are reused): BWT never compares scores of two routers.
@@ -23,7 +23,7 @@ from typing import Any
 from slm_llm.config import ConfigError, load_config
 from slm_llm.data import load_suite
 from slm_llm.dtkr import Router, load_keys
-from slm_llm.dtkr.router import read_slots
+from slm_llm.dtkr.router import check_encoder_id, read_slots
 from slm_llm.dtkr.encoder import build_encoder
 from slm_llm.dtkr.evaluate import task_queries
 from slm_llm.dtkr.ood import background_embeddings
@@ -55,9 +55,7 @@ def refit_router(run_dir: str | Path, overrides: list[str] | None = None) -> dic
     cfg = load_config(run.root / "run.yaml", overrides)
     encoder = build_encoder(cfg)
     old = read_slots(run.router_dir)  # of any format: a refit also updates an old router
-    if old.get("encoder_id") != encoder.id:
-        raise RunError(f"{run.router_dir}: the router was built with encoder {old.get('encoder_id')!r}, "
-                       f"but {run.root / 'run.yaml'} gives {encoder.id!r}")
+    check_encoder_id(old.get("encoder_id", ""), encoder.id)
     suite = load_suite(cfg.data.suite)
     background = background_embeddings(cfg.dtkr.ood_background, encoder)
     router = Router(encoder.dim, cfg.dtkr, cfg.jare, encoder_id=encoder.id)
