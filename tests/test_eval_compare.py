@@ -155,6 +155,36 @@ def test_learning_rates_are_picked_on_dev_then_used_on_test(tmp_path, data_root)
     assert all(row is not None for row in test_rows["slm"])  # the test run keeps every row (BWT)
 
 
+@pytest.mark.slow
+def test_with_seeds_the_learning_rate_is_picked_on_the_mean_dev_ap_over_them(tmp_path, data_root):
+    """`compare --lr-grid --seeds`: one dev run per (rate, seed), each with that seed's data and
+    phrasings; the rate with the best mean dev AP trains every seed's test run."""
+    import yaml
+
+    prefix = tmp_path / "lrs"
+    slm_llm("compare", "--config", "configs/tiny.yaml", "--methods", "slm", "--lr-grid", "1e-2,1e-4", "--seeds", "0,1",
+            "--query-view", "paraphrase", f"run_dir={prefix}", "data.max_train_samples=10", "eval.max_samples=3",
+            "eval.max_new_tokens=2", timeout=900)
+    sel = json.loads(Path(f"{prefix}-lr.json").read_text())
+    assert sel["seeds"] == [0, 1]
+    for lr in ("0.0001", "0.01"):
+        aps = []
+        for seed in (0, 1):
+            dev = yaml.safe_load(Path(f"{prefix}-lr{lr}-s{seed}-slm/run.yaml").read_text())
+            assert dev["data"]["eval_split"] == "dev" and dev["train"]["lr"] == float(lr)
+            assert dev["data"]["seed"] == dev["train"]["seed"] == dev["dtkr"]["seed"] == seed
+            table = json.loads(Path(f"{prefix}-lr{lr}-s{seed}-compare.json").read_text())
+            aps.append(table["cells"]["paraphrase"]["strict"]["slm"]["ap"])
+        assert sel["dev_ap_seeds"]["slm"][lr] == aps
+        assert sel["dev_ap"]["slm"][lr] == pytest.approx(sum(aps) / 2)
+    best = max(sel["dev_ap"]["slm"].values())
+    assert sel["chosen"]["slm"] == min(float(lr) for lr, ap in sel["dev_ap"]["slm"].items() if ap == best)
+    for seed in (0, 1):
+        test = yaml.safe_load(Path(f"{prefix}-s{seed}-slm/run.yaml").read_text())
+        assert test["data"]["eval_split"] == "test" and test["train"]["lr"] == sel["chosen"]["slm"]
+    assert "mean ± sd over seeds 0, 1" in Path(f"{prefix}-lr.md").read_text()
+
+
 def test_a_bad_learning_rate_grid_is_one_clear_line():
     out = subprocess.run([str(VENV_BIN / "slm-llm"), "compare", "--config", "configs/tiny.yaml", "--lr-grid", "1e-3,x"],
                          cwd=REPO, env=ENV, capture_output=True, text=True, timeout=120)

@@ -24,7 +24,8 @@ def register(sub, add_config_args) -> None:
     p.add_argument("--seeds", default=None, help="comma-separated seeds: every method once per seed "
                    "(<run_dir>-s<seed>-<method>), then <run_dir>-seeds.{json,md,png} with 95%% intervals")
     p.add_argument("--lr-grid", default=None, help="comma-separated learning rates: each training method's rate "
-                   "is first picked on the dev split (<run_dir>-lr<rate>-<method>, <run_dir>-lr.{json,md})")
+                   "is first picked on the dev split (<run_dir>-lr<rate>-<method>, <run_dir>-lr.{json,md}); with --seeds, "
+                   "by the mean dev AP over those seeds (<run_dir>-lr<rate>-s<seed>-<method>)")
     _add_view_arg(p)
     p.set_defaults(fn=cmd_compare)
 
@@ -84,16 +85,17 @@ def cmd_compare(args) -> int:
 
     cfg = load_config(args.config, [*args.overrides, *_view_overrides(args)])
     methods, lrs = parse_methods(args.methods), None
+    seeds = [int(x) for x in args.seeds.split(",") if x.strip()] if args.seeds else None
     if args.lr_grid:
         from slm_llm.recipes.compare import select_lrs
 
-        selection = select_lrs(cfg, methods, _floats(args.lr_grid, "--lr-grid"))
+        selection = select_lrs(cfg, methods, _floats(args.lr_grid, "--lr-grid"), seeds)
         print(open(selection["paths"]["markdown"]).read())
         lrs = selection["chosen"]
-    if args.seeds:
+    if seeds:
         from slm_llm.recipes.compare import compare_seeds
 
-        table = compare_seeds(cfg, methods, [int(x) for x in args.seeds.split(",") if x.strip()], lrs)
+        table = compare_seeds(cfg, methods, seeds, lrs)
         print(open(table["paths"]["markdown"]).read())
         print(f"table: {table['paths']['json']}  {table['paths']['markdown']}  {table['paths']['plot']}")
         return 0

@@ -18,6 +18,7 @@ from typing import Any
 
 from slm_llm.config import Config, ConfigError
 from slm_llm.eval.matrix import SCORINGS, final_row, load_matrix, metrics_or_reason, view_matrix
+from slm_llm.eval.stats import format_mean_sd, mean_sd
 from slm_llm.run import RunDir, RunError
 
 COMPARE_METHODS = ("slm", "oracle", "seq_lora", "multitask", "base", "olora")  # trained methods + inference modes
@@ -122,12 +123,16 @@ def table_markdown(table: dict[str, Any]) -> str:
 
 
 def lr_markdown(result: dict[str, Any]) -> str:
-    """The learning-rate grid of :func:`slm_llm.recipes.compare.select_lrs` as a markdown table."""
-    grid = result["grid"]
-    lines = [f"Learning rate per method, picked on the dev split ({result['view']} view, strict AP); the test runs "
-             "use the chosen rate.", "", "| method | " + " | ".join(f"lr {lr:g}" for lr in grid) + " | chosen |",
-             "|---|" + "---|" * (len(grid) + 1)]
+    """The learning-rate grid of :func:`slm_llm.recipes.compare.select_lrs` as a markdown table: each
+    rate's dev AP (mean ± sd with several seeds)."""
+    grid, seeds = result["grid"], result.get("seeds", [])
+    over = f"mean ± sd over seeds {', '.join(map(str, seeds))}" if len(seeds) > 1 else "one seed"
+    lines = [f"Learning rate per method, picked on the dev split ({result['view']} view, strict AP, {over}); the "
+             "test runs use the chosen rate.", "", "| method | " + " | ".join(f"lr {lr:g}" for lr in grid)
+             + " | chosen |", "|---|" + "---|" * (len(grid) + 1)]
     for m, aps in result["dev_ap"].items():
-        lines.append(f"| {m} | " + " | ".join(f"{aps[f'{lr:g}']:.1f}" for lr in grid)
-                     + f" | {result['chosen'][m]:g} |")
+        per_seed = result.get("dev_ap_seeds", {}).get(m, {})
+        cells = [format_mean_sd(mean_sd(per_seed[f"{lr:g}"])) if len(seeds) > 1 else f"{aps[f'{lr:g}']:.1f}"
+                 for lr in grid]
+        lines.append(f"| {m} | " + " | ".join(cells) + f" | {result['chosen'][m]:g} |")
     return "\n".join(lines) + "\n"

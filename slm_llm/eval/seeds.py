@@ -21,7 +21,7 @@ import numpy as np
 from slm_llm.config import Config
 from slm_llm.eval.compare import run_dir_of
 from slm_llm.eval.matrix import SCORINGS
-from slm_llm.eval.stats import paired_difference, summarise
+from slm_llm.eval.stats import format_mean_sd as _ms, mean_sd, paired_difference, summarise
 from slm_llm.run import RunDir, RunError
 from slm_llm.utils.io import atomic_path
 
@@ -66,24 +66,13 @@ def seeds_table(cfg: Config, methods: list[str], seeds: list[int], tables: dict[
             for m in methods:
                 per_seed = [tables[s]["cells"][view][scoring][m] for s in seeds]
                 cell[m] = {"ap": summarise(scores[m]),
-                           "bwt": _mean_sd([r["bwt"] for r in per_seed]),
-                           "routing": _mean_sd([r["routing_accuracy"] for r in per_seed]),
-                           "tasks": {t: _mean_sd([r["scores"][t] for r in per_seed]) for t in out["tasks"]}}
+                           "bwt": mean_sd([r["bwt"] for r in per_seed]),
+                           "routing": mean_sd([r["routing_accuracy"] for r in per_seed]),
+                           "tasks": {t: mean_sd([r["scores"][t] for r in per_seed]) for t in out["tasks"]}}
             if "slm" in methods:
                 cell["slm_minus"] = {m: paired_difference(scores["slm"], scores[m]) for m in methods if m != "slm"}
             out["cells"][view][scoring] = cell
     return out
-
-
-def _mean_sd(values: list[float | None]) -> dict[str, float] | None:
-    values = [v for v in values if v is not None]
-    if not values:
-        return None
-    return {"mean": float(np.mean(values)), "sd": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0}
-
-
-def _ms(v: dict[str, float] | None) -> str:
-    return "–" if v is None else f"{v['mean']:.1f} ± {v['sd']:.1f}"
 
 
 def _ci(v: dict[str, float]) -> str:

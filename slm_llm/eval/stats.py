@@ -45,6 +45,19 @@ def paired_difference(a: Scores, b: Scores, replicates: int = REPLICATES, seed: 
             "lo": lo, "hi": hi, "n_seeds": len(diffs)}
 
 
+def mean_sd(values: list[float | None]) -> dict[str, float] | None:
+    """Mean and sample sd (0 for one value) of the values that are not None; None if none is."""
+    values = [v for v in values if v is not None]
+    if not values:
+        return None
+    return {"mean": float(np.mean(values)), "sd": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0}
+
+
+def format_mean_sd(v: dict[str, float] | None) -> str:
+    """``mean ± sd`` to one decimal, or ``–``."""
+    return "–" if v is None else f"{v['mean']:.1f} ± {v['sd']:.1f}"
+
+
 def _interval(stat, per_seed: Scores, replicates: int, seed: int) -> tuple[float, float]:
     rng = np.random.default_rng(seed)
     seeds = list(per_seed)

@@ -20,6 +20,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from slm_llm.config import Config
 from slm_llm.eval.compare import TRAINED_BY, build_table, lr_markdown, method_config, table_markdown
 from slm_llm.eval.continual import evaluate_run
@@ -69,24 +71,29 @@ def compare_seeds(cfg: Config, methods: list[str], seeds: list[int],
     return table
 
 
-def select_lrs(cfg: Config, methods: list[str], grid: list[float]) -> dict[str, Any]:
+def select_lrs(cfg: Config, methods: list[str], grid: list[float], seeds: list[int] | None = None) -> dict[str, Any]:
     """Each training method's learning rate, picked from ``grid`` on the dev split: one comparison
     per rate at ``<run_dir>-lr<rate>`` with ``data.eval_split=dev`` (each task's dev pool, never
     its test split; the final row only), scored by the method's own AP in the headline view,
-    strict. A tie goes to the smaller rate. Writes and returns ``<run_dir>-lr.{json,md}``: ``{"chosen": {method: lr},
-    "dev_ap": {method: {lr: AP}}, "view"}``."""
+    strict. With ``seeds``, each rate runs once per seed (``<run_dir>-lr<rate>-s<seed>``: each seed
+    its own dev records, phrasings and initialisation) and the mean AP over the seeds decides. A tie
+    goes to the smaller rate. Writes and returns ``<run_dir>-lr.{json,md}``: ``{"chosen": {method: lr},
+    "dev_ap": {method: {lr: mean AP}}, "dev_ap_seeds": {method: {lr: [AP per seed]}}, "seeds", "view"}``."""
     train_methods = list(dict.fromkeys(TRAINED_BY[m] for m in methods))
     view, grid = cfg.eval.views[0], sorted(grid)
-    dev_ap: dict[str, dict[str, float]] = {m: {} for m in train_methods}
+    per_seed: dict[str, dict[str, list[float]]] = {m: {f"{lr:g}": [] for lr in grid} for m in train_methods}
     for lr in grid:
         c = copy.deepcopy(cfg)
         c.train.lr, c.data.eval_split, c.run_dir = lr, "dev", f"{cfg.run_dir}-lr{lr:g}"
-        log.info(f"compare: learning rate {lr:g} on dev -> {c.run_dir}-<method>")
-        cells = compare(c, train_methods, final_row_only=True)["cells"][view]["strict"]
-        for m in train_methods:
-            dev_ap[m][f"{lr:g}"] = cells[m]["ap"]
+        for dev in [seed_config(c, s) for s in seeds] if seeds else [c]:
+            log.info(f"compare: learning rate {lr:g} on dev -> {dev.run_dir}-<method>")
+            cells = compare(dev, train_methods, final_row_only=True)["cells"][view]["strict"]
+            for m in train_methods:
+                per_seed[m][f"{lr:g}"].append(cells[m]["ap"])
+    dev_ap = {m: {lr: float(np.mean(aps)) for lr, aps in by_lr.items()} for m, by_lr in per_seed.items()}
     chosen = {m: float(max(aps, key=lambda k: (aps[k], -float(k)))) for m, aps in dev_ap.items()}
-    result = {"view": view, "grid": grid, "chosen": chosen, "dev_ap": dev_ap}
+    result = {"view": view, "grid": grid, "seeds": list(seeds) if seeds else [cfg.train.seed], "chosen": chosen,
+              "dev_ap": dev_ap, "dev_ap_seeds": per_seed}
     out = Path(f"{cfg.run_dir}-lr.json")
     write_json(out, result)
     write_text(out.with_suffix(".md"), lr_markdown(result))
