@@ -150,6 +150,8 @@ def test_learning_rates_are_picked_on_dev_then_used_on_test(tmp_path, data_root)
         test = yaml.safe_load(Path(f"{prefix}-{method}/run.yaml").read_text())
         assert test["data"]["eval_split"] == "test" and test["train"]["lr"] == sel["chosen"][method]
     assert "| chosen |" in Path(f"{prefix}-lr.md").read_text()
+    assert "each task's dev sample" in Path(f"{prefix}-lr0.01-compare.md").read_text()
+    assert "each task's test sample" in Path(f"{prefix}-compare.md").read_text()
     assert json.loads(Path(f"{prefix}-compare.json").read_text())["runs"]["seq_lora"] == f"{prefix}-seq_lora"
     test_rows = json.loads(Path(f"{prefix}-slm/eval/matrix.json").read_text())["views"]["paraphrase"]["strict"]["R"]
     assert all(row is not None for row in test_rows["slm"])  # the test run keeps every row (BWT)

@@ -49,10 +49,10 @@ def method_config(cfg: Config, method: str, every_row: bool = True) -> Config:
 
 
 def build_table(cfg: Config, methods: list[str]) -> dict[str, Any]:
-    """The table from the runs' matrices: ``{"tasks", "views", "cells": {view: {scoring: {method:
+    """The table from the runs' matrices: ``{"tasks", "views", "eval_split", "cells": {view: {scoring: {method:
     {scores, ap, bwt, forgetting, fwt, routing_accuracy}}}}, "runs"}``; the first view is the headline."""
     views = list(cfg.eval.views)
-    table: dict[str, Any] = {"tasks": None, "views": views,
+    table: dict[str, Any] = {"tasks": None, "views": views, "eval_split": cfg.data.eval_split,
                              "cells": {v: {s: {} for s in SCORINGS} for v in views}, "runs": {}}
     for method in methods:
         run = RunDir(run_dir_of(cfg, method))
@@ -113,7 +113,8 @@ def table_markdown(table: dict[str, Any]) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     for view in views:
         cols = ["method", *tasks, "AP", "BWT", "forgetting", "FWT", "routing"]
-        lines += ["", f"**{view}** view, strict: final scores on each task's test sample after the last stage.", "",
+        lines += ["", f"**{view}** view, strict: final scores on each task's {table.get('eval_split', 'test')} sample "
+                  "after the last stage.", "",
                   "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
         for method, r in table["cells"][view]["strict"].items():
             cells = [method, *(_fmt(r["scores"][t]) for t in tasks), _fmt(r["ap"]), _fmt(r["bwt"]),
