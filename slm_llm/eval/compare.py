@@ -126,13 +126,13 @@ def table_markdown(table: dict[str, Any]) -> str:
 def lr_markdown(result: dict[str, Any]) -> str:
     """The learning-rate grid of :func:`slm_llm.recipes.compare.select_lrs` as a markdown table: each
     rate's dev AP (mean ± sd with several seeds)."""
-    grid, seeds = result["grid"], result.get("seeds", [])
+    grid, seeds = result["grid"], result["seeds"]
     over = f"mean ± sd over seeds {', '.join(map(str, seeds))}" if len(seeds) > 1 else "one seed"
     lines = [f"Learning rate per method, picked on the dev split ({result['view']} view, strict AP, {over}); the "
              "test runs use the chosen rate.", "", "| method | " + " | ".join(f"lr {lr:g}" for lr in grid)
              + " | chosen |", "|---|" + "---|" * (len(grid) + 1)]
     for m, aps in result["dev_ap"].items():
-        per_seed = result.get("dev_ap_seeds", {}).get(m, {})
+        per_seed = result["dev_ap_seeds"][m]
         cells = [format_mean_sd(mean_sd(per_seed[f"{lr:g}"])) if len(seeds) > 1 else f"{aps[f'{lr:g}']:.1f}"
                  for lr in grid]
         lines.append(f"| {m} | " + " | ".join(cells) + f" | {result['chosen'][m]:g} |")

@@ -20,12 +20,11 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from slm_llm.config import Config
 from slm_llm.eval.compare import TRAINED_BY, build_table, lr_markdown, method_config, table_markdown
 from slm_llm.eval.continual import evaluate_run
 from slm_llm.eval.seeds import plot_seeds, seed_config, seeds_markdown, seeds_table
+from slm_llm.eval.stats import mean_sd
 from slm_llm.recipes.continual import setup_process, train_stages
 from slm_llm.utils.io import write_json, write_text
 
@@ -90,7 +89,7 @@ def select_lrs(cfg: Config, methods: list[str], grid: list[float], seeds: list[i
             cells = compare(dev, train_methods, final_row_only=True)["cells"][view]["strict"]
             for m in train_methods:
                 per_seed[m][f"{lr:g}"].append(cells[m]["ap"])
-    dev_ap = {m: {lr: float(np.mean(aps)) for lr, aps in by_lr.items()} for m, by_lr in per_seed.items()}
+    dev_ap = {m: {lr: mean_sd(aps)["mean"] for lr, aps in by_lr.items()} for m, by_lr in per_seed.items()}
     chosen = {m: float(max(aps, key=lambda k: (aps[k], -float(k)))) for m, aps in dev_ap.items()}
     result = {"view": view, "grid": grid, "seeds": list(seeds) if seeds else [cfg.train.seed], "chosen": chosen,
               "dev_ap": dev_ap, "dev_ap_seeds": per_seed}
