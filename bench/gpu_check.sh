@@ -5,7 +5,7 @@
 #   bench/gpu_check.sh --prepare      # here, with pip: .gpu/ = wheels of what such an image lacks or has in another version
 #                                     # (deepspeed, faiss-cpu, pydantic, transformers, peft), the data, the tokenizer
 #   bench/gpu_check.sh OUT_DIR [SECTION ...]   # there, from the repo root (.gpu/ beside it): writes
-#                                     # OUT_DIR/gpu_check.log; sections: tests decode train (default), headline
+#                                     # OUT_DIR/gpu_check.log; sections: tests decode train (default), serve, headline
 #
 # The headline section runs `slm-llm compare --methods slm,oracle,base` on HEADLINE_CONFIG (eval/instruct5.yaml
 # by default, bench/headline.sh's first step; eval/cl9.yaml for cl9) for seeds 0, 1, 2 while HEADLINE_SECONDS
@@ -36,7 +36,8 @@ if [[ "${1:-}" == "--prepare" ]]; then
   rm -rf .gpu && mkdir -p .gpu/whl .gpu/cache/models .gpu/data
   ver() { "$py" -c "import importlib.metadata as m; print(m.version('$1'))"; }
   "$py" -m pip wheel -q --no-deps --no-build-isolation -w .gpu/whl "deepspeed==$(ver deepspeed)"
-  for pkg in transformers peft hjson pydantic pydantic_core annotated_types typing_inspection faiss-cpu gguf; do
+  for pkg in transformers peft hjson pydantic pydantic_core annotated_types typing_inspection faiss-cpu gguf \
+      fastapi starlette annotated-doc uvicorn click h11 httpx httpcore anyio idna certifi; do  # the last line: the serve section
     "$py" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
       --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
       -d .gpu/whl "$pkg==$(ver "$pkg")"
@@ -101,6 +102,10 @@ for targets in o_proj all; do
   timeout 120 python3 bench/serve.py --decode-only --device cuda --model tiny-llama --targets $targets --batch 8 \
     --new-tokens 32 --reps 3 --no-dense ${SMOL1700#model.name=tiny-llama } model.dtype=bfloat16
 done
+want serve && step "HTTP load (#13): slm-llm serve --backend hf on CUDA, SmolLM2-135M shape, bf16, streaming clients ${SERVE_CLIENTS:-1,16,64}, max_tokens 8..256, ${SERVE_SECONDS:-30} s per phase" &&
+timeout ${SERVE_TIMEOUT:-540} python3 bench/serve.py --http-only --model tiny-llama --clients ${SERVE_CLIENTS:-1,16,64} \
+  --duration ${SERVE_SECONDS:-30} --warmup 5 ${SMOL135#model.name=tiny-llama } model.dtype=bfloat16
+
 if want headline; then
   config=${HEADLINE_CONFIG:-eval/instruct5.yaml}
   step "headline: $config, slm/oracle/base, SmolLM2-135M-Instruct, bf16, seeds 0, 1, 2 while time lasts"
