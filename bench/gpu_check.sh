@@ -17,6 +17,7 @@
 #   run "cp .gpuw/part-ab /tmp/gguf/" carrying .gpuw/part-ab
 #   run "HEADLINE_SECONDS=520 bench/gpu_check.sh $OUT headline" carrying .gpu   -> OUT/headline.tgz
 #   run "HEADLINE_CONFIG=eval/cl9.yaml HEADLINE_SECONDS=520 bench/gpu_check.sh $OUT headline" carrying .gpu   (cl9 instead)
+# HEADLINE_PARALLEL=1 runs the three seeds as three processes at once, then the seeds' table.
 # It resumes from its run folders, so a further call on the same machine (carrying .gpu again)
 # continues it. One seed of slm/oracle/base took about 3.5 minutes on an H100.
 #
@@ -116,11 +117,24 @@ if want headline; then
   else
     # one eval batch per cell (100 samples): decoding there is bound by kernel launches, not rows
     deadline=$(( $(date +%s) + ${HEADLINE_SECONDS:-480} )) rd=${HEADLINE_RUN_DIR:-runs/$(basename "$config" .yaml)}
-    for seeds in 0 0,1 0,1,2; do
+    mkdir -p "$out/headline"
+    if [[ -n "${HEADLINE_PARALLEL:-}" ]]; then  # one process per seed (a 135M model leaves the GPU mostly idle)
+      pids=()
+      for s in 0 1 2; do
+        step "compare --seeds $s in the background"
+        OMP_NUM_THREADS=4 timeout $(( deadline - $(date +%s) )) python3 -m slm_llm.cli compare --config "$config" \
+          --methods slm,oracle,base --seeds $s run_dir=$rd model.dtype=bfloat16 train.precision=bf16 eval.batch_size=100 \
+          ${HEADLINE_OVERRIDES:-} > "$out/headline/seed$s.log" 2>&1 &
+        pids+=($!)
+        sleep 20  # the first converts the GGUF; the others find it (the conversion is locked)
+      done
+      wait "${pids[@]}"; tail -n 3 "$out"/headline/seed*.log
+    fi
+    for seeds in $([[ -n "${HEADLINE_PARALLEL:-}" ]] && echo 0,1,2 || echo 0 0,1 0,1,2); do
       left=$(( deadline - $(date +%s) )); (( left > 30 )) || break; step "compare --seeds $seeds ($left s left)"
       timeout $left python3 -m slm_llm.cli compare --config "$config" --methods slm,oracle,base --seeds $seeds \
         run_dir=$rd model.dtype=bfloat16 train.precision=bf16 eval.batch_size=100 ${HEADLINE_OVERRIDES:-}
-      mkdir -p "$out/headline"; cp $rd-s*-compare.* $rd-seeds.* "$out/headline/" 2>/dev/null
+      cp $rd-s*-compare.* $rd-seeds.* "$out/headline/" 2>/dev/null
       for m in $rd-s*-slm/eval/matrix.json; do [[ -f $m ]] && cp $m "$out/headline/$(basename $(dirname $(dirname $m)))-matrix.json"; done
       for m in $rd-s*-slm/manifest.json; do [[ -f $m ]] && cp $m "$out/headline/$(basename $(dirname $m))-manifest.json"; done
     done
