@@ -197,7 +197,10 @@ class DtkrConfig(Section):
     # gaussian: the threshold also admits at least this share of the task's training queries measured
     # in a wording its Gaussian was fitted without (leave-wording-out), so a new phrasing of a task with
     # short inputs is not rejected for its wording alone; 0 = off
-    ood_wording_coverage: float = 0.75
+    ood_wording_coverage: float = 0.9
+    # gaussian: ... but a threshold raised so never admits more than this percentage of the background
+    # requests (dtkr.ood_background), so no wording is admitted where generic chat would be; 100 = no cap
+    ood_wording_cap: float = 1.0
     # And a background test against generic chat requests: "builtin" (shipped), "none", or a file of
     # your own (.txt one per line, .jsonl with "prompt"); see slm_llm/dtkr/ood.py.
     ood_background: str = "builtin"
@@ -221,6 +224,8 @@ class DtkrConfig(Section):
         _choice("dtkr.ood_rule", self.ood_rule, ("keys", "gaussian"))
         if not 0.0 <= self.ood_wording_coverage < 1.0:
             raise ConfigError("dtkr.ood_wording_coverage must be in [0, 1)")
+        if not 0.0 <= self.ood_wording_cap <= 100.0:
+            raise ConfigError("dtkr.ood_wording_cap must be in [0, 100] (a percentage of the background requests)")
         if not 0.0 < self.ood_shrinkage <= 1.0:
             raise ConfigError("dtkr.ood_shrinkage must be in (0, 1]")
         if self.ood_background not in ("builtin", "none") and not self.ood_background.endswith(REQUEST_FILES):

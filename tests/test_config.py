@@ -43,6 +43,7 @@ def test_int_is_accepted_for_float_but_not_str_for_int():
     ("- a\n- b\n", r"top level must be a mapping"),
     ("train: {lr: 1\n", r"invalid YAML"),
     ("dtkr:\n  ood_background: chat.csv\n", r"dtkr\.ood_background='chat\.csv': use builtin, none, or a \.txt/\.jsonl"),
+    ("dtkr:\n  ood_wording_cap: 150\n", r"dtkr\.ood_wording_cap must be in \[0, 100\]"),
 ])
 def test_errors_name_the_key_and_file(tmp_path, text, pattern):
     with pytest.raises(ConfigError, match=pattern):

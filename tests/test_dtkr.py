@@ -387,6 +387,35 @@ def test_gaussian_threshold_admits_a_new_wording_of_a_task_whose_wording_dominat
         router.add_task("t", init_keys(train, P, G), train_emb=train, train_wordings=wordings[:10])
 
 
+def test_wording_floor_stops_where_the_background_requests_begin():
+    """dtkr.ood_wording_cap: the leave-wording-out floor may not admit more than that percentage of
+    the generic background requests. Requests near the task (a new wording's neighbourhood) cap it;
+    requests far away leave the floor as it was; the random-fold threshold is never lowered."""
+    from slm_llm.dtkr.ood import calibrate
+
+    rng = np.random.default_rng(7)
+    dim = 96
+    offsets = rng.normal(size=(10, dim)) * 0.5
+    wordings = np.arange(300) % 9
+    base = rng.normal(size=dim) * 2
+    train = (base + offsets[wordings] + rng.normal(size=(300, dim)) * 0.1).astype(np.float32)
+    args = (train, 4, 0.3, 32, 1.0)
+    plain = calibrate(*args)
+    floor = calibrate(*args, wordings=wordings, wording_coverage=0.75)
+    near = (base + offsets[9] + rng.normal(size=(200, dim)) * 0.1).astype(np.float32)  # generic, near the task
+    far = (rng.normal(size=(200, dim)) * 2).astype(np.float32)
+    assert np.mean(floor.distance(near, 4) <= floor.threshold) > 0.5  # the uncapped floor lets them in
+    capped = calibrate(*args, wordings=wordings, wording_coverage=0.75, background=near, wording_cap=1.0)
+    assert capped.threshold == max(plain.threshold, np.percentile(capped.distance(near, 4), 1.0))
+    assert np.mean(capped.distance(near, 4) <= capped.threshold) < 0.1
+    assert plain.threshold <= capped.threshold < floor.threshold
+    assert calibrate(*args, wordings=wordings, wording_coverage=0.75, background=far,
+                     wording_cap=1.0).threshold == floor.threshold
+    on_task = (base + offsets[wordings[:50]]).astype(np.float32)  # a cap never lowers the random-fold threshold
+    assert calibrate(*args, wordings=wordings, wording_coverage=0.75, background=on_task,
+                     wording_cap=1.0).threshold == plain.threshold
+
+
 def test_background_test_flags_what_looks_generic_frozen_and_persisted(tmp_path):
     """A background cluster inside the task's Gaussian (ordinary chat near a task of short inputs)
     passes the Gaussian test; the task's background test flags it, not the task's fresh queries,

@@ -116,24 +116,30 @@ def out_of_fold(emb: np.ndarray, u: np.ndarray, groups: int, shrinkage: float, r
 
 def calibrate(emb: np.ndarray, groups: int, shrinkage: float, rank: int, percentile: float,
               seed: int = 0, records: np.ndarray | None = None, wordings: np.ndarray | None = None,
-              wording_coverage: float = 0.0) -> TaskGaussian:
+              wording_coverage: float = 0.0, background: np.ndarray | None = None,
+              wording_cap: float = 100.0) -> TaskGaussian:
     """The task's Gaussian from its training query embeddings [N, D], thresholded out of fold;
     ``records`` [N] names the training record each row words (default: a record per row).
     With ``wordings`` [N] (each row's wording: a phrasing, the input alone, ...) and
     ``wording_coverage`` > 0, the threshold is raised, if need be, to admit that share of the
-    rows measured under a Gaussian fitted without their wording."""
+    rows measured under a Gaussian fitted without their wording; with ``background`` [M, D]
+    (generic requests), never so far that it admits more than ``wording_cap`` % of them."""
     u = group_unit(emb, groups)
     records = np.arange(len(u)) if records is None else np.asarray(records)
     n_records = len(np.unique(records))
     if n_records < MIN_QUERIES:
         raise ValueError(f"the gaussian OOD rule needs at least {MIN_QUERIES} training records, got {n_records}")
     oof = out_of_fold(emb, u, groups, shrinkage, rank, group_folds(records, seed))
-    floor = 0.0
+    gaussian = TaskGaussian(*fit_gaussian(u, shrinkage, rank), threshold=float(np.percentile(oof, 100 - percentile)),
+                            oof=oof)
     if wordings is not None and wording_coverage > 0 and len(np.unique(wordings)) > 1:
         unseen = out_of_fold(emb, u, groups, shrinkage, rank, group_folds(np.asarray(wordings), seed))
         floor = float(np.percentile(unseen, 100 * wording_coverage))
-    return TaskGaussian(*fit_gaussian(u, shrinkage, rank), threshold=max(float(np.percentile(oof, 100 - percentile)),
-                                                                         floor), oof=oof, wording_floor=floor)
+        if background is not None and len(background):
+            floor = min(floor, float(np.percentile(gaussian.distance(background, groups), wording_cap)))
+        gaussian.wording_floor = floor
+        gaussian.threshold = max(gaussian.threshold, floor)
+    return gaussian
 
 
 @dataclass

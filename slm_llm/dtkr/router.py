@@ -152,7 +152,8 @@ class Router:
         is fitted on them too (each in its record's fold), so a bare input is judged against the
         task's bare inputs, not only the few training sent bare. ``train_wordings`` [N] names
         each row's wording (``slm_llm.data.router_wordings``): the Gaussian's threshold then also
-        admits ``dtkr.ood_wording_coverage`` of the rows measured without their wording.
+        admits ``dtkr.ood_wording_coverage`` of the rows measured without their wording (but no more
+        than ``dtkr.ood_wording_cap`` % of ``background_emb``).
         """
         if task in self._pos:
             raise RouterError(f"task {task!r} is already in the router")
@@ -173,6 +174,10 @@ class Router:
                 raise RouterError(f"train_emb must be [N, {self.dim}], got {tuple(train_emb.shape)}")
             if train_scores is None:
                 train_scores = score_matrix(train_emb, keys).max(1)
+        if background_emb is not None:
+            background_emb = np.asarray(background_emb, dtype=np.float32)
+            if background_emb.ndim != 2 or background_emb.shape[1] != self.dim:
+                raise RouterError(f"background_emb must be [M, {self.dim}], got {tuple(background_emb.shape)}")
         n_slots = rows // self.keys_per_slot
         entry = {"name": task, "first_slot": self.n_slots, "n_slots": n_slots, "first_row": self.index.ntotal,
                  "n_rows": rows, "threshold": None}
@@ -192,13 +197,11 @@ class Router:
                                   f"got {len(train_wordings)}")
             gaussian = calibrate(train_emb, self.groups, c.ood_shrinkage, c.ood_rank, c.ood_percentile,
                                  records=train_records, wordings=train_wordings,
-                                 wording_coverage=c.ood_wording_coverage)
+                                 wording_coverage=c.ood_wording_coverage, background=background_emb,
+                                 wording_cap=c.ood_wording_cap)
             entry["threshold"] = gaussian.threshold
         background = None
         if background_emb is not None:
-            background_emb = np.asarray(background_emb, dtype=np.float32)
-            if background_emb.ndim != 2 or background_emb.shape[1] != self.dim:
-                raise RouterError(f"background_emb must be [M, {self.dim}], got {tuple(background_emb.shape)}")
             fit, records = train_emb, np.arange(len(train_emb)) if train_records is None else np.asarray(train_records)
             if bare_emb is not None:
                 bare_emb, n_records = np.asarray(bare_emb, dtype=np.float32), len(np.unique(records))

@@ -32,7 +32,8 @@ from slm_llm.run import RunDir, RunError
 from slm_llm.train.continual import add_router_task
 from slm_llm.utils.io import write_json, write_text
 
-REFIT_KEYS = ("ood_rule", "ood_percentile", "ood_shrinkage", "ood_rank", "ood_wording_coverage", "ood_background")
+REFIT_KEYS = ("ood_rule", "ood_percentile", "ood_shrinkage", "ood_rank", "ood_wording_coverage", "ood_wording_cap",
+             "ood_background")
 
 
 def refit_router(run_dir: str | Path, overrides: list[str] | None = None) -> dict[str, Any]:
