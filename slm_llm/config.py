@@ -198,8 +198,9 @@ class DtkrConfig(Section):
     # in a wording its Gaussian was fitted without (leave-wording-out), so a new phrasing of a task with
     # short inputs is not rejected for its wording alone; 0 = off
     ood_wording_coverage: float = 0.9
-    # gaussian: ... but a threshold raised so never admits more than this percentage of the background
-    # requests (dtkr.ood_background), so no wording is admitted where generic chat would be; 100 = no cap
+    # gaussian: a threshold raised for new wordings never admits more than this percentage of the
+    # background requests (dtkr.ood_background): no wording is admitted where generic chat would be;
+    # 100 = no cap (nor is there one with ood_background=none)
     ood_wording_cap: float = 1.0
     # And a background test against generic chat requests: "builtin" (shipped), "none", or a file of
     # your own (.txt one per line, .jsonl with "prompt"); see slm_llm/dtkr/ood.py.
