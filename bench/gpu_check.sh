@@ -117,14 +117,14 @@ if want headline; then
   else
     # one eval batch per cell (100 samples): decoding there is bound by kernel launches, not rows
     deadline=$(( $(date +%s) + ${HEADLINE_SECONDS:-480} )) rd=${HEADLINE_RUN_DIR:-runs/$(basename "$config" .yaml)}
+    compare=(python3 -m slm_llm.cli compare --config "$config" --methods slm,oracle,base run_dir=$rd
+             model.dtype=bfloat16 train.precision=bf16 eval.batch_size=100 ${HEADLINE_OVERRIDES:-})
     mkdir -p "$out/headline"
     if [[ -n "${HEADLINE_PARALLEL:-}" ]]; then  # one process per seed (a 135M model leaves the GPU mostly idle)
       pids=()
       for s in 0 1 2; do
         step "compare --seeds $s in the background"
-        OMP_NUM_THREADS=4 timeout $(( deadline - $(date +%s) )) python3 -m slm_llm.cli compare --config "$config" \
-          --methods slm,oracle,base --seeds $s run_dir=$rd model.dtype=bfloat16 train.precision=bf16 eval.batch_size=100 \
-          ${HEADLINE_OVERRIDES:-} > "$out/headline/seed$s.log" 2>&1 &
+        OMP_NUM_THREADS=4 timeout $(( deadline - $(date +%s) )) "${compare[@]}" --seeds $s > "$out/headline/seed$s.log" 2>&1 &
         pids+=($!)
         sleep 20  # the first converts the GGUF; the others find it (the conversion is locked)
       done
@@ -132,8 +132,7 @@ if want headline; then
     fi
     for seeds in $([[ -n "${HEADLINE_PARALLEL:-}" ]] && echo 0,1,2 || echo 0 0,1 0,1,2); do
       left=$(( deadline - $(date +%s) )); (( left > 30 )) || break; step "compare --seeds $seeds ($left s left)"
-      timeout $left python3 -m slm_llm.cli compare --config "$config" --methods slm,oracle,base --seeds $seeds \
-        run_dir=$rd model.dtype=bfloat16 train.precision=bf16 eval.batch_size=100 ${HEADLINE_OVERRIDES:-}
+      timeout $left "${compare[@]}" --seeds $seeds
       cp $rd-s*-compare.* $rd-seeds.* "$out/headline/" 2>/dev/null
       for m in $rd-s*-slm/eval/matrix.json; do [[ -f $m ]] && cp $m "$out/headline/$(basename $(dirname $(dirname $m)))-matrix.json"; done
       for m in $rd-s*-slm/manifest.json; do [[ -f $m ]] && cp $m "$out/headline/$(basename $(dirname $m))-manifest.json"; done
