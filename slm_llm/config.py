@@ -87,6 +87,7 @@ class ModelConfig(Section):
 @dataclass
 class DataConfig(Section):
     SECTION: ClassVar[str] = "data"
+    POSITIVE: ClassVar[tuple[str, ...]] = ("wordings",)
     NON_NEGATIVE: ClassVar[tuple[str, ...]] = ("dev_samples", "max_train_samples", "max_eval_samples")
     suite: str = "instruct6"  # a suite name from eval/suites/ or a path to a suite YAML
     order: str = "default"  # a named order of the suite
@@ -103,6 +104,9 @@ class DataConfig(Section):
     # instruction, which hands the router a task id in disguise.
     phrasing: str = "pool"
     input_only_share: float = 0.25
+    # each training record is trained on in this many wordings, drawn independently the same way
+    # (a train phrasing or the input alone): more wordings of one record per epoch; 1 = one
+    wordings: int = 1
     heldout_share: float = 0.25  # share of each task's phrasing pool held out for the paraphrase view
     phrasing_seed: int = 0  # seed of the train / held-out split of the pools (recorded in the manifest)
     # Choosing settings on dev: every run keeps dev_samples records per task out of training (the dev

@@ -44,6 +44,7 @@ def test_int_is_accepted_for_float_but_not_str_for_int():
     ("train: {lr: 1\n", r"invalid YAML"),
     ("dtkr:\n  ood_background: chat.csv\n", r"dtkr\.ood_background='chat\.csv': use builtin, none, or a \.txt/\.jsonl"),
     ("dtkr:\n  ood_wording_cap: 150\n", r"dtkr\.ood_wording_cap must be in \[0, 100\]"),
+    ("data:\n  wordings: 0\n", r"data\.wordings must be > 0"),
 ])
 def test_errors_name_the_key_and_file(tmp_path, text, pattern):
     with pytest.raises(ConfigError, match=pattern):

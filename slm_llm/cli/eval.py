@@ -26,6 +26,8 @@ def register(sub, add_config_args) -> None:
     p.add_argument("--lr-grid", default=None, help="comma-separated learning rates: each training method's rate "
                    "is first picked on the dev split (<run_dir>-lr<rate>-<method>, <run_dir>-lr.{json,md}); with --seeds, "
                    "by the mean dev AP over those seeds (<run_dir>-lr<rate>-s<seed>-<method>)")
+    p.add_argument("--final-row", action="store_true", help="evaluate each run after its last task only: AP "
+                   "without BWT, all a choice on dev (data.eval_split=dev) needs")
     _add_view_arg(p)
     p.set_defaults(fn=cmd_compare)
 
@@ -95,11 +97,11 @@ def cmd_compare(args) -> int:
     if seeds:
         from slm_llm.recipes.compare import compare_seeds
 
-        table = compare_seeds(cfg, methods, seeds, lrs)
+        table = compare_seeds(cfg, methods, seeds, lrs, args.final_row)
         print(open(table["paths"]["markdown"]).read())
         print(f"table: {table['paths']['json']}  {table['paths']['markdown']}  {table['paths']['plot']}")
         return 0
-    table = compare(cfg, methods, args.out, lrs)
+    table = compare(cfg, methods, args.out, lrs, args.final_row)
     print(open(table["paths"]["markdown"]).read())
     print(f"table: {table['paths']['json']}  {table['paths']['markdown']}")
     return 0

@@ -54,13 +54,13 @@ def compare(cfg: Config, methods: list[str], out: str | Path | None = None,
 
 
 def compare_seeds(cfg: Config, methods: list[str], seeds: list[int],
-                  lrs: dict[str, float] | None = None) -> dict[str, Any]:
+                  lrs: dict[str, float] | None = None, final_row_only: bool = False) -> dict[str, Any]:
     """Run (or resume) the comparison once per seed, then write and return the interval table
     ``<run_dir>-seeds.{json,md,png}``."""
     tables = {}
     for s in seeds:
         log.info(f"compare: seed {s}")
-        tables[s] = compare(seed_config(cfg, s), methods, lrs=lrs)
+        tables[s] = compare(seed_config(cfg, s), methods, lrs=lrs, final_row_only=final_row_only)
     table = seeds_table(cfg, methods, seeds, tables)
     out = Path(f"{cfg.run_dir}-seeds.json")
     write_json(out, table)

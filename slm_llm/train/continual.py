@@ -25,8 +25,8 @@ import torch
 
 from slm_llm.config import SHARED_ADAPTER as SHARED
 from slm_llm.config import Config, shared_adapter_config
-from slm_llm.data import (Collator, DataError, Suite, load_suite, own_wordings, own_wordings_record, rendered_record,
-                          run_records, task_split, tokenize_example)
+from slm_llm.data import (Collator, DataError, Suite, load_suite, own_wordings, own_wordings_record, query_text,
+                          rendered_record, run_records, task_split, tokenize_example)
 from slm_llm.dtkr import Router, init_keys, load_keys, open_router, routing_tensors, save_keys, score_matrix, train_keys
 from slm_llm.dtkr.encoder import Encoder, build_encoder, check_slot_span
 from slm_llm.dtkr.evaluate import TaskQueries, task_queries
@@ -127,14 +127,14 @@ def run_continual(cfg: Config, after_task: Callable[[Config, RunDir, int], objec
         tdir = run.task_dir(stage)
         tdir.mkdir(parents=True, exist_ok=True)
         router_q = None if stage == MULTITASK else task_queries(cfg, suite, stage, renderings)
-        queries = [r for task in tasks for r in task_queries(cfg, suite, task).records] if router_q is None \
-            else router_q.records
-        records = queries[: len(queries) // renderings]  # the training samples' own wordings come first
+        # each training record in data.wordings wordings, drawn as the router's queries are (their prefix)
+        records = [r for task in (tasks if router_q is None else [stage])
+                   for r in task_queries(cfg, suite, task, cfg.data.wordings).records]
 
         if method == "slm":
             # 1. DTKR keys on this task's queries only (old tasks' keys are frozen; no old data).
             fit = encoder.encode(router_q.texts)  # [R*N, D]
-            emb = fit[: len(records)]  # [N, D]
+            emb = fit[: len(records)] if len(records) <= len(fit) else encoder.encode([query_text(r) for r in records])
             router = open_router(run, cfg, encoder, create=True)
             if rank == 0 and not (tdir / "keys.safetensors").exists():
                 keys = init_keys(fit, cfg.jare.slots_per_task * cfg.dtkr.keys_per_slot, cfg.dtkr.groups,
