@@ -131,11 +131,11 @@ if want headline; then
     }
     mkdir -p "$out/headline"
     if [[ -n "${HEADLINE_PARALLEL:-}" ]]; then  # one process per variant and seed (a 135M model leaves the GPU mostly idle)
-      pids=() threads=$(( $(nproc) / (${#variants[@]} * 3) ))
+      pids=() threads=$(( $(nproc) / (${#variants[@]} * 3) )) reserve=$(( 30 * ${#variants[@]} ))  # for the seeds' tables
       for v in "${variants[@]}"; do
         for s in 0 1 2; do
           step "compare ${v%%:*} --seeds $s in the background"
-          OMP_NUM_THREADS=$(( threads > 4 ? 4 : threads > 0 ? threads : 1 )) timeout $(( deadline - $(date +%s) )) bash -c "$(declare -f compare); config=$config rd=$rd; compare '$v' --seeds $s" \
+          OMP_NUM_THREADS=$(( threads > 4 ? 4 : threads > 0 ? threads : 1 )) timeout $(( deadline - reserve - $(date +%s) )) bash -c "$(declare -f compare); config=$config rd=$rd; compare '$v' --seeds $s" \
             > "$out/headline/${v%%:*}seed$s.log" 2>&1 &
           pids+=($!)
           (( ${#pids[@]} > 1 )) || sleep 20  # the first converts the GGUF; the others find it (the conversion is locked)
