@@ -51,8 +51,8 @@ def main() -> None:
     for name, overrides in variants:
         diff = [aps[name][s][args.view] - aps[first][s][args.view] for s in seeds]
         wins = sum(d > 0 for d in diff)
-        print(f"| {name} | {overrides or '(committed)'} | "
-              + " | ".join(fmt([aps[name][s][v] for s in seeds]) for v in views) + f" | {fmt(diff)} | {wins}/{len(seeds)} |")
+        cells = [fmt([aps[name][s][v] for s in seeds]) for v in views]
+        print(f"| {name} | {overrides or '(committed)'} | " + " | ".join(cells) + f" | {fmt(diff)} | {wins}/{len(seeds)} |")
         mean = statistics.mean(aps[name][s][args.view] for s in seeds)
         if name != first and wins == len(seeds) and mean > best_ap:
             best, best_ap = name, mean

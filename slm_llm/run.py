@@ -24,8 +24,8 @@ FROZEN_KEYS = (
     "model", "jare", "dtkr", "train.method", "train.lr", "train.epochs", "train.max_steps", "train.seed",
     "train.weight_decay", "train.warmup_ratio", "train.min_lr_ratio", "train.olora_lambda", "train.olora_l2",
     "data.suite", "data.template", "data.max_length", "data.truncation", "data.max_train_samples", "data.seed",
-    "data.phrasing", "data.input_only_share", "data.wordings", "data.heldout_share", "data.phrasing_seed", "data.dev_samples",
-    "data.eval_split",
+    "data.phrasing", "data.input_only_share", "data.wordings", "data.heldout_share", "data.phrasing_seed",
+    "data.dev_samples", "data.eval_split",
 )
 FREE_KEYS = ("model.cache_dir", "model.gradient_checkpointing", "dtkr.encode_batch_size", "dtkr.index_device")
 

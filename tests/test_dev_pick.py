@@ -11,7 +11,7 @@ def write_grid(tmp_path, aps: dict[str, list[float]]) -> str:
     prefix = tmp_path / "cl9"
     for name, per_seed in aps.items():
         for seed, ap in enumerate(per_seed):
-            cells = {v: {"strict": {"slm": {"ap": ap + (1.0 if v == "fixed" else 0.0)}}} for v in ("paraphrase", "fixed")}
+            cells = {v: {"strict": {"slm": {"ap": ap + (v == "fixed")}}} for v in ("paraphrase", "fixed")}
             Path(f"{prefix}-{name}-s{seed}-compare.json").write_text(json.dumps({"cells": cells}))
     return str(prefix)
 
