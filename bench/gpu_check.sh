@@ -23,7 +23,8 @@
 #   HEADLINE_PARALLEL=1 HEADLINE_CONFIG=eval/cl9.yaml HEADLINE_METHODS=slm HEADLINE_FLAGS=--final-row \
 #   HEADLINE_OVERRIDES="data.eval_split=dev eval.max_samples=50" HEADLINE_VARIANTS="w1:;w2:data.wordings=2" ...
 # It resumes from its run folders, so a further call on the same machine (carrying .gpu again)
-# continues it. One seed of slm/oracle/base took about 3.5 minutes on an H100.
+# continues it. headline.tgz holds headline/runs.tgz (each run's manifest, run.yaml and eval/): unpacked
+# in a checkout, the same compare command with --seeds 0,1,2 builds the seeds' table there, no GPU needed. One seed of slm/oracle/base took about 3.5 minutes on an H100.
 #
 # Models are random-weight Llamas in SmolLM2-135M's shape (and SmolLM2-1.7B's for decode), so no
 # weights travel: the numbers are speed and exactness, not accuracy. Every step has its own time
@@ -131,7 +132,7 @@ if want headline; then
     }
     mkdir -p "$out/headline"
     if [[ -n "${HEADLINE_PARALLEL:-}" ]]; then  # one process per variant and seed (a 135M model leaves the GPU mostly idle)
-      pids=() threads=$(( $(nproc) / (${#variants[@]} * 3) )) reserve=$(( 30 * ${#variants[@]} ))  # for the seeds' tables
+      pids=() threads=$(( $(nproc) / (${#variants[@]} * 3) )) reserve=$(( 60 * ${#variants[@]} ))  # for the seeds' tables
       for v in "${variants[@]}"; do
         for s in 0 1 2; do
           step "compare ${v%%:*} --seeds $s in the background"
@@ -152,6 +153,9 @@ if want headline; then
     cp $rd*-s*-compare.* $rd*-seeds.* "$out/headline/" 2>/dev/null
     for m in $rd*-s*-slm/eval/matrix.json; do [[ -f $m ]] && cp $m "$out/headline/$(basename $(dirname $(dirname $m)))-matrix.json"; done
     for m in $rd*-s*-slm/manifest.json; do [[ -f $m ]] && cp $m "$out/headline/$(basename $(dirname $m))-manifest.json"; done
+    runs=()  # each run's manifest, config and eval folder: the seeds' tables can be rebuilt from them elsewhere
+    for d in $rd*-s*-slm; do [[ -d $d/eval ]] && runs+=("$d/manifest.json" "$d/run.yaml" "$d/eval"); done
+    (( ${#runs[@]} )) && tar czf "$out/headline/runs.tgz" --exclude='*.png' "${runs[@]}"
     tar czf "$out/headline.tgz" -C "$out" headline && rm -rf "$out/headline"  # few files come back per call
   fi
 fi
