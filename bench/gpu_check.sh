@@ -24,7 +24,8 @@
 #   HEADLINE_OVERRIDES="data.eval_split=dev eval.max_samples=50" HEADLINE_VARIANTS="w1:;w2:data.wordings=2" ...
 # It resumes from its run folders, so a further call on the same machine (carrying .gpu again)
 # continues it. headline.tgz holds headline/runs.tgz (each run's manifest, run.yaml and eval/): unpacked
-# in a checkout, the same compare command with --seeds 0,1,2 builds the seeds' table there, no GPU needed. One seed of slm/oracle/base took about 3.5 minutes on an H100.
+# in a checkout, the same compare command with --seeds 0,1,2 builds the seeds' table there, no GPU
+# needed. One seed of slm/oracle/base took about 3.5 minutes on an H100.
 #
 # Models are random-weight Llamas in SmolLM2-135M's shape (and SmolLM2-1.7B's for decode), so no
 # weights travel: the numbers are speed and exactness, not accuracy. Every step has its own time
@@ -130,13 +131,14 @@ if want headline; then
         run_dir=$rd${name:+-$name} model.dtype=bfloat16 train.precision=bf16 eval.batch_size=100 \
         ${HEADLINE_OVERRIDES:-} $extra ${HEADLINE_FLAGS:-} "$@"
     }
+    export -f compare; export config rd  # for `timeout ... bash -c 'compare "$@"' _ VARIANT ARGS...`
     mkdir -p "$out/headline"
     if [[ -n "${HEADLINE_PARALLEL:-}" ]]; then  # one process per variant and seed (a 135M model leaves the GPU mostly idle)
       pids=() threads=$(( $(nproc) / (${#variants[@]} * 3) )) reserve=$(( 60 * ${#variants[@]} ))  # for the seeds' tables
       for v in "${variants[@]}"; do
         for s in 0 1 2; do
           step "compare ${v%%:*} --seeds $s in the background"
-          OMP_NUM_THREADS=$(( threads > 4 ? 4 : threads > 0 ? threads : 1 )) timeout $(( deadline - reserve - $(date +%s) )) bash -c "$(declare -f compare); config=$config rd=$rd; compare '$v' --seeds $s" \
+          OMP_NUM_THREADS=$(( threads > 4 ? 4 : threads > 0 ? threads : 1 )) timeout $(( deadline - reserve - $(date +%s) )) bash -c 'compare "$@"' _ "$v" --seeds $s \
             > "$out/headline/${v%%:*}seed$s.log" 2>&1 &
           pids+=($!)
           (( ${#pids[@]} > 1 )) || sleep 20  # the first converts the GGUF; the others find it (the conversion is locked)
@@ -147,7 +149,7 @@ if want headline; then
     for v in "${variants[@]}"; do
       for seeds in $([[ -n "${HEADLINE_PARALLEL:-}" ]] && echo 0,1,2 || echo 0 0,1 0,1,2); do
         left=$(( deadline - $(date +%s) )); (( left > 30 )) || break; step "compare ${v%%:*} --seeds $seeds ($left s left)"
-        timeout $left bash -c "$(declare -f compare); config=$config rd=$rd; compare '$v' --seeds $seeds"
+        timeout $left bash -c 'compare "$@"' _ "$v" --seeds $seeds
       done
     done
     cp $rd*-s*-compare.* $rd*-seeds.* "$out/headline/" 2>/dev/null

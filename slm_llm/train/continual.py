@@ -128,8 +128,12 @@ def run_continual(cfg: Config, after_task: Callable[[Config, RunDir, int], objec
         tdir.mkdir(parents=True, exist_ok=True)
         router_q = None if stage == MULTITASK else task_queries(cfg, suite, stage, renderings)
         # each training record in data.wordings wordings, drawn as the router's queries are (their prefix)
-        records = [r for task in (tasks if router_q is None else [stage])
-                   for r in task_queries(cfg, suite, task, cfg.data.wordings).records]
+        wordings = cfg.data.wordings
+        if router_q is not None and wordings <= renderings:
+            records = router_q.records[: len(router_q.records) // renderings * wordings]
+        else:
+            records = [r for task in (tasks if router_q is None else [stage])
+                       for r in task_queries(cfg, suite, task, wordings).records]
 
         if method == "slm":
             # 1. DTKR keys on this task's queries only (old tasks' keys are frozen; no old data).
