@@ -51,7 +51,7 @@ def embed(cfg, suite_name: str, tasks: list[str], max_test: int, path: Path) -> 
     texts = {}
     for t in tasks:
         train, views = suite_queries(cfg, suite, t, VIEWS, max_test)
-        texts[f"train/{t}"] = train.texts
+        texts[f"train/{t}"] = train.texts[: train.n_sample]  # the training sample (the historical tables)
         texts.update({f"{v}/{t}": q for v, q in views.items()})
     other = "cl9" if suite_name == "instruct6" else "instruct6"
     off = off_domain_queries(other, cfg, 30)

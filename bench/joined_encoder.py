@@ -58,7 +58,7 @@ def main() -> None:
         texts = {}
         for t in tasks:
             queries, views = suite_queries(cfg, suite, t, VIEWS, a.max_test)
-            texts[f"train/{t}"] = queries.texts
+            texts[f"train/{t}"] = queries.texts[: queries.n_sample]  # the training sample (the historical tables)
             texts.update({f"{v}/{t}": q for v, q in views.items()})
         texts.update({f"off/{name}": off_domain_queries(name, cfg, a.max_test) for name in (off, "ifeval")})
         vecs = {}

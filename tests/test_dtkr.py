@@ -699,6 +699,26 @@ def test_ood_flag_on_foreign_text(real_encoder):
         router.route_texts(inside, Encoder("some/other-model", cache=False, model=FakeModel()))
 
 
+def test_keys_sit_on_the_training_sample_while_the_statistics_also_see_the_calibration_records():
+    """dtkr.calibration_records: a task's keys (and so the slots its samples train) come from the
+    training sample alone; its whitening and OOD Gaussian are fitted on the calibration rows too."""
+    from slm_llm.dtkr.evaluate import TaskQueries, build_router_continual
+
+    rng = np.random.default_rng(0)
+    cfg = Config()
+    cfg.dtkr.groups = 4
+    emb = {t: (rng.normal(size=(90, 24)) + 4 * i).astype(np.float32) for i, t in enumerate(["a", "b"])}
+    queries = {t: TaskQueries(records=[], wordings=[i % 3 for i in range(90)], bare=[""] * 90, n_sample=60)
+               for t in emb}
+    both = build_router_continual(emb, cfg, queries=queries)
+    sample_only = build_router_continual({t: e[:60] for t, e in emb.items()}, cfg,
+                                         queries={t: TaskQueries([], q.wordings[:60], [""] * 60, 60)
+                                                  for t, q in queries.items()})
+    for t in emb:
+        assert torch.equal(both.task_keys(t), sample_only.task_keys(t))
+        assert both.gaussian(t).threshold != sample_only.gaussian(t).threshold
+
+
 def test_builtin_background_rejects_ordinary_chat_that_the_gaussian_lets_through(real_encoder, data_root):
     """Real data: finance and law routers fitted on their training queries. Everyday requests, in
     English and other languages (written here, in no file of the repository), get through the
@@ -712,10 +732,10 @@ def test_builtin_background_rejects_ordinary_chat_that_the_gaussian_lets_through
     cfg.data.tasks = ["finance_phrasebank", "law_overruling"]
     cfg.data.max_train_samples = 120
     suite = load_suite("instruct6")
-    train, held_out = {}, []
+    train, fitted_on, held_out = {}, {}, []
     for task in cfg.data.tasks:
-        queries, views = suite_queries(cfg, suite, task, ["paraphrase"], 15)
-        train[task] = real_encoder.encode(queries.texts)
+        fitted_on[task], views = suite_queries(cfg, suite, task, ["paraphrase"], 15)
+        train[task] = real_encoder.encode(fitted_on[task].texts)
         held_out += [(task, q) for q in views["paraphrase"]]
     chat = ["What's the capital of Australia?", "Write a haiku about autumn leaves.",
             "Can you recommend a good book for a long flight?", "Tell me a joke about cats.",
@@ -726,7 +746,7 @@ def test_builtin_background_rejects_ordinary_chat_that_the_gaussian_lets_through
             "今日の天気はどうですか？", "Помоги мне выбрать ноутбук для учёбы.", "Hoe laat gaat de supermarkt open?"]
     flagged = {}
     for name, background in [("none", None), ("builtin", background_embeddings("builtin", real_encoder))]:
-        router = build_router_continual(train, cfg, background)
+        router = build_router_continual(train, cfg, background, queries=fitted_on)
         flagged[name] = np.mean([d.ood for d in router.route_texts(chat, real_encoder)])
         decisions = router.route_texts([q for _, q in held_out], real_encoder)
         served = np.mean([d.task == t and not d.ood for (t, _), d in zip(held_out, decisions)])
@@ -763,9 +783,9 @@ def test_router_eval_end_to_end(real_encoder, data_root, tmp_path):
     assert {p.name for p in (tmp_path / "seed1").iterdir()} >= {"router_eval.json", "confusion-paraphrase.txt",
                                                                   "confusion-input-only.png"}
     assert run["n_train"] == {t: 24 for t in cfg.data.tasks}
-    cfg.dtkr.renderings = 2  # the router is fitted on two wordings of each training record
-    assert router_eval(cfg, views=["input-only"], max_test=4, encoder=real_encoder)["n_train"] == \
-        {t: 48 for t in cfg.data.tasks}
+    cfg.dtkr.renderings, cfg.dtkr.calibration_records = 2, 8  # two wordings of each record, 8 more records
+    more = router_eval(cfg, views=["input-only"], max_test=4, encoder=real_encoder)
+    assert more["n_train"] == {t: 48 for t in cfg.data.tasks} and more["n_calibration"] == {t: 8 for t in cfg.data.tasks}
 
 
 def test_cli_route_prints_decisions(real_encoder, tmp_path, capsys):
@@ -828,7 +848,8 @@ def test_route_check_words_a_runs_test_records_in_your_phrasings(served_run, tmp
 
 def test_refit_router_changes_only_the_ood_tests_and_records_them(served_run, task_queries, tmp_path, capsys):
     """`slm-llm refit-router`: the same tasks, slots and weights from the saved keys; the OOD tests
-    follow the new dtkr.ood_* settings, run.yaml records them; other keys are refused."""
+    follow the new dtkr.ood_* settings, run.yaml records them; dtkr.calibration_records refits the
+    statistics on more records, never a task's own slots and weights; other keys are refused."""
     import shutil
 
     import yaml
@@ -863,8 +884,23 @@ def test_refit_router_changes_only_the_ood_tests_and_records_them(served_run, ta
         decisions()
     assert main(["refit-router", "--run", str(run)]) == 0  # rebuilds it in today's format
     assert decisions() == before
+    capsys.readouterr()
+
+    def within_task():  # the slots and weights each task's own queries get inside their task
+        cfg = load_config(run / "run.yaml")
+        encoder = build_encoder(cfg, cache=False)
+        router = open_router(RunDir(run), cfg, encoder)
+        return [(d.slots, d.weights) for t, qs in task_queries.items()
+                for d in router.route_texts(qs, encoder, restrict_task=t)]
+
+    trained = within_task()
+    assert main(["refit-router", "--run", str(run), "dtkr.calibration_records=16"]) == 0
+    moved = re.findall(r"threshold (\S+) -> (\S+),", capsys.readouterr().out)
+    assert len(moved) == 2 and any(a != b for a, b in moved)  # the Gaussians saw 16 more records per task
+    assert yaml.safe_load((run / "run.yaml").read_text())["dtkr"]["calibration_records"] == 16
+    assert within_task() == trained  # the keys are the saved ones: what the increments were trained with
     assert main(["refit-router", "--run", str(run), "dtkr.groups=3"]) == 2
-    assert "refit-router changes OOD settings only" in capsys.readouterr().err
+    assert "refit-router changes the router's statistics only" in capsys.readouterr().err
 
 
 def test_eval_all_rows_routes_each_row_by_its_stages_router_and_refit_clears_every_row(served_run, tmp_path, capsys):

@@ -88,6 +88,26 @@ def test_dev_pool_is_never_trained_on_and_is_what_dev_runs_evaluate(data_root):
     assert all(r.id.startswith("copa-test-") for r in run_records(suite, "copa", "eval", test_cfg, 10))
 
 
+def test_calibration_records_come_from_the_train_split_past_the_training_sample_and_dev_pool(data_root):
+    """dtkr.calibration_records: records the router's statistics see and the increments never train
+    on, seeded; fewer when the split runs out; the training sample does not move."""
+    from slm_llm.data import load_suite, run_records
+
+    suite = load_suite("cl9")
+    data = load_config(None, ["data.max_train_samples=200", "data.dev_samples=100"]).data
+    dev = {r.id for r in run_records(suite, "copa", "eval", load_config(
+        None, ["data.max_train_samples=200", "data.dev_samples=100", "data.eval_split=dev"]).data)}
+    train = run_records(suite, "copa", "train", data)
+    more = run_records(suite, "copa", "calibration", data, calibration=50)
+    assert len(more) == 50 and not {r.id for r in more} & ({r.id for r in train} | dev)
+    assert more == run_records(suite, "copa", "calibration", data, calibration=50)  # seeded
+    assert len(run_records(suite, "copa", "calibration", data, calibration=500)) == 400 - 100 - 200  # all there is
+    assert run_records(suite, "copa", "calibration", data) == []
+    assert run_records(suite, "copa", "train", data) == train
+    data.max_train_samples = 0  # the whole split trains: nothing is left to calibrate on
+    assert run_records(suite, "copa", "calibration", data, calibration=50) == []
+
+
 def test_lr_schedule_warms_up_then_decays():
     f = lr_lambda(total_steps=100, warmup_ratio=0.1, min_lr_ratio=0.1)
     assert f(0) < f(5) < f(10) == pytest.approx(1.0)
@@ -132,7 +152,7 @@ def test_data_wordings_trains_each_record_in_that_many_of_its_router_wordings(tm
     info = json.loads((run / "manifest.json").read_text())["tasks"]["finance_phrasebank"]
     assert (info["train_samples"], info["steps"]) == (64, 16)  # 32 records x 2 wordings, 4 per step
     cfg = load_config(REPO / "configs/tiny.yaml", ["data.tasks=[finance_phrasebank]", "data.wordings=2"])
-    samples = task_queries(cfg, load_suite("instruct6"), "finance_phrasebank", 2).records
+    samples = task_queries(cfg, load_suite("instruct6"), "finance_phrasebank", 2).sample
     first, second = [query_text(r) for r in samples[:32]], [query_text(r) for r in samples[32:]]
     assert sum(a != b for a, b in zip(first, second)) > 16  # a second wording, not the same sample twice
 

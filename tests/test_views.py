@@ -105,6 +105,35 @@ def test_router_wordings_name_the_wording_of_every_router_query(data_root):
     assert all(w == BARE or w == OWN - i for i, w in enumerate(words)) and words.count(BARE) < 30
 
 
+def test_router_queries_add_calibration_records_after_the_sample_in_train_wordings_only(data_root):
+    """dtkr.calibration_records: the router's queries are the training sample (renderings of each
+    record, first: keys and training use them), then one wording of each calibration record, drawn
+    as training draws (train phrasings or input alone, never a held-out phrasing); each query names
+    its record (calibration folds) and its wording, and each record has its bare input."""
+    from slm_llm.config import load_config
+    from slm_llm.data import bare_records, run_records
+    from slm_llm.data.views import BARE
+    from slm_llm.dtkr.evaluate import task_queries
+
+    suite = load_suite("instruct6")
+    cfg = load_config(None, ["data.tasks=[law_overruling]", "data.max_train_samples=40", "dtkr.calibration_records=30",
+                             f"data.data_root={data_root}"])
+    spec = suite.tasks["law_overruling"]
+    q = task_queries(cfg, suite, "law_overruling", renderings=2)
+    sample = run_records(suite, "law_overruling", "train", cfg.data)
+    extra = run_records(suite, "law_overruling", "calibration", cfg.data, calibration=30)
+    assert q.n_sample == 80 and q.sample == router_records(sample, spec, cfg.data, 2)
+    assert q.records[80:] == training_records(extra, spec, cfg.data) and len(q.records) == 110
+    assert q.record_of.tolist() == [i % 40 for i in range(80)] + list(range(40, 70))
+    assert q.bare == [query_text(r) for r in bare_records(sample + extra, spec)]
+    train, held = task_split(spec, cfg.data).train, task_split(spec, cfg.data).heldout
+    for r, w, i in zip(q.records[80:], q.wordings[80:], range(30)):
+        body = q.bare[40 + i]
+        assert r.instruction == (body if w == BARE else phrase(train[w], body))
+        assert not any(r.instruction == phrase(h, body) for h in held)
+    assert task_queries(cfg, suite, "law_overruling", 2, calibration=False).records == q.sample
+
+
 def test_views_of_a_record():
     suite = load_suite("instruct6")
     spec = suite.tasks["finance_phrasebank"]

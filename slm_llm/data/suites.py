@@ -164,7 +164,7 @@ def load_task_split(
     return _subsample(records, max_samples, seed)
 
 
-def run_records(suite: Suite, task: str, part: str, data, max_eval: int = 0) -> list[Record]:
+def run_records(suite: Suite, task: str, part: str, data, max_eval: int = 0, calibration: int = 0) -> list[Record]:
     """The raw records a run uses for ``task`` (``data`` is a DataConfig).
 
     Each task's train split first gives up a *dev pool*: ``data.dev_samples`` records drawn
@@ -172,6 +172,8 @@ def run_records(suite: Suite, task: str, part: str, data, max_eval: int = 0) -> 
     trains exactly like the run that reports on test.
 
     part "train": the training sample, ``data.max_train_samples`` of the rest (0 = all).
+    part "calibration": ``calibration`` more records of the rest, never the training sample's
+    (fewer when the split has no more): the router's statistics see them, the increments do not.
     part "eval": ``max_eval`` records (0 = all) of the test split, or of the dev pool when
     ``data.eval_split`` is "dev".
     """
@@ -179,21 +181,29 @@ def run_records(suite: Suite, task: str, part: str, data, max_eval: int = 0) -> 
     train = load_task_split(suite, task, "train", root)
     n_dev = min(data.dev_samples, len(train) // 2)
     dev_ids = set(random.Random(f"dev:{data.seed}:{task}").sample(range(len(train)), n_dev))
-    if part == "train":
+    if part in ("train", "calibration"):
         rest = [r for i, r in enumerate(train) if i not in dev_ids]
-        return _subsample(rest, data.max_train_samples, data.seed)
+        sample = _sample_ids(len(rest), data.max_train_samples, data.seed)
+        if part == "train":
+            return [rest[i] for i in sample]
+        unused = sorted(set(range(len(rest))) - set(sample))
+        return [rest[unused[i]] for i in _sample_ids(len(unused), calibration, data.seed)] if calibration else []
     if part != "eval":
-        raise ValueError(f"part {part!r} is not one of train, eval")
+        raise ValueError(f"part {part!r} is not one of train, calibration, eval")
     if data.eval_split == "dev":
         return _subsample([r for i, r in enumerate(train) if i in dev_ids], max_eval, data.seed)
     return load_task_split(suite, task, "test", root, max_eval, data.seed)
 
 
+def _sample_ids(n: int, k: int, seed: int) -> list[int]:
+    """A seeded subset of ``k`` of ``range(n)``, in order (all of them when ``k`` is 0 or >= n)."""
+    if 0 < k < n:
+        return sorted(random.Random(seed).sample(range(n), k))
+    return list(range(n))
+
+
 def _subsample(records: list[Record], n: int, seed: int) -> list[Record]:
-    if 0 < n < len(records):
-        keep = sorted(random.Random(seed).sample(range(len(records)), n))
-        return [records[i] for i in keep]
-    return list(records)
+    return [records[i] for i in _sample_ids(len(records), n, seed)]
 
 
 def _local(suite: Suite, spec: TaskSpec, data_root: str | os.PathLike | None) -> Path:

@@ -47,25 +47,46 @@ OOD = "<ood>"
 
 @dataclass
 class TaskQueries:
-    """What the router is fitted on for one task, from one read of its training records."""
-    records: list[Record]  # slm_llm.data.router_records: the samples' own wordings first
+    """What the router is fitted on for one task, from one read of its training records: the
+    training sample's queries (``n_sample`` of them: ``renderings`` wordings of each record), then
+    one query per calibration record (``dtkr.calibration_records``)."""
+    records: list[Record]  # slm_llm.data.router_records of the sample (its own wordings first), then calibration
     wordings: list[int]  # slm_llm.data.router_wordings: the wording of each of ``records``
-    bare: list[str]  # each training record's content alone, for the background test
+    bare: list[str]  # each record's content alone (sample, then calibration), for the background test
+    n_sample: int  # the first n_sample queries word the training sample: the keys are fitted on them
+    renderings: int = 1
 
     @property
     def texts(self) -> list[str]:
         return [query_text(r) for r in self.records]
 
+    @property
+    def sample(self) -> list[Record]:
+        """The training sample's queries (the first ``n_sample``)."""
+        return self.records[: self.n_sample]
 
-def task_queries(cfg: Config, suite: Suite, task: str, renderings: int = 1) -> TaskQueries:
+    @property
+    def record_of(self) -> np.ndarray:
+        """The record (position in ``bare``) each query words: calibration folds keep a record's
+        wordings together."""
+        n = self.n_sample // self.renderings
+        return np.asarray(rendered_record(self.n_sample, self.renderings) + list(range(n, len(self.bare))))
+
+
+def task_queries(cfg: Config, suite: Suite, task: str, renderings: int = 1, calibration: bool = True) -> TaskQueries:
     """One task's router queries as a run with ``cfg`` trains them: its training records
     (``slm_llm.data.run_records``) worded as users word them (``data.phrasing``), then
-    ``renderings - 1`` further wordings of each; held-out phrasings never reach this point."""
+    ``renderings - 1`` further wordings of each, then (``calibration``) one wording of each of its
+    ``dtkr.calibration_records``; held-out phrasings never reach this point."""
     data, spec = cfg.data, suite.tasks[task]
     records = run_records(suite, task, "train", data)
-    return TaskQueries(router_records(records, spec, data, renderings),
-                       router_wordings(records, spec, data, renderings),
-                       [query_text(r) for r in bare_records(records, spec)])
+    extra = run_records(suite, task, "calibration", data, calibration=cfg.dtkr.calibration_records) \
+        if calibration else []
+    sample = router_records(records, spec, data, renderings)
+    return TaskQueries(sample + router_records(extra, spec, data),
+                       router_wordings(records, spec, data, renderings)
+                       + router_wordings(records + extra, spec, data)[len(records):],
+                       [query_text(r) for r in bare_records(records + extra, spec)], len(sample), renderings)
 
 
 def suite_queries(cfg: Config, suite: Suite, task: str, views: list[str], max_test: int
@@ -108,24 +129,28 @@ def off_domain_queries(name: str, cfg: Config, max_test: int) -> list[str]:
 def build_router_continual(train_emb: dict[str, np.ndarray], cfg: Config,
                            background_emb: np.ndarray | None = None,
                            bare_emb: dict[str, np.ndarray] | None = None,
-                           wordings: dict[str, list[int]] | None = None) -> Router:
+                           queries: dict[str, TaskQueries] | None = None) -> Router:
     """Add tasks in the order of ``train_emb``: init keys, train them (centrifugal against
-    the router's frozen keys), calibrate on the task's own training queries (``dtkr.renderings``
-    wordings of each record, in :func:`slm_llm.data.router_records`' order), add.
-    Task t's embeddings are used only while task t is added. ``background_emb``: the
+    the router's frozen keys), calibrate on the task's own router queries, add. Task t's
+    embeddings are used only while task t is added. ``background_emb``: the
     ``dtkr.ood_background`` requests' embeddings (each task's background test), or None;
-    ``bare_emb``: per task, its training records' content alone (:attr:`TaskQueries.bare`);
-    ``wordings``: per task, each training query's wording (:attr:`TaskQueries.wordings`)."""
+    ``bare_emb``: per task, its records' content alone (:attr:`TaskQueries.bare`);
+    ``queries``: per task, what ``train_emb`` embeds (:class:`TaskQueries`: which rows word the
+    training sample, their records and wordings); without it every row is a training query
+    (``dtkr.renderings`` wordings of each record, in :func:`slm_llm.data.router_records`' order)."""
     d = cfg.dtkr
     dim = next(iter(train_emb.values())).shape[1]
     router = Router(dim, d, cfg.jare)
     n_keys = cfg.jare.slots_per_task * d.keys_per_slot
     for t, (task, emb) in enumerate(train_emb.items()):
-        keys = init_keys(emb, n_keys, d.groups, d.key_init, d.seed + t)
-        keys = train_keys(emb, keys, d, frozen_keys=router.all_keys())
-        router.add_task(task, keys, train_emb=emb, train_records=rendered_record(len(emb), d.renderings),
+        q = None if queries is None else queries[task]
+        sample = emb if q is None else emb[: q.n_sample]
+        keys = init_keys(sample, n_keys, d.groups, d.key_init, d.seed + t)
+        keys = train_keys(sample, keys, d, frozen_keys=router.all_keys())
+        router.add_task(task, keys, train_emb=emb,
+                        train_records=rendered_record(len(emb), d.renderings) if q is None else q.record_of,
                         background_emb=background_emb, bare_emb=None if bare_emb is None else bare_emb[task],
-                        train_wordings=None if wordings is None else np.asarray(wordings[task]))
+                        train_wordings=None if q is None else np.asarray(q.wordings))
     return router
 
 
@@ -156,20 +181,19 @@ def router_eval(
     names = suite.order_tasks(cfg.data.order, cfg.data.tasks or None)
     encoder = encoder or build_encoder(cfg)
 
-    train_emb, eval_emb, wordings, bare_q = {}, {}, {}, {}
+    train_emb, eval_emb, train_q = {}, {}, {}
     for task in names:
-        train_q, evals = suite_queries(cfg, suite, task, views, max_test)
-        train_emb[task] = encoder.encode(train_q.texts, progress=progress)
-        wordings[task], bare_q[task] = train_q.wordings, train_q.bare
+        train_q[task], evals = suite_queries(cfg, suite, task, views, max_test)
+        train_emb[task] = encoder.encode(train_q[task].texts, progress=progress)
         eval_emb[task] = {v: encoder.encode(q, progress=progress) for v, q in evals.items()}
     off_emb = {n: encoder.encode(off_domain_queries(n, cfg, max_test), progress=progress)
                for n in off_domain}
 
     background = background_embeddings(cfg.dtkr.ood_background, encoder)
     bare = None if background is None else \
-        {t: encoder.encode(bare_q[t], progress=progress) for t in names}
+        {t: encoder.encode(train_q[t].bare, progress=progress) for t in names}
     t0 = time.perf_counter()
-    router = build_router_continual(train_emb, cfg, background, bare, wordings)
+    router = build_router_continual(train_emb, cfg, background, bare, train_q)
     build_s = time.perf_counter() - t0
     train_best = {t: score_matrix(e, router.task_keys(t)).max(1) for t, e in train_emb.items()}
 
@@ -208,7 +232,8 @@ def router_eval(
         report["ood_sweep"][str(p)] = sweep
     report["latency_ms"] = {"p50": float(np.percentile(latencies, 50) * 1e3),
                             "p99": float(np.percentile(latencies, 99) * 1e3)}
-    report["n_train"] = {t: len(e) for t, e in train_emb.items()}
+    report["n_train"] = {t: q.n_sample for t, q in train_q.items()}
+    report["n_calibration"] = {t: len(q.records) - q.n_sample for t, q in train_q.items()}
     report["n_eval"] = {t: {v: len(e) for v, e in ev.items()} for t, ev in eval_emb.items()}
     report["n_off_domain"] = {n: len(e) for n, e in off_emb.items()}
     report["settings"] = {"encoder": encoder.id, "max_test": max_test,

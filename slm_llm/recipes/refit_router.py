@@ -5,6 +5,8 @@ training order, with the task's training queries re-derived exactly as training 
 (same records, phrasings and renderings), so the task choice, slots and weights are what the
 run routed before; only the OOD tests are refitted with the new ``dtkr.ood_*`` settings
 (e.g. ``dtkr.ood_background=builtin`` for a run made before the background test existed).
+``dtkr.calibration_records`` refits the whitening too (the task choice may move), never the keys:
+a routed task's slots and weights are still the ones its increments were trained with.
 With no overrides it rebuilds the same router, in today's format (a router saved by an older
 slm_llm, which ``Router.load`` refuses, is rebuilt this way). The new router replaces ``router/``
 only once it is complete, and ``run.yaml`` records the settings, so a resumed run adds its next
@@ -33,7 +35,7 @@ from slm_llm.train.continual import add_router_task
 from slm_llm.utils.io import write_json, write_text
 
 REFIT_KEYS = ("ood_rule", "ood_percentile", "ood_shrinkage", "ood_rank", "ood_wording_coverage", "ood_wording_cap",
-             "ood_background")
+             "ood_background", "calibration_records")
 
 
 def refit_router(run_dir: str | Path, overrides: list[str] | None = None) -> dict[str, Any]:
@@ -47,7 +49,7 @@ def refit_router(run_dir: str | Path, overrides: list[str] | None = None) -> dic
     for item in overrides or []:
         key = item.split("=", 1)[0].strip()
         if key not in {f"dtkr.{k}" for k in REFIT_KEYS}:
-            raise ConfigError(f"refit-router changes OOD settings only "
+            raise ConfigError(f"refit-router changes the router's statistics only "
                               f"({', '.join(f'dtkr.{k}' for k in REFIT_KEYS)}); {key!r} would invalidate the "
                               "trained keys or increments")
     retired = run.root / "router.old"

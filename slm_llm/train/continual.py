@@ -26,7 +26,7 @@ import torch
 from slm_llm.config import SHARED_ADAPTER as SHARED
 from slm_llm.config import Config, shared_adapter_config
 from slm_llm.data import (Collator, DataError, Suite, load_suite, own_wordings, own_wordings_record, query_text,
-                          rendered_record, run_records, task_split, tokenize_example)
+                          run_records, task_split, tokenize_example)
 from slm_llm.dtkr import Router, init_keys, load_keys, open_router, routing_tensors, save_keys, score_matrix, train_keys
 from slm_llm.dtkr.encoder import Encoder, build_encoder, check_slot_span
 from slm_llm.dtkr.evaluate import TaskQueries, task_queries
@@ -72,7 +72,7 @@ def add_router_task(router: Router, task: str, keys: torch.Tensor, fit: np.ndarr
     or None, in which case the background test and ``queries.bare`` are unused)."""
     bare = None if background_emb is None else encoder.encode(queries.bare)
     router.add_task(task, keys, score_matrix(fit, keys).max(1), train_emb=fit,
-                    train_records=rendered_record(len(fit), cfg.dtkr.renderings), background_emb=background_emb,
+                    train_records=queries.record_of, background_emb=background_emb,
                     bare_emb=bare, train_wordings=np.asarray(queries.wordings))
 
 
@@ -130,20 +130,22 @@ def run_continual(cfg: Config, after_task: Callable[[Config, RunDir, int], objec
         # each training record in data.wordings wordings, drawn as the router's queries are (their prefix)
         wordings = cfg.data.wordings
         if router_q is not None and wordings <= renderings:
-            records = router_q.records[: len(router_q.records) // renderings * wordings]
+            records = router_q.sample[: router_q.n_sample // renderings * wordings]
         else:
             records = [r for task in (tasks if router_q is None else [stage])
-                       for r in task_queries(cfg, suite, task, wordings).records]
+                       for r in task_queries(cfg, suite, task, wordings, calibration=False).records]
 
         if method == "slm":
             # 1. DTKR keys on this task's queries only (old tasks' keys are frozen; no old data).
-            fit = encoder.encode(router_q.texts)  # [R*N, D]
-            emb = fit[: len(records)] if len(records) <= len(fit) else encoder.encode([query_text(r) for r in records])
+            fit = encoder.encode(router_q.texts)  # [R*N + calibration, D]
+            sample = fit[: router_q.n_sample]
+            emb = sample[: len(records)] if len(records) <= len(sample) else \
+                encoder.encode([query_text(r) for r in records])
             router = open_router(run, cfg, encoder, create=True)
             if rank == 0 and not (tdir / "keys.safetensors").exists():
-                keys = init_keys(fit, cfg.jare.slots_per_task * cfg.dtkr.keys_per_slot, cfg.dtkr.groups,
+                keys = init_keys(sample, cfg.jare.slots_per_task * cfg.dtkr.keys_per_slot, cfg.dtkr.groups,
                                  cfg.dtkr.key_init, cfg.dtkr.seed + t)
-                keys = train_keys(fit, keys, cfg.dtkr, frozen_keys=router.all_keys())
+                keys = train_keys(sample, keys, cfg.dtkr, frozen_keys=router.all_keys())
                 save_keys(tdir / "keys.safetensors", keys, {"task": stage, "encoder": encoder.id})
             barrier()
             keys, _ = load_keys(tdir / "keys.safetensors")
@@ -183,6 +185,8 @@ def run_continual(cfg: Config, after_task: Callable[[Config, RunDir, int], objec
                 "steps": steps,
                 "final_loss": result.losses[-1] if result.losses else None,
                 "mean_weights": routing.mean_weights.round(6).tolist(),
+                **({"calibration_records": len(router_q.bare) - router_q.n_sample // renderings}
+                   if method == "slm" else {}),
                 "trained_on": training_environment(cfg.train.precision),
             })
             log.info(f"{tag}: trained, loss {result.losses[-1] if result.losses else float('nan'):.4f}")
