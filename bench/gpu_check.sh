@@ -23,7 +23,8 @@
 #   HEADLINE_PARALLEL=1 HEADLINE_CONFIG=eval/cl9.yaml HEADLINE_METHODS=slm HEADLINE_FLAGS=--final-row \
 #   HEADLINE_OVERRIDES="data.eval_split=dev eval.max_samples=50" HEADLINE_VARIANTS="w1:;w2:data.wordings=2" ...
 # It resumes from its run folders, so a further call on the same machine (carrying .gpu again)
-# continues it. headline.tgz holds headline/runs.tgz (each run's manifest, run.yaml and eval/): unpacked
+# continues it. headline.tgz holds headline/runs.tgz (each run's manifest, run.yaml, eval/,
+# router/slots.json and each task's keys.safetensors; the router's statistics are too large): unpacked
 # in a checkout, the same compare command with --seeds 0,1,2 builds the seeds' table there, no GPU
 # needed. One seed of slm/oracle/base took about 3.5 minutes on an H100.
 #
@@ -155,8 +156,10 @@ if want headline; then
     cp $rd*-s*-compare.* $rd*-seeds.* "$out/headline/" 2>/dev/null
     for m in $rd*-s*-slm/eval/matrix.json; do [[ -f $m ]] && cp $m "$out/headline/$(basename $(dirname $(dirname $m)))-matrix.json"; done
     for m in $rd*-s*-slm/manifest.json; do [[ -f $m ]] && cp $m "$out/headline/$(basename $(dirname $m))-manifest.json"; done
-    runs=()  # each run's manifest, config and eval folder: the seeds' tables can be rebuilt from them elsewhere
-    for d in $rd*-s*-slm; do [[ -d $d/eval ]] && runs+=("$d/manifest.json" "$d/run.yaml" "$d/eval"); done
+    runs=()  # each run's manifest, config, eval folder, slot table and keys: the seeds' tables can be rebuilt
+    # from them elsewhere, and the router refitted there (slm-llm refit-router) with no GPU and no increments
+    for d in $rd*-s*-slm; do [[ -d $d/eval ]] && runs+=("$d/manifest.json" "$d/run.yaml" "$d/eval" \
+      "$d/router/slots.json" $d/tasks/*/keys.safetensors); done
     (( ${#runs[@]} )) && tar czf "$out/headline/runs.tgz" --exclude='*.png' "${runs[@]}"
     tar czf "$out/headline.tgz" -C "$out" headline && rm -rf "$out/headline"  # few files come back per call
   fi

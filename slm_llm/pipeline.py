@@ -93,6 +93,13 @@ class RunPipeline:
         done = run.done_tasks()
         if not done:
             raise RunError(f"{run.root}: no finished task to serve (manifest status {manifest['status']!r})")
+        needed = done if manifest["method"] in ("slm", "olora") else done[-1:]
+        missing = [run.task_dir(t) / "increments.safetensors" for t in needed]
+        missing = [p for p in missing if not p.exists()]
+        if missing:
+            raise RunError(f"{missing[0]}: missing ({len(missing)} of the {len(needed)} finished tasks' increments), "
+                           "though manifest.json marks those tasks done; copy the run's tasks/ back whole, or "
+                           "retrain them in a new run")
         base, tokenizer = load_base_model(cfg.model)
         encoder = build_encoder(cfg)
         if manifest["method"] == "olora":  # every finished task's LoRA, summed (slm_llm/train/olora.py)

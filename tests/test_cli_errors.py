@@ -49,6 +49,27 @@ def test_run_commands_on_a_missing_or_corrupt_run(argv, tmp_path, capsys):
         assert expect in err
 
 
+@pytest.mark.parametrize("command", ["eval", "route", "serve"])
+def test_a_finished_run_without_its_increments_names_the_missing_file(command, served_run, tmp_path, capsys):
+    """A run copied without its tasks' increments (e.g. manifests, keys and eval/ alone) is refused
+    with the missing file named, before any model loads."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(served_run, run)
+    for f in run.glob("tasks/*/increments.safetensors"):
+        f.unlink()
+    argv = {"eval": ["eval", "--run", str(run), "--all-rows"], "route": ["route", "--run", str(run), "a query"],
+            "serve": ["serve", "--run", str(run), "--backend", "hf"]}[command]
+    rc, err = run_cli(argv, capsys)
+    if command == "route":  # routing needs no increments: it still works
+        assert rc == 0, err
+        return
+    assert rc == USER_ERROR, err
+    one_clear_line(err, command)
+    assert "tasks/0-finance_phrasebank/increments.safetensors: missing (2 of the 2" in err
+
+
 @pytest.mark.parametrize("command", CONFIG_COMMANDS)
 def test_config_commands_with_a_bad_config(command, tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
