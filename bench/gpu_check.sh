@@ -157,7 +157,8 @@ if want headline; then
     for m in $rd*-s*-slm/eval/matrix.json; do [[ -f $m ]] && cp $m "$out/headline/$(basename $(dirname $(dirname $m)))-matrix.json"; done
     for m in $rd*-s*-slm/manifest.json; do [[ -f $m ]] && cp $m "$out/headline/$(basename $(dirname $m))-manifest.json"; done
     runs=()  # each run's manifest, config, eval folder, slot table and keys: the seeds' tables can be rebuilt
-    # from them elsewhere, and the router refitted there (slm-llm refit-router) with no GPU and no increments
+    # from them elsewhere, and the router refitted there (slm-llm refit-router, then router-level checks;
+    # rescoring the rows with eval --all-rows also needs the increments, 4 MB per task, which stay here)
     for d in $rd*-s*-slm; do [[ -d $d/eval ]] && runs+=("$d/manifest.json" "$d/run.yaml" "$d/eval" \
       "$d/router/slots.json" $d/tasks/*/keys.safetensors); done
     (( ${#runs[@]} )) && tar czf "$out/headline/runs.tgz" --exclude='*.png' "${runs[@]}"
