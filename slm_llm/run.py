@@ -194,6 +194,15 @@ class RunDir:
                                  for p in sorted(Path(folder).rglob("*")) if p.is_file()}
         self._write(m)
 
+    def update_tasks(self, fields: dict[str, dict[str, Any]]) -> None:
+        """Merge ``{task: {key: value}}`` into those tasks' manifest entries."""
+        m = self.manifest()
+        for task, info in fields.items():
+            if task not in m["tasks"]:
+                raise RunError(f"{self.manifest_path}: task {task!r} has no manifest entry")
+            m["tasks"][task].update(info)
+        self._write(m)
+
     def update(self, **fields: Any) -> None:
         m = self.manifest()
         m.update(fields)

@@ -894,10 +894,18 @@ def test_refit_router_changes_only_the_ood_tests_and_records_them(served_run, ta
                 for d in router.route_texts(qs, encoder, restrict_task=t)]
 
     trained = within_task()
+    config = yaml.safe_load((run / "run.yaml").read_text())
+    del config["dtkr"]["calibration_records"]  # a run.yaml from before the option: its router saw the sample alone
+    (run / "run.yaml").write_text(yaml.safe_dump(config))
+    assert main(["refit-router", "--run", str(run)]) == 0
+    assert decisions() == before and yaml.safe_load((run / "run.yaml").read_text())["dtkr"]["calibration_records"] == 0
+    capsys.readouterr()
     assert main(["refit-router", "--run", str(run), "dtkr.calibration_records=16"]) == 0
     moved = re.findall(r"threshold (\S+) -> (\S+),", capsys.readouterr().out)
     assert len(moved) == 2 and any(a != b for a, b in moved)  # the Gaussians saw 16 more records per task
     assert yaml.safe_load((run / "run.yaml").read_text())["dtkr"]["calibration_records"] == 16
+    assert {t: e["calibration_records"] for t, e in json.loads((run / "manifest.json").read_text())["tasks"].items()} \
+        == {t: 16 for t in task_queries}
     assert within_task() == trained  # the keys are the saved ones: what the increments were trained with
     assert main(["refit-router", "--run", str(run), "dtkr.groups=3"]) == 2
     assert "refit-router changes the router's statistics only" in capsys.readouterr().err

@@ -56,6 +56,9 @@ def refit_router(run_dir: str | Path, overrides: list[str] | None = None) -> dic
     if retired.is_dir() and not run.router_dir.exists():  # an earlier refit stopped between its two renames
         retired.rename(run.router_dir)
     cfg = load_config(run.root / "run.yaml", overrides)
+    if "calibration_records" not in (run.config_dict().get("dtkr") or {}) and \
+            not any(o.split("=", 1)[0].strip() == "dtkr.calibration_records" for o in overrides or []):
+        cfg.dtkr.calibration_records = 0  # a run from before the option: its router saw the training sample alone
     encoder = build_encoder(cfg)
     old = read_slots(run.router_dir)  # of any format: a refit also updates an old router
     check_encoder_id(old.get("encoder_id", ""), encoder.id)
@@ -64,8 +67,10 @@ def refit_router(run_dir: str | Path, overrides: list[str] | None = None) -> dic
     router = Router(encoder.dim, cfg.dtkr, cfg.jare, encoder_id=encoder.id)
     staging = run.root / "router.refit"
     shutil.rmtree(staging, ignore_errors=True)
+    calibration = {}  # the manifest's per-task count, as training records it
     for task in run.done_tasks():
         queries = task_queries(cfg, suite, task, cfg.dtkr.renderings)
+        calibration[task] = {"calibration_records": len(queries.bare) - queries.n_sample // cfg.dtkr.renderings}
         keys, _ = load_keys(run.task_dir(task) / "keys.safetensors")
         add_router_task(router, task, keys, encoder.encode(queries.texts), cfg, background, queries, encoder)
     router.save(staging)
@@ -78,6 +83,7 @@ def refit_router(run_dir: str | Path, overrides: list[str] | None = None) -> dic
     staging.rename(run.router_dir)
     shutil.rmtree(retired)
     write_text(run.root / "run.yaml", cfg.to_yaml())
+    run.update_tasks(calibration)
     return {"tasks": {t_new["name"]: {"before": {"threshold": t_old["threshold"],
                                                  "background": bool(t_old.get("background"))},
                                       "after": {"threshold": t_new["threshold"], "background": t_new["background"]}}
