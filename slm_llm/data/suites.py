@@ -177,22 +177,32 @@ def run_records(suite: Suite, task: str, part: str, data, max_eval: int = 0, cal
     part "eval": ``max_eval`` records (0 = all) of the test split, or of the dev pool when
     ``data.eval_split`` is "dev".
     """
-    root = data.data_root or None
-    train = load_task_split(suite, task, "train", root)
-    n_dev = min(data.dev_samples, len(train) // 2)
-    dev_ids = set(random.Random(f"dev:{data.seed}:{task}").sample(range(len(train)), n_dev))
     if part in ("train", "calibration"):
-        rest = [r for i, r in enumerate(train) if i not in dev_ids]
-        sample = _sample_ids(len(rest), data.max_train_samples, data.seed)
-        if part == "train":
-            return [rest[i] for i in sample]
-        unused = sorted(set(range(len(rest))) - set(sample))
-        return [rest[unused[i]] for i in _sample_ids(len(unused), calibration, data.seed)] if calibration else []
+        sample, extra = train_and_calibration(suite, task, data, calibration if part == "calibration" else 0)
+        return sample if part == "train" else extra
     if part != "eval":
         raise ValueError(f"part {part!r} is not one of train, calibration, eval")
+    root = data.data_root or None
     if data.eval_split == "dev":
+        train, dev_ids = _train_and_dev_ids(suite, task, data)
         return _subsample([r for i, r in enumerate(train) if i in dev_ids], max_eval, data.seed)
     return load_task_split(suite, task, "test", root, max_eval, data.seed)
+
+
+def train_and_calibration(suite: Suite, task: str, data, calibration: int) -> tuple[list[Record], list[Record]]:
+    """``run_records``' parts "train" and "calibration" from one read of the train split."""
+    train, dev_ids = _train_and_dev_ids(suite, task, data)
+    rest = [r for i, r in enumerate(train) if i not in dev_ids]
+    sample = _sample_ids(len(rest), data.max_train_samples, data.seed)
+    unused = sorted(set(range(len(rest))) - set(sample)) if calibration else []
+    return [rest[i] for i in sample], [rest[unused[i]] for i in _sample_ids(len(unused), calibration, data.seed)]
+
+
+def _train_and_dev_ids(suite: Suite, task: str, data) -> tuple[list[Record], set[int]]:
+    """The task's train split and the positions of its dev pool (``data.dev_samples``, seeded)."""
+    train = load_task_split(suite, task, "train", data.data_root or None)
+    n_dev = min(data.dev_samples, len(train) // 2)
+    return train, set(random.Random(f"dev:{data.seed}:{task}").sample(range(len(train)), n_dev))
 
 
 def _sample_ids(n: int, k: int, seed: int) -> list[int]:

@@ -35,7 +35,7 @@ import numpy as np
 from slm_llm.config import Config
 from slm_llm.data import (REQUEST_FILES, DataError, Record, Suite, bare_records, load_suite, load_task_split,
                           query_text, read_requests, records_in_view, rendered_record, resolve_data_root, router_records,
-                          router_wordings, run_records, view_records)
+                          router_wordings, run_records, train_and_calibration, view_records)
 from slm_llm.dtkr.encoder import Encoder
 from slm_llm.dtkr.keys import init_keys, score_matrix, train_keys
 from slm_llm.dtkr.ood import background_embeddings
@@ -66,6 +66,11 @@ class TaskQueries:
         return self.records[: self.n_sample]
 
     @property
+    def n_calibration(self) -> int:
+        """Calibration records (one query each, after the sample's ``n_sample``)."""
+        return len(self.records) - self.n_sample
+
+    @property
     def record_of(self) -> np.ndarray:
         """The record (position in ``bare``) each query words: calibration folds keep a record's
         wordings together."""
@@ -79,9 +84,7 @@ def task_queries(cfg: Config, suite: Suite, task: str, renderings: int = 1, cali
     ``renderings - 1`` further wordings of each, then (``calibration``) one wording of each of its
     ``dtkr.calibration_records``; held-out phrasings never reach this point."""
     data, spec = cfg.data, suite.tasks[task]
-    records = run_records(suite, task, "train", data)
-    extra = run_records(suite, task, "calibration", data, calibration=cfg.dtkr.calibration_records) \
-        if calibration else []
+    records, extra = train_and_calibration(suite, task, data, cfg.dtkr.calibration_records if calibration else 0)
     sample = router_records(records, spec, data, renderings)
     return TaskQueries(sample + router_records(extra, spec, data),
                        router_wordings(records, spec, data, renderings)
@@ -233,7 +236,7 @@ def router_eval(
     report["latency_ms"] = {"p50": float(np.percentile(latencies, 50) * 1e3),
                             "p99": float(np.percentile(latencies, 99) * 1e3)}
     report["n_train"] = {t: q.n_sample for t, q in train_q.items()}
-    report["n_calibration"] = {t: len(q.records) - q.n_sample for t, q in train_q.items()}
+    report["n_calibration"] = {t: q.n_calibration for t, q in train_q.items()}
     report["n_eval"] = {t: {v: len(e) for v, e in ev.items()} for t, ev in eval_emb.items()}
     report["n_off_domain"] = {n: len(e) for n, e in off_emb.items()}
     report["settings"] = {"encoder": encoder.id, "max_test": max_test,

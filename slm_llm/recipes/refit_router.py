@@ -70,7 +70,7 @@ def refit_router(run_dir: str | Path, overrides: list[str] | None = None) -> dic
     calibration = {}  # the manifest's per-task count, as training records it
     for task in run.done_tasks():
         queries = task_queries(cfg, suite, task, cfg.dtkr.renderings)
-        calibration[task] = {"calibration_records": len(queries.bare) - queries.n_sample // cfg.dtkr.renderings}
+        calibration[task] = {"calibration_records": queries.n_calibration}
         keys, _ = load_keys(run.task_dir(task) / "keys.safetensors")
         add_router_task(router, task, keys, encoder.encode(queries.texts), cfg, background, queries, encoder)
     router.save(staging)

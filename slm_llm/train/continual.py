@@ -185,8 +185,7 @@ def run_continual(cfg: Config, after_task: Callable[[Config, RunDir, int], objec
                 "steps": steps,
                 "final_loss": result.losses[-1] if result.losses else None,
                 "mean_weights": routing.mean_weights.round(6).tolist(),
-                **({"calibration_records": len(router_q.bare) - router_q.n_sample // renderings}
-                   if method == "slm" else {}),
+                **({"calibration_records": router_q.n_calibration} if method == "slm" else {}),
                 "trained_on": training_environment(cfg.train.precision),
             })
             log.info(f"{tag}: trained, loss {result.losses[-1] if result.losses else float('nan'):.4f}")
