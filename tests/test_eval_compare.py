@@ -57,6 +57,12 @@ def test_compare_all_methods_then_report(tmp_path, data_root):
     assert all(0.0 <= a <= 100.0 for a in routing)
     assert cells["slm"]["routing_accuracy"] == routing[-1]
     assert cells["base"]["scores"] == dict(zip(tasks, slm["base"]))
+    for view in table["views"]:  # what routing costs: the parts add up to slm − oracle, own-task routes cost 0
+        cost, strict = table["routing_cost"][view], table["cells"][view]["strict"]
+        assert cost["gap"] == pytest.approx(strict["slm"]["ap"] - strict["oracle"]["ap"], abs=1e-6)
+        assert cost["parts"]["own"] == 0.0  # one slot rule: a right route gets the oracle's slots and weights
+        assert sum(cost["shares"].values()) == pytest.approx(100.0)
+    assert "Where slm loses to the oracle" in md
 
     seq_m = json.loads((Path(f"{prefix}-seq_lora") / "eval" / "matrix.json").read_text())
     seq = seq_m["views"]["paraphrase"]["strict"]["R"]["seq_lora"]

@@ -8,7 +8,8 @@
     olora      a LoRA per task, orthogonal (O-LoRA)   run <run_dir>-olora (all summed: no task id)
 
 The table (``<run_dir>-compare.{json,md}``) holds each method's final per-task scores, AP,
-BWT, forgetting, FWT and routing accuracy, per query view and scoring, from the runs' CL matrices.
+BWT, forgetting, FWT and routing accuracy, per query view and scoring, from the runs' CL matrices;
+with slm and oracle, what routing costs (``slm_llm.eval.routing_cost``).
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from typing import Any
 
 from slm_llm.config import Config, ConfigError
 from slm_llm.eval.matrix import SCORINGS, final_row, load_matrix, metrics_or_reason, view_matrix
+from slm_llm.eval.routing_cost import routing_cost, routing_cost_markdown
 from slm_llm.eval.stats import format_mean_sd, mean_sd
 from slm_llm.run import RunDir, RunError
 
@@ -66,6 +68,8 @@ def build_table(cfg: Config, methods: list[str]) -> dict[str, Any]:
             for scoring in SCORINGS:
                 table["cells"][view][scoring][method] = method_cells(view_matrix(m, view, scoring), method)
         table["runs"][method] = str(run.root)
+    if {"slm", "oracle"} <= set(methods):
+        table["routing_cost"] = {v: routing_cost(run_dir_of(cfg, "slm"), v) for v in views}
     return table
 
 
@@ -120,6 +124,8 @@ def table_markdown(table: dict[str, Any]) -> str:
             cells = [method, *(_fmt(r["scores"][t]) for t in tasks), _fmt(r["ap"]), _fmt(r["bwt"]),
                      _fmt(r["forgetting"]), _fmt(r["fwt"]), _fmt(r["routing_accuracy"])]
             lines.append("| " + " | ".join(cells) + " |")
+    if "routing_cost" in table:
+        lines += ["", routing_cost_markdown(table["routing_cost"]).rstrip("\n")]
     return "\n".join(lines) + "\n"
 
 

@@ -12,7 +12,6 @@ BWT and routing as mean ± sd, and paired differences of slm against every other
 from __future__ import annotations
 
 import copy
-import json
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +20,8 @@ import numpy as np
 from slm_llm.config import Config
 from slm_llm.eval.compare import run_dir_of
 from slm_llm.eval.matrix import SCORINGS
+from slm_llm.eval.routing_cost import PARTS, final_predictions, routing_cost
 from slm_llm.eval.stats import format_mean_sd as _ms, mean_sd, paired_difference, summarise
-from slm_llm.run import RunDir, RunError
 from slm_llm.utils.io import atomic_path
 
 
@@ -35,22 +34,9 @@ def seed_config(cfg: Config, seed: int) -> Config:
 
 def final_scores(run_dir: Path, mode: str, view: str, scoring: str) -> dict[str, np.ndarray]:
     """Per-sample scores of ``mode`` after the run's last stage, ``{task: [score]}`` sorted by record id."""
-    run = RunDir(run_dir)
-    manifest = run.manifest()
-    tasks, t = manifest["suite_tasks"], len(manifest["order"]) - 1
-    folder = run.eval_dir / "predictions" / view
     key = "score" if scoring == "strict" else "lenient"
-    out = {}
-    for task in tasks:
-        path = folder / (f"base-{task}.jsonl" if mode == "base" else f"stage{t}-{task}.jsonl")
-        if not path.exists():
-            raise RunError(f"{path}: missing; evaluate the run's last row (slm-llm eval --run {run.root})")
-        rows = sorted((json.loads(line) for line in path.read_text().splitlines() if line.strip()),
-                      key=lambda r: r["id"])
-        out[task] = np.array([r[key] for r in rows if r["mode"] == mode], dtype=float)
-        if not len(out[task]):
-            raise RunError(f"{path}: no predictions of mode {mode!r}")
-    return out
+    return {task: np.array([r[key] for r in rows], dtype=float)
+            for task, rows in final_predictions(run_dir, view, mode).items()}
 
 
 def seeds_table(cfg: Config, methods: list[str], seeds: list[int], tables: dict[int, dict]) -> dict[str, Any]:
@@ -72,7 +58,26 @@ def seeds_table(cfg: Config, methods: list[str], seeds: list[int], tables: dict[
             if "slm" in methods:
                 cell["slm_minus"] = {m: paired_difference(scores["slm"], scores[m]) for m in methods if m != "slm"}
             out["cells"][view][scoring] = cell
+    if {"slm", "oracle"} <= set(methods):
+        out["routing_cost"] = {view: seeds_routing_cost([routing_cost(run_dir_of(seed_config(cfg, s), "slm"), view)
+                                                         for s in seeds]) for view in views}
     return out
+
+
+def seeds_routing_cost(per_seed: list[dict[str, Any]]) -> dict[str, Any]:
+    """:func:`slm_llm.eval.routing_cost.routing_cost` over seeds: each part and share as mean ± sd;
+    each (true, routed) pair's queries summed and its points averaged over the seeds."""
+    pairs: dict[tuple[str, str], dict[str, Any]] = {}
+    for c in per_seed:
+        for p in c["pairs"]:
+            pair = pairs.setdefault((p["true"], p["routed"]), {"true": p["true"], "routed": p["routed"], "n": 0,
+                                                               "points": 0.0})
+            pair["n"] += p["n"]
+            pair["points"] += p["points"] / len(per_seed)
+    return {"gap": mean_sd([c["gap"] for c in per_seed]),
+            "parts": {p: mean_sd([c["parts"][p] for c in per_seed]) for p in PARTS},
+            "shares": {p: mean_sd([c["shares"][p] for c in per_seed]) for p in PARTS},
+            "pairs": sorted(pairs.values(), key=lambda p: (p["points"], -p["n"]))}
 
 
 def _ci(v: dict[str, float]) -> str:
@@ -99,6 +104,18 @@ def seeds_markdown(table: dict[str, Any]) -> str:
                 for m, d in cell["slm_minus"].items():
                     lines.append(f"| slm − {m} | {_ms(d)} | {_ci(d)} | {'yes' if d['lo'] > 0 or d['hi'] < 0 else 'no'} |")
             lines.append("")
+    if "routing_cost" in table:
+        lines += ["### Where slm loses to the oracle", "",
+                  "Strict, AP points, mean ± sd over seeds; the parts sum to slm − oracle. Each test query of the "
+                  "final row by where slm sent it (share of queries in brackets); pairs: queries over all seeds, "
+                  "points per seed.", "",
+                  "| view | slm − oracle | own task | flagged OOD (base answers) | another task | costliest pairs |",
+                  "|---|---|---|---|---|---|"]
+        for view, c in table["routing_cost"].items():
+            parts = [f"{_ms(c['parts'][p])} ({c['shares'][p]['mean']:.1f}%)" for p in PARTS]
+            pairs = ", ".join(f"{p['true']} -> {p['routed']} {p['n']} ({p['points']:+.2f})" for p in c["pairs"][:4])
+            lines.append(f"| {view} | {_ms(c['gap'])} | " + " | ".join(parts) + f" | {pairs or '–'} |")
+        lines.append("")
     return "\n".join(lines)
 
 
