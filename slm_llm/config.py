@@ -213,6 +213,11 @@ class DtkrConfig(Section):
     # background requests (dtkr.ood_background): no wording is admitted where generic chat would be;
     # 100 = no cap (nor is there one with ood_background=none)
     ood_wording_cap: float = 1.0
+    # gaussian: each task also gets a Gaussian of its records' bare inputs (training sample and
+    # calibration records), flagging this percentile of them out of fold; a query either Gaussian
+    # admits passes (bare inputs sit apart from the phrased queries that dominate the first one).
+    # 100 = off. 2 was chosen on dev (cl9 and instruct5, 3 seeds; bench/RESULTS.md)
+    ood_bare_percentile: float = 2.0
     # And a background test against generic chat requests: "builtin" (shipped), "none", or a file of
     # your own (.txt one per line, .jsonl with "prompt"); see slm_llm/dtkr/ood.py.
     ood_background: str = "builtin"
@@ -238,6 +243,8 @@ class DtkrConfig(Section):
             raise ConfigError("dtkr.ood_wording_coverage must be in [0, 1)")
         if not 0.0 <= self.ood_wording_cap <= 100.0:
             raise ConfigError("dtkr.ood_wording_cap must be in [0, 100] (a percentage of the background requests)")
+        if not 0.0 < self.ood_bare_percentile <= 100.0:
+            raise ConfigError("dtkr.ood_bare_percentile must be in (0, 100] (100 = no bare-input Gaussian)")
         if not 0.0 < self.ood_shrinkage <= 1.0:
             raise ConfigError("dtkr.ood_shrinkage must be in (0, 1]")
         if self.ood_background not in ("builtin", "none") and not self.ood_background.endswith(REQUEST_FILES):

@@ -476,6 +476,44 @@ def test_the_background_test_is_fitted_on_each_records_bare_input_too():
                                background_emb=background, bare_emb=bare[:10])
 
 
+def test_a_tasks_bare_inputs_get_a_gaussian_of_their_own(tmp_path):
+    """Phrased training queries sit around one centre and the records' bare inputs around another: the
+    query Gaussian flags fresh bare inputs, the bare-input Gaussian admits them, and what is far from both
+    stays flagged. Frozen when a task is added, persisted, rebuilt per stage; off at percentile 100."""
+    rng = np.random.default_rng(3)
+    pool = clusters(3, 700, noise=0.4, seed=17)
+    phrased, bare_pool = pool["task0"], pool["task0"] + 2.5 * (pool["task1"].mean(0) - pool["task0"].mean(0)) / 4
+    train, bare, fresh_bare = phrased[:300], bare_pool[:300], bare_pool[300:]
+    far = rng.normal(size=(50, D)).astype(np.float32) * 3
+
+    def router_with(p, tmp=None):
+        r = make_router(ood_rule="gaussian", ood_rank=16, ood_bare_percentile=p)
+        r.add_task("task0", init_keys(train, P, G), train_emb=train, bare_emb=bare)
+        return r
+
+    off = router_with(100.0)
+    assert off.bare_gaussian("task0") is None and not off.tasks[0]["bare_gaussian"]
+    assert np.mean([d.ood for d in off.route(fresh_bare)]) > 0.5  # the query Gaussian alone rejects them
+    router = router_with(2.0)
+    assert np.mean([d.ood for d in router.route(fresh_bare)]) < 0.06
+    assert np.mean([d.ood for d in router.route(far)]) == 1.0
+    assert [d.ood for d in router.route(phrased[300:])] == [d.ood for d in off.route(phrased[300:])]  # only admits
+    before = router.route(fresh_bare[:50])
+    other = pool["task2"][:300]
+    router.add_task("task1", init_keys(other, P, G), train_emb=other, bare_emb=other)
+    assert router.route(fresh_bare[:50]) == before  # frozen per task
+    router.save(tmp_path / "r")
+    assert (tmp_path / "r" / "ood_bare.safetensors").exists()
+    assert Router.load(tmp_path / "r").route(np.concatenate([fresh_bare[:50], far])) == \
+        router.route(np.concatenate([fresh_bare[:50], far]))
+    first = Router.load(tmp_path / "r", n_tasks=1)
+    assert first.task_names == ["task0"] and first.route(fresh_bare[:50]) == before
+    with pytest.raises(RouterError, match="bare_emb needs train_emb"):
+        make_router().add_task("t", init_keys(train, P, G), bare_emb=bare)
+    with pytest.raises(ConfigError, match=r"dtkr.ood_bare_percentile must be in \(0, 100\]"):
+        DtkrConfig(ood_bare_percentile=0)
+
+
 def test_persistence_round_trip(tmp_path):
     data = clusters(4, 40, seed=12)
     for kind in ("flat", "hnsw"):

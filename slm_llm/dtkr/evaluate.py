@@ -38,7 +38,7 @@ from slm_llm.data import (REQUEST_FILES, DataError, Record, Suite, bare_records,
                           router_wordings, run_records, train_and_calibration, view_records)
 from slm_llm.dtkr.encoder import Encoder
 from slm_llm.dtkr.keys import init_keys, score_matrix, train_keys
-from slm_llm.dtkr.ood import background_embeddings
+from slm_llm.dtkr.ood import background_embeddings, needs_bare
 from slm_llm.dtkr.router import Router
 from slm_llm.utils.io import atomic_path, write_json, write_text
 
@@ -52,7 +52,7 @@ class TaskQueries:
     one query per calibration record (``dtkr.calibration_records``)."""
     records: list[Record]  # slm_llm.data.router_records of the sample (its own wordings first), then calibration
     wordings: list[int]  # slm_llm.data.router_wordings: the wording of each of ``records``
-    bare: list[str]  # each record's content alone (sample, then calibration), for the background test
+    bare: list[str]  # each record's content alone (sample, then calibration): the background test, the bare Gaussian
     n_sample: int  # the first n_sample queries word the training sample: the keys are fitted on them
     renderings: int = 1
 
@@ -193,8 +193,8 @@ def router_eval(
                for n in off_domain}
 
     background = background_embeddings(cfg.dtkr.ood_background, encoder)
-    bare = None if background is None else \
-        {t: encoder.encode(train_q[t].bare, progress=progress) for t in names}
+    bare = {t: encoder.encode(train_q[t].bare, progress=progress) for t in names} \
+        if needs_bare(cfg.dtkr, background) else None
     t0 = time.perf_counter()
     router = build_router_continual(train_emb, cfg, background, bare, train_q)
     build_s = time.perf_counter() - t0
@@ -255,10 +255,14 @@ def router_eval(
 
 def _ood_statistic(router: Router, emb: np.ndarray, d) -> float:
     """How far out the query is for its routed task, larger = farther (the rule's own measure);
-    +inf when the task's background test flags it (a sweep of the rule's threshold cannot serve it)."""
+    +inf when the task's background test flags it (a sweep of the rule's threshold cannot serve it),
+    -inf when its bare-input Gaussian admits it (the sweep moves the first Gaussian's threshold only)."""
     background = router.background(d.task)
     if background is not None and background.flags(emb, router.groups)[0]:
         return float("inf")
+    bare = router.bare_gaussian(d.task)
+    if bare is not None and bare.distance(emb, router.groups)[0] <= bare.threshold:
+        return float("-inf")
     if router.ood_rule == "gaussian":
         return float(router.gaussian(d.task).distance(emb, router.groups)[0])
     return -d.score

@@ -27,6 +27,12 @@ wordings). Tasks whose inputs dominate their embeddings do not move. Everything 
 once, when the task is added, from that task's queries only, and never changes: an old
 task's OOD decisions cannot drift.
 
+A task's training queries are mostly phrased (a train phrasing around the input), so its
+Gaussian is centred on phrased queries, and a bare input ("input-only": a user pastes the text
+alone) lands at its edge. So each task also gets a **bare-input Gaussian**
+(``dtkr.ood_bare_percentile``), fitted the same way on its records' contents alone (the training
+sample's and the calibration records'), and a query either Gaussian admits is in distribution.
+
 Neither rule alone rejects ordinary chat ("What's the capital of Australia?"): a short
 generic request sits as close to a task of short inputs (news sentences, court sentences)
 as that task's own queries do. So each task also gets a **background test**
@@ -196,3 +202,9 @@ def background_embeddings(setting: str, encoder) -> np.ndarray | None:
     if setting == "none":
         return None
     return encoder.encode(read_requests(BUILTIN_BACKGROUND if setting == "builtin" else setting))
+
+
+def needs_bare(cfg, background: np.ndarray | None) -> bool:
+    """Whether a task's OOD tests use its records' bare inputs: the background test (``background``,
+    the requests' embeddings, or None) or the bare-input Gaussian (``cfg``: a DtkrConfig)."""
+    return background is not None or (cfg.ood_rule == "gaussian" and cfg.ood_bare_percentile < 100)

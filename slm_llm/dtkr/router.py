@@ -25,9 +25,10 @@ OOD calibration (``slm_llm.dtkr.ood``), once, when the task is added, from its o
 training queries: with ``ood_rule="keys"`` the threshold is the ``ood_percentile``-th
 percentile of their plain best scores against the task's keys; with ``"gaussian"`` a
 Gaussian of the task's queries flags the ``ood_percentile`` % farthest (measured out of
-fold). Either way about ood_percentile % of in-task queries would be flagged. With
-``ood_background`` (the default) a task's background test (generic chat requests vs its
-queries) flags it too.
+fold). Either way about ood_percentile % of in-task queries would be flagged. A query the
+Gaussian flags is still admitted by the task's Gaussian of its records' bare inputs
+(``ood_bare_percentile``, when added with ``bare_emb``). With ``ood_background`` (the default)
+a task's background test (generic chat requests vs its queries) flags it too.
 
 Stages: a task, once added, never changes (keys, OOD tests); only the whitening map moves
 with each new task, and the whitening keeps its statistics per task. So
@@ -88,6 +89,7 @@ class Router:
         self.device = device or cfg.index_device
         self.whitener = Whitener(dim, cfg.groups, cfg.whiten_shrinkage) if cfg.whiten else None
         self._gaussians: list[TaskGaussian | None] = []  # per task, with ood_rule "gaussian"
+        self._bare_gaussians: list[TaskGaussian | None] = []  # per task, of its bare inputs (ood_bare_percentile)
         self._backgrounds: list[BackgroundTest | None] = []  # per task, when added with background_emb
         self.index = self._new_index()
         self.tasks: list[dict] = []  # name, first_slot, n_slots, first_row, n_rows, threshold
@@ -117,6 +119,10 @@ class Router:
     def gaussian(self, task: str) -> TaskGaussian | None:
         """The task's OOD Gaussian (ood_rule "gaussian"), else None."""
         return self._gaussians[self._task_pos(task)]
+
+    def bare_gaussian(self, task: str) -> TaskGaussian | None:
+        """The task's Gaussian of its records' bare inputs (``dtkr.ood_bare_percentile`` < 100), else None."""
+        return self._bare_gaussians[self._task_pos(task)]
 
     def background(self, task: str) -> BackgroundTest | None:
         """The task's background test (added with ``background_emb``), else None."""
@@ -150,7 +156,9 @@ class Router:
         (``ood.background_embeddings``), adds the task's background test (needs ``train_emb``).
         ``bare_emb`` [n_records, D], each training record's content alone: the background test
         is fitted on them too (each in its record's fold), so a bare input is judged against the
-        task's bare inputs, not only the few training sent bare. ``train_wordings`` [N] names
+        task's bare inputs, not only the few training sent bare; with ``ood_rule="gaussian"`` and
+        ``dtkr.ood_bare_percentile`` < 100 they get a Gaussian of their own, and a query either
+        Gaussian admits is in distribution. ``train_wordings`` [N] names
         each row's wording (``slm_llm.data.router_wordings``): the Gaussian's threshold then also
         admits ``dtkr.ood_wording_coverage`` of the rows measured without their wording (but no more
         than ``dtkr.ood_wording_cap`` % of ``background_emb``).
@@ -178,6 +186,14 @@ class Router:
             background_emb = np.asarray(background_emb, dtype=np.float32)
             if background_emb.ndim != 2 or background_emb.shape[1] != self.dim:
                 raise RouterError(f"background_emb must be [M, {self.dim}], got {tuple(background_emb.shape)}")
+        if bare_emb is not None:
+            if train_emb is None:
+                raise RouterError(f"add_task({task!r}): bare_emb needs train_emb, the task's training embeddings")
+            n_records = len(train_emb) if train_records is None else len(np.unique(train_records))
+            bare_emb = np.asarray(bare_emb, dtype=np.float32)
+            if bare_emb.shape != (n_records, self.dim):
+                raise RouterError(f"bare_emb must be [{n_records}, {self.dim}] (one row per training record), "
+                                  f"got {tuple(bare_emb.shape)}")
         n_slots = rows // self.keys_per_slot
         entry = {"name": task, "first_slot": self.n_slots, "n_slots": n_slots, "first_row": self.index.ntotal,
                  "n_rows": rows, "threshold": None}
@@ -200,18 +216,20 @@ class Router:
                                  wording_coverage=c.ood_wording_coverage, background=background_emb,
                                  wording_cap=c.ood_wording_cap)
             entry["threshold"] = gaussian.threshold
+        bare_gaussian = None
+        if gaussian is not None and bare_emb is not None and self.cfg.ood_bare_percentile < 100:
+            c = self.cfg
+            bare_gaussian = calibrate(bare_emb, self.groups, c.ood_shrinkage, c.ood_rank, c.ood_bare_percentile)
+        entry["bare_gaussian"] = bare_gaussian is not None
         background = None
         if background_emb is not None:
             fit, records = train_emb, np.arange(len(train_emb)) if train_records is None else np.asarray(train_records)
             if bare_emb is not None:
-                bare_emb, n_records = np.asarray(bare_emb, dtype=np.float32), len(np.unique(records))
-                if bare_emb.shape != (n_records, self.dim):
-                    raise RouterError(f"bare_emb must be [{n_records}, {self.dim}] (one row per training record), "
-                                      f"got {tuple(bare_emb.shape)}")
                 fit, records = np.concatenate([fit, bare_emb]), np.r_[records, np.arange(len(bare_emb))]
             background = fit_background_test(fit, background_emb, self.groups, records=records)
         entry["background"] = background is not None
         self._gaussians.append(gaussian)
+        self._bare_gaussians.append(bare_gaussian)
         self._backgrounds.append(background)
         self._pos[task] = len(self.tasks)
         self.tasks.append(entry)
@@ -300,9 +318,11 @@ class Router:
             if self.cfg.slot_groups:  # the OOD score, as its threshold was set: every group
                 d.score = float((keys @ q).max())
                 d.ood = d.score < self._threshold[pos]
-            gaussian = self._gaussians[pos]
+            gaussian, bare = self._gaussians[pos], self._bare_gaussians[pos]
             if gaussian is not None:
                 d.ood = bool(gaussian.distance(emb[b : b + 1], self.groups)[0] > gaussian.threshold)
+            if d.ood and bare is not None:  # the task's bare inputs' Gaussian may still admit it
+                d.ood = bool(bare.distance(emb[b : b + 1], self.groups)[0] > bare.threshold)
             background = self._backgrounds[pos]
             if background is not None and not d.ood:
                 d.ood = bool(background.flags(emb[b : b + 1], self.groups)[0])
@@ -351,6 +371,10 @@ class Router:
         if self.ood_rule == "gaussian" and self.tasks:
             _save_arrays(router_dir / "ood.safetensors",
                          {k: v for pos, g in enumerate(self._gaussians) for k, v in g.state(f"task{pos}").items()})
+        if any(g is not None for g in self._bare_gaussians):
+            _save_arrays(router_dir / "ood_bare.safetensors",
+                         {k: v for pos, g in enumerate(self._bare_gaussians) if g is not None
+                          for k, v in g.state(f"task{pos}").items()})
         if any(b is not None for b in self._backgrounds):
             _save_arrays(router_dir / "background.safetensors",
                          {f"task{pos}": b.state() for pos, b in enumerate(self._backgrounds) if b is not None})
@@ -395,6 +419,11 @@ class Router:
             self._gaussians = [TaskGaussian.from_state(ood, f"task{pos}") for pos in range(len(self.tasks))]
         else:
             self._gaussians = [None] * len(self.tasks)
+        self._bare_gaussians = [None] * len(self.tasks)
+        if any(t.get("bare_gaussian") for t in self.tasks):
+            bare = {k: v.numpy() for k, v in load_file(str(router_dir / "ood_bare.safetensors")).items()}
+            self._bare_gaussians = [TaskGaussian.from_state(bare, f"task{pos}") if t.get("bare_gaussian") else None
+                                    for pos, t in enumerate(self.tasks)]
         self._backgrounds = [None] * len(self.tasks)
         if any(t.get("background") for t in self.tasks):
             state = load_file(str(router_dir / "background.safetensors"))
@@ -425,6 +454,7 @@ class Router:
         for name in self.task_names[n:]:
             del self._pos[name]
         del self.tasks[n:], self._keys[n:], self._plain_keys[n:], self._gaussians[n:], self._backgrounds[n:]
+        del self._bare_gaussians[n:]
         del self._row_slot_list[rows:], self._slot_task_list[slots:]
         self._reindex()
         self._invalidate_table()

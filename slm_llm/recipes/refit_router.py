@@ -6,7 +6,8 @@ training order, with the task's training queries re-derived exactly as training 
 run routed before; only the OOD tests are refitted with the new ``dtkr.ood_*`` settings
 (e.g. ``dtkr.ood_background=builtin`` for a run made before the background test existed).
 ``dtkr.calibration_records`` refits the whitening too (the task choice may move), never the keys:
-a routed task's slots and weights are still the ones its increments were trained with.
+a routed task's slots and weights are still the ones its increments were trained with. A run.yaml
+from before an option existed refits without it (``BEFORE_OPTION``) unless the option is passed.
 With no overrides it rebuilds the same router, in today's format (a router saved by an older
 slm_llm, which ``Router.load`` refuses, is rebuilt this way). The new router replaces ``router/``
 only once it is complete, and ``run.yaml`` records the settings, so a resumed run adds its next
@@ -35,7 +36,9 @@ from slm_llm.train.continual import add_router_task
 from slm_llm.utils.io import write_json, write_text
 
 REFIT_KEYS = ("ood_rule", "ood_percentile", "ood_shrinkage", "ood_rank", "ood_wording_coverage", "ood_wording_cap",
-             "ood_background", "calibration_records")
+             "ood_background", "calibration_records", "ood_bare_percentile")
+# what a run.yaml from before an option was added meant by leaving it out: its router was fitted without it
+BEFORE_OPTION = {"calibration_records": 0, "ood_bare_percentile": 100.0}
 
 
 def refit_router(run_dir: str | Path, overrides: list[str] | None = None) -> dict[str, Any]:
@@ -56,9 +59,10 @@ def refit_router(run_dir: str | Path, overrides: list[str] | None = None) -> dic
     if retired.is_dir() and not run.router_dir.exists():  # an earlier refit stopped between its two renames
         retired.rename(run.router_dir)
     cfg = load_config(run.root / "run.yaml", overrides)
-    if "calibration_records" not in (run.config_dict().get("dtkr") or {}) and \
-            not any(o.split("=", 1)[0].strip() == "dtkr.calibration_records" for o in overrides or []):
-        cfg.dtkr.calibration_records = 0  # a run from before the option: its router saw the training sample alone
+    saved, passed = run.config_dict().get("dtkr") or {}, {o.split("=", 1)[0].strip() for o in overrides or []}
+    for key, value in BEFORE_OPTION.items():
+        if key not in saved and f"dtkr.{key}" not in passed:
+            setattr(cfg.dtkr, key, value)
     encoder = build_encoder(cfg)
     old = read_slots(run.router_dir)  # of any format: a refit also updates an old router
     check_encoder_id(old.get("encoder_id", ""), encoder.id)

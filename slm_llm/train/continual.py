@@ -30,7 +30,7 @@ from slm_llm.data import (Collator, DataError, Suite, load_suite, own_wordings, 
 from slm_llm.dtkr import Router, init_keys, load_keys, open_router, routing_tensors, save_keys, score_matrix, train_keys
 from slm_llm.dtkr.encoder import Encoder, build_encoder, check_slot_span
 from slm_llm.dtkr.evaluate import TaskQueries, task_queries
-from slm_llm.dtkr.ood import background_embeddings
+from slm_llm.dtkr.ood import background_embeddings, needs_bare
 from slm_llm.jare import JareModel
 from slm_llm.models import load_base_model, load_tokenizer, model_id
 from slm_llm.run import RunDir
@@ -69,8 +69,8 @@ def add_router_task(router: Router, task: str, keys: torch.Tensor, fit: np.ndarr
                     background_emb: np.ndarray | None, queries: TaskQueries, encoder: Encoder) -> None:
     """Add ``task`` with its trained ``keys`` to ``router``, its OOD tests fitted on ``fit``, the
     embeddings of ``queries.texts`` (``background_emb``: the ``dtkr.ood_background`` requests',
-    or None, in which case the background test and ``queries.bare`` are unused)."""
-    bare = None if background_emb is None else encoder.encode(queries.bare)
+    or None: no background test), and on ``queries.bare`` when a test uses them."""
+    bare = encoder.encode(queries.bare) if needs_bare(cfg.dtkr, background_emb) else None
     router.add_task(task, keys, score_matrix(fit, keys).max(1), train_emb=fit,
                     train_records=queries.record_of, background_emb=background_emb,
                     bare_emb=bare, train_wordings=np.asarray(queries.wordings))
