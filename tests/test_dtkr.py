@@ -932,6 +932,16 @@ def test_refit_router_changes_only_the_ood_tests_and_records_them(served_run, ta
                 for d in router.route_texts(qs, encoder, restrict_task=t)]
 
     trained = within_task()
+    assert all(t["bare_gaussian"] for t in json.loads(slots.read_text())["tasks"])  # trained with the default
+    config = yaml.safe_load((run / "run.yaml").read_text())
+    del config["dtkr"]["ood_bare_percentile"]  # a run.yaml from before the option: no bare-input Gaussians
+    (run / "run.yaml").write_text(yaml.safe_dump(config))
+    assert main(["refit-router", "--run", str(run)]) == 0
+    assert not any(t["bare_gaussian"] for t in json.loads(slots.read_text())["tasks"])
+    assert not (run / "router" / "ood_bare.safetensors").exists()
+    assert yaml.safe_load((run / "run.yaml").read_text())["dtkr"]["ood_bare_percentile"] == 100
+    assert main(["refit-router", "--run", str(run), "dtkr.ood_bare_percentile=2"]) == 0
+    assert decisions() == before
     config = yaml.safe_load((run / "run.yaml").read_text())
     del config["dtkr"]["calibration_records"]  # a run.yaml from before the option: its router saw the sample alone
     (run / "run.yaml").write_text(yaml.safe_dump(config))
