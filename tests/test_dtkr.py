@@ -940,7 +940,9 @@ def test_refit_router_changes_only_the_ood_tests_and_records_them(served_run, ta
     assert not any(t["bare_gaussian"] for t in json.loads(slots.read_text())["tasks"])
     assert not (run / "router" / "ood_bare.safetensors").exists()
     assert yaml.safe_load((run / "run.yaml").read_text())["dtkr"]["ood_bare_percentile"] == 100
+    capsys.readouterr()
     assert main(["refit-router", "--run", str(run), "dtkr.ood_bare_percentile=2"]) == 0
+    assert capsys.readouterr().out.count("background test yes -> yes, bare-input Gaussian no -> yes") == 2
     assert decisions() == before
     config = yaml.safe_load((run / "run.yaml").read_text())
     del config["dtkr"]["calibration_records"]  # a run.yaml from before the option: its router saw the sample alone

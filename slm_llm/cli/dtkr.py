@@ -103,8 +103,9 @@ def cmd_refit_router(args) -> int:
     result = refit_router(args.run, args.overrides)
     for task, r in result["tasks"].items():
         before, after = r["before"], r["after"]
+        tests = (("background", "background test"), ("bare_gaussian", "bare-input Gaussian"))
         print(f"{task}: threshold {before['threshold']:.4g} -> {after['threshold']:.4g}, "
-              f"background test {'yes' if before['background'] else 'no'} -> {'yes' if after['background'] else 'no'}")
+              + ", ".join(f"{name} {'yes' if before[k] else 'no'} -> {'yes' if after[k] else 'no'}" for k, name in tests))
     print(f"refitted: {args.run}/router (run.yaml records the settings)")
     if result["cleared_rows"]:
         rows = ", ".join(str(t) for t in result["cleared_rows"])

@@ -43,8 +43,9 @@ BEFORE_OPTION = {"calibration_records": 0, "ood_bare_percentile": 100.0}
 
 def refit_router(run_dir: str | Path, overrides: list[str] | None = None) -> dict[str, Any]:
     """Refit ``run_dir``'s router with ``dtkr.ood_*`` overrides. Returns ``tasks``: per task the OOD
-    settings before and after (``threshold``: the Gaussian's or the keys'; ``background``: has the
-    test), and ``cleared_rows``: the matrix rows whose routed cells await ``slm-llm eval --all-rows``."""
+    settings before and after (``threshold``: the Gaussian's or the keys'; ``background`` and
+    ``bare_gaussian``: has the test), and ``cleared_rows``: the matrix rows whose routed cells
+    await ``slm-llm eval --all-rows``."""
     run = RunDir(run_dir)
     manifest = run.manifest()
     if manifest["method"] != "slm":
@@ -89,8 +90,10 @@ def refit_router(run_dir: str | Path, overrides: list[str] | None = None) -> dic
     write_text(run.root / "run.yaml", cfg.to_yaml())
     run.update_tasks(calibration)
     return {"tasks": {t_new["name"]: {"before": {"threshold": t_old["threshold"],
-                                                 "background": bool(t_old.get("background"))},
-                                      "after": {"threshold": t_new["threshold"], "background": t_new["background"]}}
+                                                 "background": bool(t_old.get("background")),
+                                                 "bare_gaussian": bool(t_old.get("bare_gaussian"))},
+                                      "after": {"threshold": t_new["threshold"], "background": t_new["background"],
+                                                "bare_gaussian": t_new["bare_gaussian"]}}
                       for t_old, t_new in zip(old["tasks"], router.tasks)},
             "cleared_rows": cleared}
 
