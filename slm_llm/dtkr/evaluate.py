@@ -261,7 +261,7 @@ def _ood_statistic(router: Router, emb: np.ndarray, d) -> float:
     if background is not None and background.flags(emb, router.groups)[0]:
         return float("inf")
     bare = router.bare_gaussian(d.task)
-    if bare is not None and bare.distance(emb, router.groups)[0] <= bare.threshold:
+    if bare is not None and not bare.flags(emb, router.groups)[0]:
         return float("-inf")
     if router.ood_rule == "gaussian":
         return float(router.gaussian(d.task).distance(emb, router.groups)[0])

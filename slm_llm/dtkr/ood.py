@@ -78,6 +78,10 @@ class TaskGaussian:
         outside = np.maximum((c**2).sum(1) - (proj**2).sum(1), 0.0) / self.rest
         return inside + outside
 
+    def flags(self, emb: np.ndarray, groups: int) -> np.ndarray:
+        """[N] bools: farther out than the threshold (out of distribution)."""
+        return self.distance(emb, groups) > self.threshold
+
     def state(self, prefix: str) -> dict[str, np.ndarray]:
         return {f"{prefix}.mean": self.mean, f"{prefix}.vectors": self.vectors, f"{prefix}.values": self.values,
                 f"{prefix}.scalars": np.array([self.rest, self.threshold])}

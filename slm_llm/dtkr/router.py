@@ -320,9 +320,9 @@ class Router:
                 d.ood = d.score < self._threshold[pos]
             gaussian, bare = self._gaussians[pos], self._bare_gaussians[pos]
             if gaussian is not None:
-                d.ood = bool(gaussian.distance(emb[b : b + 1], self.groups)[0] > gaussian.threshold)
+                d.ood = bool(gaussian.flags(emb[b : b + 1], self.groups)[0])
             if d.ood and bare is not None:  # the task's bare inputs' Gaussian may still admit it
-                d.ood = bool(bare.distance(emb[b : b + 1], self.groups)[0] > bare.threshold)
+                d.ood = bool(bare.flags(emb[b : b + 1], self.groups)[0])
             background = self._backgrounds[pos]
             if background is not None and not d.ood:
                 d.ood = bool(background.flags(emb[b : b + 1], self.groups)[0])

@@ -66,7 +66,17 @@ def routing_cost(run_dir: str | Path, view: str, scoring: str = "strict") -> dic
                 pair["points"] += delta
     total = sum(counts.values())
     return {"parts": parts, "shares": {p: 100.0 * n / total for p, n in counts.items()},
-            "pairs": sorted(pairs.values(), key=lambda p: (p["points"], -p["n"])), "gap": sum(parts.values())}
+            "pairs": costliest_first(pairs.values()), "gap": sum(parts.values())}
+
+
+def costliest_first(pairs) -> list[dict[str, Any]]:
+    """(true, routed) pairs by the points they cost, the largest loss first (a gain last)."""
+    return sorted(pairs, key=lambda p: (p["points"], -p["n"]))
+
+
+def format_pairs(pairs: list[dict[str, Any]], top: int) -> str:
+    """``true -> routed n (points)`` of the first ``top`` pairs."""
+    return ", ".join(f"{p['true']} -> {p['routed']} {p['n']} ({p['points']:+.2f})" for p in pairs[:top])
 
 
 def routing_cost_markdown(costs: dict[str, dict[str, Any]], top: int = 5) -> str:
@@ -79,6 +89,5 @@ def routing_cost_markdown(costs: dict[str, dict[str, Any]], top: int = 5) -> str
         lines.append(f"| {view} | {c['gap']:+.2f} | " + " | ".join(cells) + " |")
     for view, c in costs.items():
         if c["pairs"]:
-            shown = ", ".join(f"{p['true']} -> {p['routed']} {p['n']} ({p['points']:+.2f})" for p in c["pairs"][:top])
-            lines.append(f"\n{view}, costliest: {shown}")
+            lines.append(f"\n{view}, costliest: {format_pairs(c['pairs'], top)}")
     return "\n".join(lines) + "\n"

@@ -20,7 +20,7 @@ import numpy as np
 from slm_llm.config import Config
 from slm_llm.eval.compare import run_dir_of
 from slm_llm.eval.matrix import SCORINGS
-from slm_llm.eval.routing_cost import PARTS, final_predictions, routing_cost
+from slm_llm.eval.routing_cost import PARTS, costliest_first, final_predictions, format_pairs, routing_cost
 from slm_llm.eval.stats import format_mean_sd as _ms, mean_sd, paired_difference, summarise
 from slm_llm.utils.io import atomic_path
 
@@ -77,7 +77,7 @@ def seeds_routing_cost(per_seed: list[dict[str, Any]]) -> dict[str, Any]:
     return {"gap": mean_sd([c["gap"] for c in per_seed]),
             "parts": {p: mean_sd([c["parts"][p] for c in per_seed]) for p in PARTS},
             "shares": {p: mean_sd([c["shares"][p] for c in per_seed]) for p in PARTS},
-            "pairs": sorted(pairs.values(), key=lambda p: (p["points"], -p["n"]))}
+            "pairs": costliest_first(pairs.values())}
 
 
 def _ci(v: dict[str, float]) -> str:
@@ -113,8 +113,8 @@ def seeds_markdown(table: dict[str, Any]) -> str:
                   "|---|---|---|---|---|---|"]
         for view, c in table["routing_cost"].items():
             parts = [f"{_ms(c['parts'][p])} ({c['shares'][p]['mean']:.1f}%)" for p in PARTS]
-            pairs = ", ".join(f"{p['true']} -> {p['routed']} {p['n']} ({p['points']:+.2f})" for p in c["pairs"][:4])
-            lines.append(f"| {view} | {_ms(c['gap'])} | " + " | ".join(parts) + f" | {pairs or '–'} |")
+            pairs = format_pairs(c["pairs"], 4) or "–"
+            lines.append(f"| {view} | {_ms(c['gap'])} | " + " | ".join(parts) + f" | {pairs} |")
         lines.append("")
     return "\n".join(lines)
 

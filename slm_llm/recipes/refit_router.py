@@ -50,8 +50,8 @@ def refit_router(run_dir: str | Path, overrides: list[str] | None = None) -> dic
     manifest = run.manifest()
     if manifest["method"] != "slm":
         raise RunError(f"{run.root}: a {manifest['method']} run has no router to refit")
-    for item in overrides or []:
-        key = item.split("=", 1)[0].strip()
+    passed = [item.split("=", 1)[0].strip() for item in overrides or []]
+    for key in passed:
         if key not in {f"dtkr.{k}" for k in REFIT_KEYS}:
             raise ConfigError(f"refit-router changes the router's statistics only "
                               f"({', '.join(f'dtkr.{k}' for k in REFIT_KEYS)}); {key!r} would invalidate the "
@@ -60,7 +60,7 @@ def refit_router(run_dir: str | Path, overrides: list[str] | None = None) -> dic
     if retired.is_dir() and not run.router_dir.exists():  # an earlier refit stopped between its two renames
         retired.rename(run.router_dir)
     cfg = load_config(run.root / "run.yaml", overrides)
-    saved, passed = run.config_dict().get("dtkr") or {}, {o.split("=", 1)[0].strip() for o in overrides or []}
+    saved = run.config_dict().get("dtkr") or {}
     for key, value in BEFORE_OPTION.items():
         if key not in saved and f"dtkr.{key}" not in passed:
             setattr(cfg.dtkr, key, value)
